@@ -1,0 +1,282 @@
+//! rustls verifiers for HBONE peers: the chain must lead to one of our roots, the certificate
+//! must be valid now, and the SPIFFE identity must be acceptable (the server checks the client's
+//! trust domain; the client checks that the server is one of the identities it expects).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use webpki::{EndEntityCert, KeyUsage};
+
+use super::{provider, CertInfo, RootBundle, TlsError};
+use crate::identity::Identity;
+
+/// Why a peer's certificate was refused. Each variant names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer certificate has no usable SPIFFE identity: {0}")]
+    NoIdentity(#[source] TlsError),
+    #[error("peer certificate for {identity} expired at {not_after} (now {now})")]
+    Expired { identity: Identity, not_after: Timestamp, now: Timestamp },
+    #[error("peer certificate for {identity} is not valid until {not_before} (now {now})")]
+    NotYetValid { identity: Identity, not_before: Timestamp, now: Timestamp },
+    #[error("peer certificate for {identity} is not signed by a trusted root (unknown issuer)")]
+    UnknownRoot { identity: Identity },
+    #[error("peer certificate chain for {identity} is invalid: {reason}")]
+    Chain { identity: Identity, reason: String },
+    #[error("peer identity {got} is not one of the expected identities [{}]", list(.expected))]
+    WrongIdentity { got: Identity, expected: Vec<Identity> },
+    #[error("peer identity {got} is from trust domain {:?}, only {want:?} is trusted", .got.trust_domain())]
+    WrongTrustDomain { got: Identity, want: String },
+}
+
+fn list(ids: &[Identity]) -> String {
+    ids.iter().map(Identity::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// Seconds since the Unix epoch, printed as an RFC 3339 date.
+#[derive(Debug, Clone, Copy)]
+pub struct Timestamp(pub u64);
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let formatted = i64::try_from(self.0)
+            .ok()
+            .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+        match formatted {
+            Some(s) => f.write_str(&s),
+            None => write!(f, "{}s after the epoch", self.0),
+        }
+    }
+}
+
+impl PeerError {
+    /// Finds a `PeerError` inside a rustls error, if the verifier produced one.
+    pub fn find(err: &rustls::Error) -> Option<&PeerError> {
+        match err {
+            rustls::Error::InvalidCertificate(CertificateError::Other(other)) => other.0.downcast_ref(),
+            _ => None,
+        }
+    }
+}
+
+impl From<PeerError> for rustls::Error {
+    fn from(err: PeerError) -> Self {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(err))))
+    }
+}
+
+/// The chain, validity and signature checks both verifiers share.
+struct ChainVerifier {
+    anchors: Vec<TrustAnchor<'static>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ChainVerifier {
+    fn new(roots: &RootBundle) -> Self {
+        let anchors = roots
+            .certs()
+            .iter()
+            .filter_map(|root| match webpki::anchor_from_trusted_cert(root) {
+                Ok(anchor) => Some(anchor.to_owned()),
+                Err(e) => {
+                    tracing::warn!(error = ?e, "ignoring a root certificate that cannot be a trust anchor");
+                    None
+                }
+            })
+            .collect();
+        ChainVerifier {
+            anchors,
+            algorithms: provider().signature_verification_algorithms,
+        }
+    }
+
+    /// Checks the chain for `usage` and returns the peer's identity.
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<Identity, PeerError> {
+        let info = CertInfo::parse(end_entity).map_err(PeerError::NoIdentity)?;
+        let identity = info.identity;
+        let cert = EndEntityCert::try_from(end_entity).map_err(|e| PeerError::Chain {
+            identity: identity.clone(),
+            reason: format!("{e:?}"),
+        })?;
+        let stamp = |t: SystemTime| Timestamp(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs());
+        let now_stamp = Timestamp(now.as_secs());
+        cert.verify_for_usage(self.algorithms.all, &self.anchors, intermediates, now, usage, None, None)
+            .map_err(|e| match e {
+                webpki::Error::CertExpired { .. } => PeerError::Expired {
+                    identity: identity.clone(),
+                    not_after: stamp(info.not_after),
+                    now: now_stamp,
+                },
+                webpki::Error::CertNotValidYet { .. } => PeerError::NotYetValid {
+                    identity: identity.clone(),
+                    not_before: stamp(info.not_before),
+                    now: now_stamp,
+                },
+                webpki::Error::UnknownIssuer => PeerError::UnknownRoot { identity: identity.clone() },
+                other => PeerError::Chain {
+                    identity: identity.clone(),
+                    reason: format!("{other:?}"),
+                },
+            })?;
+        Ok(identity)
+    }
+
+    fn verify_tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Client side: accepts a server whose certificate chains to our roots and whose SPIFFE
+/// identity is one of those expected (the destination workload's, or its waypoint's).
+/// The TLS server name is ignored: HBONE sends no SNI and certificates carry no DNS names.
+pub struct ServerIdentityVerifier {
+    chain: ChainVerifier,
+    expected: Vec<Identity>,
+}
+
+impl ServerIdentityVerifier {
+    pub fn new(roots: RootBundle, expected: Vec<Identity>) -> Self {
+        ServerIdentityVerifier {
+            chain: ChainVerifier::new(&roots),
+            expected,
+        }
+    }
+}
+
+impl fmt::Debug for ServerIdentityVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServerIdentityVerifier(expect [{}])", list(&self.expected))
+    }
+}
+
+impl ServerCertVerifier for ServerIdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = self.chain.verify(end_entity, intermediates, now, KeyUsage::server_auth())?;
+        if !self.expected.contains(&got) {
+            return Err(PeerError::WrongIdentity {
+                got,
+                expected: self.expected.clone(),
+            }
+            .into());
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.schemes()
+    }
+}
+
+/// Server side: requires a client certificate that chains to our roots and whose SPIFFE
+/// identity is in our trust domain. Authorization by full identity happens later, in policy.
+pub struct ClientIdentityVerifier {
+    chain: ChainVerifier,
+    trust_domain: String,
+}
+
+impl ClientIdentityVerifier {
+    pub fn new(roots: RootBundle, trust_domain: String) -> Self {
+        ClientIdentityVerifier {
+            chain: ChainVerifier::new(&roots),
+            trust_domain,
+        }
+    }
+}
+
+impl fmt::Debug for ClientIdentityVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientIdentityVerifier(trust domain {:?})", self.trust_domain)
+    }
+}
+
+impl ClientCertVerifier for ClientIdentityVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let got = self.chain.verify(end_entity, intermediates, now, KeyUsage::client_auth())?;
+        if got.trust_domain() != self.trust_domain {
+            return Err(PeerError::WrongTrustDomain {
+                got,
+                want: self.trust_domain.clone(),
+            }
+            .into());
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.schemes()
+    }
+}
