@@ -20,12 +20,7 @@ pub enum IdentityError {
     #[error("identity {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
     Shape(String),
     #[error("identity {identity:?} has an invalid {part} {value:?}: {why}")]
-    Part {
-        identity: String,
-        part: &'static str,
-        value: String,
-        why: &'static str,
-    },
+    Part { identity: String, part: &'static str, value: String, why: &'static str },
 }
 
 impl Identity {
@@ -55,9 +50,7 @@ fn check_trust_domain(value: &str) -> Result<(), &'static str> {
     if value.len() > 255 {
         return Err("it is longer than 255 characters");
     }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
     {
         return Err("only lowercase letters, digits, '.', '-' and '_' are allowed");
     }
@@ -73,10 +66,7 @@ fn check_name(value: &str) -> Result<(), &'static str> {
     if value.len() > 253 {
         return Err("it is longer than 253 characters");
     }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-'))
-    {
+    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-')) {
         return Err("only lowercase letters, digits, '.' and '-' are allowed");
     }
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
@@ -90,9 +80,7 @@ impl FromStr for Identity {
     type Err = IdentityError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| IdentityError::Scheme(s.to_owned()))?;
+        let rest = s.strip_prefix("spiffe://").ok_or_else(|| IdentityError::Scheme(s.to_owned()))?;
         let parts: Vec<&str> = rest.split('/').collect();
         let [trust_domain, "ns", namespace, "sa", service_account] = parts[..] else {
             return Err(IdentityError::Shape(s.to_owned()));
@@ -118,11 +106,7 @@ impl FromStr for Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -132,9 +116,7 @@ mod tests {
 
     #[test]
     fn parses_and_prints_round_trip() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
-            .parse()
-            .unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage".parse().unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "bookinfo-productpage");

@@ -2,8 +2,14 @@
 //! manager that keeps them fresh, the HBONE tunnel (client pool and server), and the generated
 //! protobuf types of the wire APIs. Depends on no Weft binary.
 
+pub mod cert_manager;
+pub mod drain;
+pub mod hbone;
 pub mod identity;
 pub mod proto;
 pub mod tls;
+
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use identity::Identity;

@@ -17,8 +17,11 @@ use crate::identity::{Identity, IdentityError};
 
 /// How long a generated root is valid (Istio's self-signed root: 10 years).
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
-/// Leaves start slightly in the past so that small clock skew between nodes does not reject them.
-const BACKDATE: Duration = Duration::from_secs(60);
+/// Leaves start slightly in the past so that small clock skew between nodes does not reject
+/// them: a minute, or a quarter of a short lifetime.
+fn backdate(lifetime: Duration) -> Duration {
+    Duration::from_secs(60).min(lifetime / 4)
+}
 
 /// Why a CSR was refused. Each variant says what to fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,13 +80,10 @@ impl CertificateAuthority {
         dn.push(DnType::OrganizationName, trust_domain);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = SystemTime::now();
-        params.not_before = (now - BACKDATE).into();
+        params.not_before = (now - backdate(ROOT_LIFETIME)).into();
         params.not_after = (now + ROOT_LIFETIME).into();
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
@@ -159,7 +159,12 @@ impl CertificateAuthority {
     /// SAN and nothing else the CSR asked for. Returns the chain PEMs, leaf first, root last.
     pub fn sign(&self, request: &SignedRequest, lifetime: Duration) -> Result<Vec<String>, IssueError> {
         let now = SystemTime::now();
-        self.sign_window(&request.identity, &request.params.public_key, now - BACKDATE, now + lifetime)
+        self.sign_window(
+            &request.identity,
+            &request.params.public_key,
+            now - backdate(lifetime),
+            now + lifetime,
+        )
     }
 
     /// Generates a key and a certificate for `identity` valid from `not_before` to `not_after`,
@@ -188,14 +193,12 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(
-            identity
-                .to_string()
-                .try_into()
-                .map_err(|e: rcgen::Error| IssueError::Validity(e.to_string()))?,
+            identity.to_string().try_into().map_err(|e: rcgen::Error| IssueError::Validity(e.to_string()))?,
         )];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
@@ -246,7 +249,7 @@ mod tests {
         assert_eq!(cert.chain().len(), 1, "the root is moved to the bundle");
         assert_eq!(cert.roots().certs().len(), 1);
         let lifetime = cert.not_after().duration_since(cert.not_before()).unwrap();
-        assert_eq!(lifetime, Duration::from_secs(3600) + BACKDATE);
+        assert_eq!(lifetime, Duration::from_secs(3600 + 60));
     }
 
     #[test]
@@ -263,9 +266,7 @@ mod tests {
         // Two SANs.
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::new(vec!["example.com".to_string()]).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap()));
+        params.subject_alt_names.push(SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap()));
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
         assert!(matches!(ca.check_csr(&csr), Err(CsrError::Sans(_))));
 

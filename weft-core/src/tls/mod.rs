@@ -19,7 +19,7 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use crate::identity::{Identity, IdentityError};
 
 pub use issue::{generate_csr, CertificateAuthority, CsrError, IssueError, SignedRequest};
-pub use verify::{ClientIdentityVerifier, PeerError, ServerIdentityVerifier};
+pub use verify::{ClientIdentityVerifier, PeerError, ServerIdentityVerifier, Timestamp};
 
 /// ALPN protocol HBONE speaks.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -149,6 +149,11 @@ impl WorkloadCertificate {
         })
     }
 
+    /// The same certificate and key, trusting `roots` instead (e.g. after a root rotation).
+    pub fn with_roots(self, roots: RootBundle) -> Self {
+        WorkloadCertificate { roots, server_config: OnceLock::new(), ..self }
+    }
+
     pub fn identity(&self) -> &Identity {
         &self.identity
     }
@@ -234,6 +239,15 @@ pub fn provider() -> CryptoProvider {
         cipher_suites: vec![cipher_suite::TLS13_AES_256_GCM_SHA384, cipher_suite::TLS13_AES_128_GCM_SHA256],
         kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
         ..default_provider()
+    }
+}
+
+/// A rustls error in words: the verifier's own explanation when it refused the peer's
+/// certificate (rustls would print that one as a debug dump), else rustls's message.
+pub fn describe(err: &rustls::Error) -> String {
+    match PeerError::find(err) {
+        Some(peer) => peer.to_string(),
+        None => err.to_string(),
     }
 }
 

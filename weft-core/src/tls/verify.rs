@@ -25,8 +25,8 @@ pub enum PeerError {
     Expired { identity: Identity, not_after: Timestamp, now: Timestamp },
     #[error("peer certificate for {identity} is not valid until {not_before} (now {now})")]
     NotYetValid { identity: Identity, not_before: Timestamp, now: Timestamp },
-    #[error("peer certificate for {identity} is not signed by a trusted root (unknown issuer)")]
-    UnknownRoot { identity: Identity },
+    #[error("peer certificate for {identity} is not signed by a trusted root ({detail})")]
+    UnknownRoot { identity: Identity, detail: &'static str },
     #[error("peer certificate chain for {identity} is invalid: {reason}")]
     Chain { identity: Identity, reason: String },
     #[error("peer identity {got} is not one of the expected identities [{}]", list(.expected))]
@@ -91,10 +91,7 @@ impl ChainVerifier {
                 }
             })
             .collect();
-        ChainVerifier {
-            anchors,
-            algorithms: provider().signature_verification_algorithms,
-        }
+        ChainVerifier { anchors, algorithms: provider().signature_verification_algorithms }
     }
 
     /// Checks the chain for `usage` and returns the peer's identity.
@@ -107,11 +104,11 @@ impl ChainVerifier {
     ) -> Result<Identity, PeerError> {
         let info = CertInfo::parse(end_entity).map_err(PeerError::NoIdentity)?;
         let identity = info.identity;
-        let cert = EndEntityCert::try_from(end_entity).map_err(|e| PeerError::Chain {
-            identity: identity.clone(),
-            reason: format!("{e:?}"),
-        })?;
-        let stamp = |t: SystemTime| Timestamp(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs());
+        let cert = EndEntityCert::try_from(end_entity)
+            .map_err(|e| PeerError::Chain { identity: identity.clone(), reason: format!("{e:?}") })?;
+        let stamp = |t: SystemTime| {
+            Timestamp(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs())
+        };
         let now_stamp = Timestamp(now.as_secs());
         cert.verify_for_usage(self.algorithms.all, &self.anchors, intermediates, now, usage, None, None)
             .map_err(|e| match e {
@@ -125,11 +122,16 @@ impl ChainVerifier {
                     not_before: stamp(info.not_before),
                     now: now_stamp,
                 },
-                webpki::Error::UnknownIssuer => PeerError::UnknownRoot { identity: identity.clone() },
-                other => PeerError::Chain {
+                webpki::Error::UnknownIssuer => {
+                    PeerError::UnknownRoot { identity: identity.clone(), detail: "no trusted issuer" }
+                }
+                // A root with the issuer's name exists but did not make the signature: another
+                // CA that happens to share the name (every trust domain's root is O=<domain>).
+                webpki::Error::InvalidSignatureForPublicKey => PeerError::UnknownRoot {
                     identity: identity.clone(),
-                    reason: format!("{other:?}"),
+                    detail: "an issuer by that name exists but its key did not sign it",
                 },
+                other => PeerError::Chain { identity: identity.clone(), reason: format!("{other:?}") },
             })?;
         Ok(identity)
     }
@@ -158,10 +160,7 @@ pub struct ServerIdentityVerifier {
 
 impl ServerIdentityVerifier {
     pub fn new(roots: RootBundle, expected: Vec<Identity>) -> Self {
-        ServerIdentityVerifier {
-            chain: ChainVerifier::new(&roots),
-            expected,
-        }
+        ServerIdentityVerifier { chain: ChainVerifier::new(&roots), expected }
     }
 }
 
@@ -182,11 +181,7 @@ impl ServerCertVerifier for ServerIdentityVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got = self.chain.verify(end_entity, intermediates, now, KeyUsage::server_auth())?;
         if !self.expected.contains(&got) {
-            return Err(PeerError::WrongIdentity {
-                got,
-                expected: self.expected.clone(),
-            }
-            .into());
+            return Err(PeerError::WrongIdentity { got, expected: self.expected.clone() }.into());
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -223,10 +218,7 @@ pub struct ClientIdentityVerifier {
 
 impl ClientIdentityVerifier {
     pub fn new(roots: RootBundle, trust_domain: String) -> Self {
-        ClientIdentityVerifier {
-            chain: ChainVerifier::new(&roots),
-            trust_domain,
-        }
+        ClientIdentityVerifier { chain: ChainVerifier::new(&roots), trust_domain }
     }
 }
 
@@ -249,11 +241,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let got = self.chain.verify(end_entity, intermediates, now, KeyUsage::client_auth())?;
         if got.trust_domain() != self.trust_domain {
-            return Err(PeerError::WrongTrustDomain {
-                got,
-                want: self.trust_domain.clone(),
-            }
-            .into());
+            return Err(PeerError::WrongTrustDomain { got, want: self.trust_domain.clone() }.into());
         }
         Ok(ClientCertVerified::assertion())
     }

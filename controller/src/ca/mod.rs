@@ -1,0 +1,92 @@
+//! The controller's certificate authority: the root kept on disk ([`load_or_create_root`]), who
+//! may hold which identity ([`Authorizer`]), and Istio's certificate-signing gRPC API
+//! ([`CaService`], [`serve`]). What a well-formed CSR and certificate are is weft-core's business,
+//! not this module's.
+
+mod authz;
+mod service;
+mod store;
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use weft_core::identity::IdentityError;
+use weft_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use weft_core::tls::IssueError;
+
+pub use authz::{AuthError, Authorizer, Caller, StaticAuthorizer};
+pub use service::{
+    bearer_token, cert_lifetime, impersonated_identity, CaService, Issued, LifetimeError, Refusal,
+    DEFAULT_MAX_CERT_LIFETIME, IMPERSONATED_IDENTITY_KEY, MAX_CERT_LIFETIME_CEILING,
+};
+pub use store::{load_or_create_root, ROOT_CERT_FILE, ROOT_KEY_FILE};
+
+/// How long one request may take before the server gives up on it (answers `Cancelled`).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the shutdown signal, how long in-flight requests get before the server stops anyway.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Why the CA could not start or keep serving. Each message names the file or address to check.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("trust domain {trust_domain:?} is invalid: {source}")]
+    TrustDomain { trust_domain: String, source: IdentityError },
+    #[error("cannot create the CA directory {}: {source}", .path.display())]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot read {}: {source}", .path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write {} (nothing existing was replaced): {source}", .path.display())]
+    Write { path: PathBuf, source: io::Error },
+    #[error(
+        "{} exists but {} does not; refusing to create a new root beside existing material \
+         (restore the missing file, or if an earlier first start was interrupted, remove {} to \
+         start over with a new root)",
+        .present.display(), .missing.display(), .present.display()
+    )]
+    Incomplete { present: PathBuf, missing: PathBuf },
+    #[error("{} is unusable: {reason} (it was left untouched)", .path.display())]
+    Unparsable { path: PathBuf, reason: String },
+    #[error("{} and {} do not form a usable root: {reason}", .cert.display(), .key.display())]
+    Mismatch { cert: PathBuf, key: PathBuf, reason: String },
+    #[error("cannot generate a new root: {0}")]
+    Generate(#[source] IssueError),
+    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    Bind { addr: std::net::SocketAddr, source: io::Error },
+    #[error("the CA's gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Serves `service` on `listener` until `shutdown` completes, then lets in-flight requests finish
+/// for at most [`DRAIN_DEADLINE`].
+pub async fn serve<A: Authorizer>(
+    listener: TcpListener,
+    service: CaService<A>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CaError> {
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .add_service(IstioCertificateServiceServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            // Either a send or the sender dropping means: drain.
+            let _ = drain_rx.await;
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return Ok(result?),
+        () = shutdown => {}
+    }
+    tracing::info!("CA shutting down; draining in-flight requests");
+    let _ = drain_tx.send(());
+    match tokio::time::timeout(DRAIN_DEADLINE, server).await {
+        Ok(result) => Ok(result?),
+        Err(_) => {
+            tracing::warn!(deadline = ?DRAIN_DEADLINE, "CA drain deadline passed; closing remaining connections");
+            Ok(())
+        }
+    }
+}

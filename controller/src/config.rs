@@ -1,0 +1,412 @@
+//! The controller's flags and environment variables, each named once below, parsed into a typed
+//! [`Config`] with every error reported together before any file is touched or port bound.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use weft_core::identity::IdentityError;
+use weft_core::Identity;
+
+use crate::ca::{StaticAuthorizer, DEFAULT_MAX_CERT_LIFETIME, MAX_CERT_LIFETIME_CEILING};
+
+pub const FLAG_CA_DIR: &str = "ca-dir";
+pub const ENV_CA_DIR: &str = "WEFT_CA_DIR";
+pub const DEFAULT_CA_DIR: &str = "./var/ca";
+
+pub const FLAG_TRUST_DOMAIN: &str = "trust-domain";
+pub const ENV_TRUST_DOMAIN: &str = "WEFT_TRUST_DOMAIN";
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+pub const FLAG_LISTEN: &str = "listen";
+pub const ENV_LISTEN: &str = "WEFT_CA_LISTEN";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15010";
+
+pub const FLAG_MAX_CERT_LIFETIME: &str = "max-cert-lifetime";
+pub const ENV_MAX_CERT_LIFETIME: &str = "WEFT_MAX_CERT_LIFETIME";
+pub const DEFAULT_MAX_CERT_LIFETIME_STR: &str = "90d";
+
+pub const FLAG_NODE_TOKEN: &str = "node-token";
+/// Comma-separated `NODE=TOKEN` pairs; prefer it to the flag, which other users see in `ps`.
+pub const ENV_NODE_TOKENS: &str = "WEFT_NODE_TOKENS";
+
+pub const FLAG_NODE_IDENTITY: &str = "node-identity";
+/// Comma-separated `NODE=SPIFFE_ID` pairs.
+pub const ENV_NODE_IDENTITIES: &str = "WEFT_NODE_IDENTITIES";
+
+/// The command line as given; [`Config::from_args`] turns it into a [`Config`].
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "controller", about = "Weft's control plane: the CA that signs workload certificates.")]
+pub struct Args {
+    /// Directory holding root-cert.pem and root-key.pem (created with a new root on first start).
+    #[arg(long = FLAG_CA_DIR, env = ENV_CA_DIR, default_value = DEFAULT_CA_DIR)]
+    pub ca_dir: PathBuf,
+    /// The SPIFFE trust domain this CA signs identities for.
+    #[arg(long = FLAG_TRUST_DOMAIN, env = ENV_TRUST_DOMAIN, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Address the CA's gRPC service listens on.
+    #[arg(long = FLAG_LISTEN, env = ENV_LISTEN, default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+    /// Longest certificate lifetime a caller may ask for: a number with a unit s, m, h or d.
+    #[arg(long = FLAG_MAX_CERT_LIFETIME, env = ENV_MAX_CERT_LIFETIME, default_value = DEFAULT_MAX_CERT_LIFETIME_STR)]
+    pub max_cert_lifetime: String,
+    /// A bearer token that authenticates a node, as NODE=TOKEN; repeatable.
+    #[arg(
+        long = FLAG_NODE_TOKEN,
+        env = ENV_NODE_TOKENS,
+        value_name = "NODE=TOKEN",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub node_tokens: Vec<String>,
+    /// An identity a node may hold (a pod with that service account runs there), as
+    /// NODE=SPIFFE_ID; repeatable.
+    #[arg(long = FLAG_NODE_IDENTITY, env = ENV_NODE_IDENTITIES, value_name = "NODE=SPIFFE_ID", value_delimiter = ',')]
+    pub node_identities: Vec<String>,
+}
+
+/// The controller's effective configuration.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config {
+    pub ca_dir: PathBuf,
+    pub trust_domain: String,
+    pub listen: SocketAddr,
+    pub max_cert_lifetime: Duration,
+    /// Token -> node. Never printed.
+    pub node_tokens: BTreeMap<String, String>,
+    /// Node -> identities its pods run as.
+    pub node_identities: BTreeMap<String, BTreeSet<Identity>>,
+}
+
+/// One thing wrong with the command line or environment.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--{FLAG_TRUST_DOMAIN} {value:?} is not a SPIFFE trust domain: {reason}")]
+    TrustDomain { value: String, reason: String },
+    #[error("--{FLAG_LISTEN} {value:?} is not an address like 127.0.0.1:15010: {reason}")]
+    Listen { value: String, reason: String },
+    #[error("--{FLAG_MAX_CERT_LIFETIME} {value:?} is invalid: {reason}")]
+    MaxCertLifetime { value: String, reason: String },
+    #[error("--{flag} {value:?} must be of the form {form}")]
+    Pair { flag: &'static str, value: String, form: &'static str },
+    #[error("--{FLAG_NODE_TOKEN}: a token is given for both node {first:?} and node {second:?}")]
+    TokenReused { first: String, second: String },
+    #[error("--{FLAG_NODE_IDENTITY} for node {node:?}: {reason}")]
+    Identity { node: String, reason: String },
+    #[error("--{FLAG_NODE_IDENTITY} for node {node:?}: {identity} is not in trust domain {trust_domain:?}")]
+    ForeignIdentity { node: String, identity: Identity, trust_domain: String },
+    #[error("node {node:?} has identities but no --{FLAG_NODE_TOKEN}, so it can never ask for them")]
+    NodeWithoutToken { node: String },
+}
+
+/// Everything wrong with the command line, reported together.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl Config {
+    /// Parses and checks everything in `args`, collecting every error.
+    pub fn from_args(args: Args) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+
+        // Weft has no trust-domain type: check it as part of an identity and keep the reason.
+        let trust_domain_ok = match Identity::new(&args.trust_domain, "ns", "sa") {
+            Ok(_) => true,
+            Err(e) => {
+                let reason = match e {
+                    IdentityError::Part { why, .. } => why.to_owned(),
+                    other => other.to_string(),
+                };
+                errors.push(ConfigError::TrustDomain { value: args.trust_domain.clone(), reason });
+                false
+            }
+        };
+        let listen = args
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| {
+                errors.push(ConfigError::Listen { value: args.listen.clone(), reason: e.to_string() })
+            })
+            .ok();
+        let max_cert_lifetime = parse_lifetime(&args.max_cert_lifetime)
+            .map_err(|reason| {
+                errors.push(ConfigError::MaxCertLifetime { value: args.max_cert_lifetime.clone(), reason })
+            })
+            .ok();
+
+        let mut node_tokens: BTreeMap<String, String> = BTreeMap::new();
+        for pair in &args.node_tokens {
+            let Some((node, token)) = split_pair(pair) else {
+                errors.push(ConfigError::Pair {
+                    flag: FLAG_NODE_TOKEN,
+                    value: redact(pair),
+                    form: "NODE=TOKEN (both non-empty)",
+                });
+                continue;
+            };
+            match node_tokens.get(token) {
+                Some(first) if first != node => {
+                    errors.push(ConfigError::TokenReused { first: first.clone(), second: node.to_owned() })
+                }
+                _ => {
+                    node_tokens.insert(token.to_owned(), node.to_owned());
+                }
+            }
+        }
+
+        let mut node_identities: BTreeMap<String, BTreeSet<Identity>> = BTreeMap::new();
+        for pair in &args.node_identities {
+            let Some((node, identity)) = split_pair(pair) else {
+                errors.push(ConfigError::Pair {
+                    flag: FLAG_NODE_IDENTITY,
+                    value: pair.clone(),
+                    form: "NODE=spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>",
+                });
+                continue;
+            };
+            match identity.parse::<Identity>() {
+                Err(e) => errors.push(ConfigError::Identity { node: node.to_owned(), reason: e.to_string() }),
+                Ok(identity) if trust_domain_ok && identity.trust_domain() != args.trust_domain => errors
+                    .push(ConfigError::ForeignIdentity {
+                        node: node.to_owned(),
+                        identity,
+                        trust_domain: args.trust_domain.clone(),
+                    }),
+                Ok(identity) => {
+                    node_identities.entry(node.to_owned()).or_default().insert(identity);
+                }
+            }
+        }
+        let nodes_with_tokens: BTreeSet<&String> = node_tokens.values().collect();
+        for node in node_identities.keys() {
+            if !nodes_with_tokens.contains(node) {
+                errors.push(ConfigError::NodeWithoutToken { node: node.clone() });
+            }
+        }
+
+        match (listen, max_cert_lifetime) {
+            (Some(listen), Some(max_cert_lifetime)) if errors.is_empty() => Ok(Config {
+                ca_dir: args.ca_dir,
+                trust_domain: args.trust_domain,
+                listen,
+                max_cert_lifetime,
+                node_tokens,
+                node_identities,
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// The static authorizer the node tables describe.
+    pub fn authorizer(&self) -> StaticAuthorizer {
+        let mut authorizer = StaticAuthorizer::new();
+        for (token, node) in &self.node_tokens {
+            authorizer = authorizer.with_token(token, node.clone());
+        }
+        for (node, identities) in &self.node_identities {
+            for identity in identities {
+                authorizer = authorizer.with_identity(node.clone(), identity.clone());
+            }
+        }
+        authorizer
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ca_dir: PathBuf::from(DEFAULT_CA_DIR),
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 15010)),
+            max_cert_lifetime: DEFAULT_MAX_CERT_LIFETIME,
+            node_tokens: BTreeMap::new(),
+            node_identities: BTreeMap::new(),
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nodes_with_tokens: BTreeMap<&str, usize> =
+            self.node_tokens.values().fold(BTreeMap::new(), |mut m, node| {
+                *m.entry(node.as_str()).or_default() += 1;
+                m
+            });
+        f.debug_struct("Config")
+            .field("ca_dir", &self.ca_dir)
+            .field("trust_domain", &self.trust_domain)
+            .field("listen", &self.listen)
+            .field("max_cert_lifetime", &self.max_cert_lifetime)
+            .field("node_tokens (count per node)", &nodes_with_tokens)
+            .field("node_identities", &self.node_identities)
+            .finish()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("invalid configuration:")?;
+        for e in &self.0 {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// `NODE=VALUE` with both sides non-empty.
+fn split_pair(pair: &str) -> Option<(&str, &str)> {
+    let (node, value) = pair.split_once('=')?;
+    let (node, value) = (node.trim(), value.trim());
+    (!node.is_empty() && !value.is_empty()).then_some((node, value))
+}
+
+/// A `NODE=TOKEN` value fit for an error message: the token is not shown.
+fn redact(pair: &str) -> String {
+    match pair.split_once('=') {
+        Some((node, _)) => format!("{node}=<redacted>"),
+        None => "<redacted>".to_owned(),
+    }
+}
+
+/// A lifetime as `<number><unit>`, unit one of s, m, h, d; between 1s and
+/// [`MAX_CERT_LIFETIME_CEILING`].
+fn parse_lifetime(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: u64 =
+        number.parse().map_err(|_| "expected a number followed by s, m, h or d, e.g. 90d".to_owned())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 60 * 60,
+        "d" => 24 * 60 * 60,
+        _ => return Err(format!("unknown unit {unit:?}: use s, m, h or d, e.g. 90d")),
+    };
+    let secs = number.checked_mul(unit_secs).ok_or_else(|| "it is far too long".to_owned())?;
+    let lifetime = Duration::from_secs(secs);
+    if lifetime.is_zero() {
+        return Err("it must be at least 1s".to_owned());
+    }
+    if lifetime > MAX_CERT_LIFETIME_CEILING {
+        return Err(format!(
+            "it must be at most {}d (the root's lifetime)",
+            MAX_CERT_LIFETIME_CEILING.as_secs() / 86400
+        ));
+    }
+    Ok(lifetime)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigErrors> {
+        let argv = std::iter::once("controller").chain(args.iter().copied());
+        Config::from_args(Args::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn defaults() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.max_cert_lifetime, Duration::from_secs(90 * 24 * 3600));
+    }
+
+    #[test]
+    fn fills_the_node_tables() {
+        let config = parse(&[
+            "--node-token=node-a=secret-a",
+            "--node-token",
+            "node-b=secret-b",
+            "--node-identity=node-a=spiffe://cluster.local/ns/default/sa/web",
+            "--node-identity=node-a=spiffe://cluster.local/ns/default/sa/db",
+            "--listen=0.0.0.0:0",
+            "--max-cert-lifetime=12h",
+        ])
+        .unwrap();
+        assert_eq!(config.node_tokens.get("secret-a").map(String::as_str), Some("node-a"));
+        assert_eq!(config.node_tokens.get("secret-b").map(String::as_str), Some("node-b"));
+        assert_eq!(config.node_identities["node-a"].len(), 2);
+        assert_eq!(config.listen, "0.0.0.0:0".parse().unwrap());
+        assert_eq!(config.max_cert_lifetime, Duration::from_secs(12 * 3600));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+
+    #[test]
+    fn reports_every_error_together() {
+        let errors = parse(&[
+            "--trust-domain=Bad Domain",
+            "--listen=localhost",
+            "--max-cert-lifetime=90 days",
+            "--node-token=no-equals-secret",
+            "--node-token=node-a=shared",
+            "--node-token=node-b=shared",
+            "--node-identity=node-a=not-spiffe",
+            "--node-identity=node-c",
+            "--node-identity=node-z=spiffe://other.org/ns/a/sa/b",
+        ])
+        .unwrap_err();
+        // The bad trust domain hides the foreign-identity error it would cause; check that one alone.
+        let foreign =
+            parse(&["--node-token=node-z=t", "--node-identity=node-z=spiffe://other.org/ns/a/sa/b"])
+                .unwrap_err()
+                .to_string();
+        assert!(foreign.contains("not in trust domain \"cluster.local\""), "{foreign}");
+        let msg = errors.to_string();
+        let want = [
+            "--trust-domain \"Bad Domain\" is not a SPIFFE trust domain: only lowercase letters",
+            "--listen \"localhost\"",
+            "--max-cert-lifetime \"90 days\"",
+            "--node-token \"<redacted>\"",
+            "both node \"node-a\" and node \"node-b\"",
+            "for node \"node-a\"",
+            "--node-identity \"node-c\"",
+            "node \"node-z\" has identities but no --node-token",
+        ];
+        for w in want {
+            assert!(msg.contains(w), "missing {w:?} in:\n{msg}");
+        }
+        assert_eq!(errors.0.len(), want.len(), "{msg}");
+        assert!(!msg.contains("secret") && !msg.contains("shared"), "tokens leak:\n{msg}");
+    }
+
+    #[test]
+    fn identities_without_a_token_are_an_error() {
+        let errors = parse(&["--node-identity=node-a=spiffe://cluster.local/ns/a/sa/b"]).unwrap_err();
+        assert_eq!(errors.0, vec![ConfigError::NodeWithoutToken { node: "node-a".into() }]);
+    }
+
+    #[test]
+    fn lifetime_table() {
+        let cases: &[(&str, Result<u64, &str>)] = &[
+            ("1s", Ok(1)),
+            ("90m", Ok(90 * 60)),
+            ("24h", Ok(24 * 3600)),
+            ("90d", Ok(90 * 86400)),
+            ("3650d", Ok(3650 * 86400)),
+            ("3651d", Err("at most 3650d")),
+            ("0s", Err("at least 1s")),
+            ("90", Err("unknown unit")),
+            ("d", Err("expected a number")),
+            ("-1h", Err("expected a number")),
+            ("1.5h", Err("unknown unit")),
+            ("99999999999999999999d", Err("expected a number")),
+            ("9999999999999999d", Err("far too long")),
+        ];
+        for (input, want) in cases {
+            let got = parse_lifetime(input);
+            match (want, &got) {
+                (Ok(secs), Ok(d)) => assert_eq!(d.as_secs(), *secs, "{input}"),
+                (Err(fragment), Err(msg)) => assert!(msg.contains(fragment), "{input}: {msg}"),
+                _ => panic!("{input}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! The HBONE client: a pool of mutual-TLS HTTP/2 connections, each carrying many CONNECT
+//! streams. Connections are keyed by (source identity, expected peer identities, source IP,
+//! destination), capped in streams, and closed after sitting idle.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpSocket;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, Instrument};
+
+use super::stream::H2Stream;
+use super::{forwarded_for, BAGGAGE, FORWARDED, TRACEPARENT};
+use crate::identity::Identity;
+use crate::tls::{PeerError, WorkloadCertificate};
+
+/// Limits of the client pool.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// Streams one connection carries before the pool opens another (Istio's client: 100).
+    pub max_streams_per_connection: usize,
+    /// A connection with no stream for this long is closed.
+    pub idle_timeout: Duration,
+    /// Deadline for TCP connect plus TLS and HTTP/2 handshakes.
+    pub connect_timeout: Duration,
+    /// Deadline for the CONNECT response once the request is sent.
+    pub response_timeout: Duration,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: super::HANDSHAKE_TIMEOUT,
+            response_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One stream to open.
+#[derive(Clone)]
+pub struct ConnectRequest {
+    /// The source workload's certificate, presented as the client certificate.
+    pub certificate: Arc<WorkloadCertificate>,
+    /// Identities the server may present (the destination's, or its waypoint's).
+    pub expected: Vec<Identity>,
+    /// Source address for the outer connection, if it must be bound.
+    pub source_ip: Option<IpAddr>,
+    /// Where the HBONE server listens (`podIP:15008`).
+    pub hbone_addr: SocketAddr,
+    /// `:authority`, the destination the tunnel leads to.
+    pub authority: SocketAddr,
+    /// The original client, sent in `forwarded`.
+    pub forwarded_for: Option<SocketAddr>,
+    pub baggage: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+/// Why a stream could not be opened. Each says what failed and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("TCP connect to {addr} failed: {source} (is port {} reachable?)", .addr.port())]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS handshake with {addr} failed: {}", crate::tls::describe(.source))]
+    Tls { addr: SocketAddr, source: rustls::Error },
+    #[error("TLS with {addr} failed: {source}")]
+    TlsIo { addr: SocketAddr, source: std::io::Error },
+    #[error("{addr} did not negotiate ALPN h2; is it an HBONE server?")]
+    NoH2 { addr: SocketAddr },
+    #[error("{what} with {addr} did not finish within {after:?}")]
+    Timeout { what: &'static str, addr: SocketAddr, after: Duration },
+    #[error("HTTP/2 with {addr} failed: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("CONNECT {authority} via {addr} was answered {status}")]
+    Status { addr: SocketAddr, authority: SocketAddr, status: StatusCode },
+}
+
+impl ClientError {
+    /// The certificate problem behind a TLS failure, if the verifier found one.
+    pub fn peer_error(&self) -> Option<&PeerError> {
+        match self {
+            ClientError::Tls { source, .. } => PeerError::find(source),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: Identity,
+    /// Sorted, so the same set always finds the same connections.
+    expected: Vec<Identity>,
+    source_ip: Option<IpAddr>,
+    hbone_addr: SocketAddr,
+}
+
+/// A pool of HBONE connections. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    settings: ClientSettings,
+    keys: Mutex<HashMap<PoolKey, Arc<KeyedConnections>>>,
+    next_id: AtomicU64,
+    /// Connections established since the pool was made (for metrics and tests).
+    opened: AtomicU64,
+}
+
+/// The connections for one key. The async lock serializes dialing so that a burst of streams
+/// to a new destination opens one connection, not one each.
+#[derive(Default)]
+struct KeyedConnections {
+    conns: tokio::sync::Mutex<Vec<Arc<PooledConnection>>>,
+}
+
+struct PooledConnection {
+    id: u64,
+    sender: h2::client::SendRequest<Bytes>,
+    active: AtomicUsize,
+    closed: AtomicBool,
+    idle_since: Mutex<Instant>,
+}
+
+impl PooledConnection {
+    fn try_reserve(&self, max: usize) -> bool {
+        !self.closed.load(Ordering::Acquire)
+            && self
+                .active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+                .is_ok()
+    }
+
+    fn is_idle_for(&self, timeout: Duration) -> bool {
+        self.active.load(Ordering::Acquire) == 0
+            && self.idle_since.lock().map(|since| since.elapsed() >= timeout).unwrap_or(false)
+    }
+}
+
+/// A stream slot on a pooled connection; released when the stream is dropped.
+struct Slot(Arc<PooledConnection>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Ok(mut since) = self.0.idle_since.lock() {
+                *since = Instant::now();
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// A new pool. Must be called inside a tokio runtime: it starts the idle reaper.
+    pub fn new(settings: ClientSettings) -> Self {
+        let inner = Arc::new(PoolInner {
+            settings,
+            keys: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+        });
+        tokio::spawn(reap_idle(Arc::downgrade(&inner)));
+        Pool { inner }
+    }
+
+    /// Connections this pool has opened so far.
+    pub fn connections_opened(&self) -> u64 {
+        self.inner.opened.load(Ordering::Relaxed)
+    }
+
+    /// Connections open right now.
+    pub fn connections_open(&self) -> usize {
+        let keys: Vec<_> = match self.inner.keys.lock() {
+            Ok(keys) => keys.values().cloned().collect(),
+            Err(_) => return 0,
+        };
+        keys.iter()
+            .map(|k| {
+                k.conns.try_lock().map(|c| c.iter().filter(|c| !c.closed.load(Ordering::Acquire)).count())
+            })
+            .map(|n| n.unwrap_or(0))
+            .sum()
+    }
+
+    /// Opens one tunneled stream to `request.authority`, reusing a pooled connection with a free
+    /// slot or dialing a new one.
+    pub async fn connect(&self, request: ConnectRequest) -> Result<H2Stream, ClientError> {
+        let mut expected = request.expected.clone();
+        expected.sort();
+        expected.dedup();
+        let key = PoolKey {
+            source: request.certificate.identity().clone(),
+            expected,
+            source_ip: request.source_ip,
+            hbone_addr: request.hbone_addr,
+        };
+        let keyed = match self.inner.keys.lock() {
+            Ok(mut keys) => keys.entry(key.clone()).or_default().clone(),
+            Err(poisoned) => poisoned.into_inner().entry(key.clone()).or_default().clone(),
+        };
+        let slot = {
+            let mut conns = keyed.conns.lock().await;
+            conns.retain(|c| !c.closed.load(Ordering::Acquire));
+            let max = self.inner.settings.max_streams_per_connection;
+            match conns.iter().find(|c| c.try_reserve(max)) {
+                Some(conn) => Slot(conn.clone()),
+                None => {
+                    let conn = self.dial(&request, &key).await?;
+                    conn.active.fetch_add(1, Ordering::AcqRel);
+                    conns.push(conn.clone());
+                    Slot(conn)
+                }
+            }
+        };
+        self.open_stream(&request, slot).await
+    }
+
+    async fn dial(
+        &self,
+        request: &ConnectRequest,
+        key: &PoolKey,
+    ) -> Result<Arc<PooledConnection>, ClientError> {
+        let addr = request.hbone_addr;
+        let after = self.inner.settings.connect_timeout;
+        let timeout = |what| ClientError::Timeout { what, addr, after };
+        let deadline = tokio::time::Instant::now() + after;
+
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+        let socket = socket.map_err(|source| ClientError::Connect { addr, source })?;
+        if let Some(ip) = key.source_ip {
+            socket.bind(SocketAddr::new(ip, 0)).map_err(|source| ClientError::Connect { addr, source })?;
+        }
+        let tcp = tokio::time::timeout_at(deadline, socket.connect(addr))
+            .await
+            .map_err(|_| timeout("TCP connect"))?
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+
+        let config = request.certificate.client_config(key.expected.clone());
+        // No SNI is sent (the config disables it); the name only satisfies the API.
+        let name = ServerName::IpAddress(addr.ip().into());
+        let tls = tokio::time::timeout_at(deadline, TlsConnector::from(config).connect(name, tcp))
+            .await
+            .map_err(|_| timeout("TLS handshake"))?
+            .map_err(|source| match source.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                Some(tls) => ClientError::Tls { addr, source: tls.clone() },
+                None => ClientError::TlsIo { addr, source },
+            })?;
+        if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
+            return Err(ClientError::NoH2 { addr });
+        }
+
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(super::STREAM_WINDOW)
+            .initial_connection_window_size(super::CONNECTION_WINDOW)
+            .max_frame_size(super::MAX_FRAME_SIZE)
+            .max_header_list_size(super::MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(tls);
+        let (sender, connection) = tokio::time::timeout_at(deadline, handshake)
+            .await
+            .map_err(|_| timeout("HTTP/2 handshake"))?
+            .map_err(|source| ClientError::H2 { addr, source })?;
+
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.inner.opened.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(PooledConnection {
+            id,
+            sender,
+            active: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        let weak = Arc::downgrade(&conn);
+        let span = tracing::debug_span!("hbone_client_conn", id, %addr);
+        tokio::spawn(
+            async move {
+                if let Err(e) = connection.await {
+                    debug!(error = %e, "HBONE connection ended with an error");
+                }
+                if let Some(conn) = weak.upgrade() {
+                    conn.closed.store(true, Ordering::Release);
+                }
+                debug!("HBONE connection closed");
+            }
+            .instrument(span),
+        );
+        debug!(id, %addr, source = %key.source, "HBONE connection opened");
+        Ok(conn)
+    }
+
+    async fn open_stream(&self, request: &ConnectRequest, slot: Slot) -> Result<H2Stream, ClientError> {
+        let addr = request.hbone_addr;
+        let conn = slot.0.clone();
+        let h2_error = |source: h2::Error| {
+            // A connection-level failure (e.g. the server refused our certificate after the
+            // TLS 1.3 handshake looked complete): no later stream may pick this connection.
+            if source.is_io() || source.is_go_away() {
+                conn.closed.store(true, Ordering::Release);
+            }
+            ClientError::H2 { addr, source }
+        };
+        let mut sender = slot.0.sender.clone().ready().await.map_err(h2_error)?;
+
+        let mut builder = Request::builder().method(Method::CONNECT).uri(request.authority.to_string());
+        if let Some(client) = request.forwarded_for {
+            builder = builder.header(FORWARDED, forwarded_for(client));
+        }
+        if let Some(baggage) = &request.baggage {
+            builder = builder.header(BAGGAGE, baggage);
+        }
+        if let Some(traceparent) = &request.traceparent {
+            builder = builder.header(TRACEPARENT, traceparent);
+        }
+        // Invariant: the method, an ip:port authority and header values we format cannot fail.
+        let connect = builder.body(()).expect("CONNECT request is well-formed");
+        let (response, send) = sender.send_request(connect, false).map_err(h2_error)?;
+
+        let after = self.inner.settings.response_timeout;
+        let response = tokio::time::timeout(after, response)
+            .await
+            .map_err(|_| ClientError::Timeout { what: "CONNECT response", addr, after })?
+            .map_err(h2_error)?;
+        if response.status() != StatusCode::OK {
+            return Err(ClientError::Status {
+                addr,
+                authority: request.authority,
+                status: response.status(),
+            });
+        }
+        Ok(H2Stream::new(send, response.into_body(), Some(Box::new(slot))))
+    }
+}
+
+/// Closes connections idle past the timeout; ends when the pool is dropped.
+async fn reap_idle(pool: Weak<PoolInner>) {
+    let period = match pool.upgrade() {
+        Some(pool) => (pool.settings.idle_timeout / 4).max(Duration::from_millis(100)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let timeout = pool.settings.idle_timeout;
+        let Ok(mut keys) = pool.keys.lock() else { return };
+        keys.retain(|_, keyed| {
+            // Skip keys being dialed right now; the next round gets them.
+            let Ok(mut conns) = keyed.conns.try_lock() else { return true };
+            conns.retain(|c| {
+                let keep = !c.closed.load(Ordering::Acquire) && !c.is_idle_for(timeout);
+                if !keep {
+                    debug!(id = c.id, "closing idle HBONE connection");
+                }
+                keep
+            });
+            !conns.is_empty()
+        });
+    }
+}

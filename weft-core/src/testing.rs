@@ -1,0 +1,152 @@
+//! Test helpers shared by unit tests, integration tests, benchmarks and the foundation demo: an
+//! in-process CA, an HBONE inbound that forwards to the `:authority`, and small TCP servers.
+//! Only built with the `testing` feature; nothing here is production code.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::cert_manager::{CertificateSource, FetchError};
+use crate::hbone::{ConnectInfo, Inbound, Refusal};
+use crate::identity::Identity;
+use crate::tls::{CertificateAuthority, WorkloadCertificate};
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// `spiffe://cluster.local/ns/<ns>/sa/<sa>`.
+pub fn identity(ns: &str, sa: &str) -> Identity {
+    Identity::new(TRUST_DOMAIN, ns, sa).expect("test identities are valid")
+}
+
+/// A CA held in memory that signs without CSRs.
+pub struct TestCa {
+    pub ca: CertificateAuthority,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        TestCa { ca: CertificateAuthority::generate(TRUST_DOMAIN).expect("root generation works") }
+    }
+
+    /// A certificate valid for an hour.
+    pub fn cert(&self, identity: &Identity) -> Arc<WorkloadCertificate> {
+        let now = SystemTime::now();
+        self.window(identity, now - Duration::from_secs(60), now + Duration::from_secs(3600))
+    }
+
+    /// A certificate that expired a minute ago.
+    pub fn expired(&self, identity: &Identity) -> Arc<WorkloadCertificate> {
+        let now = SystemTime::now();
+        self.window(identity, now - Duration::from_secs(7200), now - Duration::from_secs(60))
+    }
+
+    pub fn window(
+        &self,
+        identity: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Arc<WorkloadCertificate> {
+        Arc::new(self.ca.issue(identity, not_before, not_after).expect("issuing works"))
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A [`CertificateSource`] signing in-process with a fixed lifetime; counts fetches.
+pub struct LocalSource {
+    pub ca: Arc<TestCa>,
+    pub lifetime: Duration,
+    pub fetches: Arc<AtomicUsize>,
+}
+
+impl CertificateSource for LocalSource {
+    async fn fetch(&self, identity: &Identity) -> Result<WorkloadCertificate, FetchError> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        let now = SystemTime::now();
+        self.ca.ca.issue(identity, now, now + self.lifetime).map_err(|e| FetchError::Other(e.to_string()))
+    }
+}
+
+/// An HBONE inbound that presents one certificate (or the current one from `cert`) and forwards
+/// each CONNECT to its `:authority`. Records what it saw.
+pub struct ForwardInbound {
+    cert: Box<dyn Fn() -> Arc<WorkloadCertificate> + Send + Sync>,
+    pub tls_handshakes: AtomicUsize,
+    pub seen: Mutex<Vec<ConnectInfo>>,
+}
+
+impl ForwardInbound {
+    pub fn new(cert: Arc<WorkloadCertificate>) -> Arc<Self> {
+        Self::dynamic(move || cert.clone())
+    }
+
+    pub fn dynamic(cert: impl Fn() -> Arc<WorkloadCertificate> + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(ForwardInbound {
+            cert: Box::new(cert),
+            tls_handshakes: AtomicUsize::new(0),
+            seen: Mutex::default(),
+        })
+    }
+}
+
+impl Inbound for ForwardInbound {
+    type Upstream = TcpStream;
+
+    async fn tls_config(&self, _local: SocketAddr) -> Result<Arc<rustls::ServerConfig>, String> {
+        self.tls_handshakes.fetch_add(1, Ordering::SeqCst);
+        Ok((self.cert)().server_config())
+    }
+
+    async fn connect(&self, info: ConnectInfo) -> Result<TcpStream, Refusal> {
+        let authority = info.authority;
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push(info);
+        }
+        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(authority)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(Refusal::unavailable(format!("connect {authority}: {e}"))),
+            Err(_) => Err(Refusal::unavailable(format!("connect {authority}: timed out"))),
+        }
+    }
+}
+
+/// A TCP echo server on loopback: echoes until EOF, then closes its write half.
+pub async fn echo_server() -> SocketAddr {
+    serve_each(|mut stream| async move {
+        let (mut read, mut write) = stream.split();
+        let _ = tokio::io::copy(&mut read, &mut write).await;
+        let _ = write.shutdown().await;
+    })
+    .await
+}
+
+/// Spawns `handler` for every connection accepted on a fresh loopback port.
+pub async fn serve_each<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let addr = listener.local_addr().expect("bound address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(handler(stream));
+        }
+    });
+    addr
+}
+
+/// Reads to EOF and returns what was read.
+pub async fn read_all(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await?;
+    Ok(out)
+}
