@@ -134,9 +134,12 @@ impl CertificateSource for CaClient {
             })?;
             request.metadata_mut().insert("authorization", value);
         }
-        let response = self.client.clone().create_certificate(request).await.map_err(|status| {
-            FetchError::Refused { endpoint: self.endpoint.clone(), status: Box::new(status) }
-        })?;
+        let response =
+            self.client.clone().create_certificate(request).await.map_err(|status| FetchError::Refused {
+                endpoint: self.endpoint.clone(),
+                code: status.code(),
+                message: status.message().to_owned(),
+            })?;
         let cert =
             WorkloadCertificate::from_pem(&key_pem, &response.into_inner().cert_chain, &self.extra_roots)?;
         if cert.identity() != identity {

@@ -42,6 +42,16 @@ impl Identity {
     }
 }
 
+/// Checks a trust domain on its own (as a CA configuration names it).
+pub fn validate_trust_domain(trust_domain: &str) -> Result<(), IdentityError> {
+    check_trust_domain(trust_domain).map_err(|why| IdentityError::Part {
+        identity: format!("spiffe://{trust_domain}"),
+        part: "trust domain",
+        value: trust_domain.to_owned(),
+        why,
+    })
+}
+
 /// A trust domain: lowercase letters, digits, '.', '-' and '_' (SPIFFE ID spec, section 2.1).
 fn check_trust_domain(value: &str) -> Result<(), &'static str> {
     if value.is_empty() {

@@ -8,11 +8,10 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use rustls::client::danger::ServerCertVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{PrivateKeyDer, ServerName, UnixTime};
-use weft_core::tls::{parse_pem_certs, CertificateAuthority, ServerIdentityVerifier};
-use weft_core::Identity;
+use rustls_pki_types::PrivateKeyDer;
+use weft_core::identity::validate_trust_domain;
+use weft_core::tls::{parse_pem_certs, CertificateAuthority};
 
 use super::CaError;
 
@@ -25,11 +24,10 @@ const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
 
 /// Loads the root stored in `dir`, or on first start creates `dir` and a new root for
-/// `trust_domain` in it. The root is checked before it is returned: the key must sign leaves that
-/// chain to the certificate.
+/// `trust_domain` in it. Loading checks that the key is the certificate's.
 pub fn load_or_create_root(dir: &Path, trust_domain: &str) -> Result<CertificateAuthority, CaError> {
-    // The probe identity also checks the trust domain before anything is written.
-    let probe = Identity::new(trust_domain, "weft-system", "root-self-test")
+    // Check the trust domain before anything is written.
+    validate_trust_domain(trust_domain)
         .map_err(|e| CaError::TrustDomain { trust_domain: trust_domain.to_owned(), source: e })?;
     let cert_path = dir.join(ROOT_CERT_FILE);
     let key_path = dir.join(ROOT_KEY_FILE);
@@ -39,7 +37,6 @@ pub fn load_or_create_root(dir: &Path, trust_domain: &str) -> Result<Certificate
         (true, false) => return Err(CaError::Incomplete { present: cert_path, missing: key_path }),
         (false, true) => return Err(CaError::Incomplete { present: key_path, missing: cert_path }),
     };
-    self_test(&ca, &probe, &cert_path, &key_path)?;
     Ok(ca)
 }
 
@@ -145,30 +142,6 @@ fn parent(path: &Path) -> &Path {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     }
-}
-
-/// Issues a short-lived leaf and checks that it chains to the root: catches a key that does not
-/// belong to the certificate before any workload gets a useless certificate.
-fn self_test(
-    ca: &CertificateAuthority,
-    probe: &Identity,
-    cert_path: &Path,
-    key_path: &Path,
-) -> Result<(), CaError> {
-    let mismatch =
-        |reason: String| CaError::Mismatch { cert: cert_path.to_owned(), key: key_path.to_owned(), reason };
-    let now = SystemTime::now();
-    let leaf = ca
-        .issue(probe, now - Duration::from_secs(60), now + Duration::from_secs(60))
-        .map_err(|e| mismatch(format!("cannot sign a test certificate: {e}")))?;
-    let verifier = ServerIdentityVerifier::new(ca.roots(), vec![probe.clone()]);
-    let name = ServerName::try_from("root-self-test.invalid")
-        .map_err(|e| mismatch(format!("test server name: {e}")))?;
-    verifier.verify_server_cert(leaf.leaf(), &[], &name, &[], UnixTime::now()).map_err(|e| {
-        let e = weft_core::tls::describe(&e);
-        mismatch(format!("a certificate signed with the key does not chain to the root: {e}"))
-    })?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -13,10 +13,12 @@ use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::FromDer;
 
 use super::{parse_pem_certs, RootBundle, TlsError, WorkloadCertificate};
-use crate::identity::{Identity, IdentityError};
+use crate::identity::{validate_trust_domain, Identity, IdentityError};
 
 /// How long a generated root is valid (Istio's self-signed root: 10 years).
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+/// No leaf lives longer than its root could.
+const MAX_LEAF_LIFETIME: Duration = ROOT_LIFETIME;
 /// Leaves start slightly in the past so that small clock skew between nodes does not reject
 /// them: a minute, or a quarter of a short lifetime.
 fn backdate(lifetime: Duration) -> Duration {
@@ -47,8 +49,14 @@ pub enum CsrError {
 pub enum IssueError {
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
-    #[error("CA certificate or key is unusable: {0}")]
-    CaMaterial(String),
+    #[error("CA root certificate is unusable: {0}")]
+    RootCert(String),
+    #[error("CA root key is unusable: {0}")]
+    RootKey(String),
+    #[error("CA root key does not belong to the root certificate")]
+    KeyMismatch,
+    #[error(transparent)]
+    TrustDomain(#[from] IdentityError),
     #[error("requested validity is out of range: {0}")]
     Validity(String),
     #[error(transparent)]
@@ -69,6 +77,15 @@ pub struct CertificateAuthority {
     root: CertificateDer<'static>,
     root_pem: String,
     key_pem: String,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("CertificateAuthority")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CertificateAuthority {
@@ -93,14 +110,21 @@ impl CertificateAuthority {
     }
 
     /// A root loaded from its PEM certificate and PKCS#8 key (as written by [`Self::generate`]).
+    /// The key must be the certificate's.
     pub fn from_pem(trust_domain: &str, root_pem: &str, key_pem: &str) -> Result<Self, IssueError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| IssueError::CaMaterial(format!("root key: {e}")))?;
-        let root = parse_pem_certs(root_pem)?
+        validate_trust_domain(trust_domain)?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| IssueError::RootKey(e.to_string()))?;
+        let root = parse_pem_certs(root_pem)
+            .map_err(|e| IssueError::RootCert(e.to_string()))?
             .into_iter()
             .next()
-            .ok_or_else(|| IssueError::CaMaterial("no certificate in the root PEM".into()))?;
-        let issuer = Issuer::from_ca_cert_der(&root, key)
-            .map_err(|e| IssueError::CaMaterial(format!("root certificate: {e}")))?;
+            .ok_or_else(|| IssueError::RootCert("no PEM \"CERTIFICATE\" block".into()))?;
+        let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&root)
+            .map_err(|e| IssueError::RootCert(e.to_string()))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(IssueError::KeyMismatch);
+        }
+        let issuer = Issuer::from_ca_cert_der(&root, key).map_err(|e| IssueError::RootCert(e.to_string()))?;
         Ok(CertificateAuthority {
             trust_domain: trust_domain.to_owned(),
             issuer,
@@ -158,6 +182,13 @@ impl CertificateAuthority {
     /// Signs a checked request: a leaf valid for `lifetime` from now, with exactly the SPIFFE URI
     /// SAN and nothing else the CSR asked for. Returns the chain PEMs, leaf first, root last.
     pub fn sign(&self, request: &SignedRequest, lifetime: Duration) -> Result<Vec<String>, IssueError> {
+        if lifetime > MAX_LEAF_LIFETIME {
+            return Err(IssueError::Validity(format!(
+                "lifetime {}s is longer than the {}s any leaf may have",
+                lifetime.as_secs(),
+                MAX_LEAF_LIFETIME.as_secs()
+            )));
+        }
         let now = SystemTime::now();
         self.sign_window(
             &request.identity,
@@ -297,6 +328,11 @@ mod tests {
     fn root_reloads_from_pem_and_old_leaves_still_chain() {
         let ca = CertificateAuthority::generate("cluster.local").unwrap();
         let again = CertificateAuthority::from_pem("cluster.local", ca.root_pem(), ca.key_pem()).unwrap();
+        let other = CertificateAuthority::generate("cluster.local").unwrap();
+        let err =
+            CertificateAuthority::from_pem("cluster.local", ca.root_pem(), other.key_pem()).unwrap_err();
+        assert!(matches!(err, IssueError::KeyMismatch), "{err}");
+        assert!(!format!("{ca:?}").contains("PRIVATE"));
         let who = id("spiffe://cluster.local/ns/a/sa/b");
         let now = SystemTime::now();
         let leaf = again.issue(&who, now, now + Duration::from_secs(60)).unwrap();

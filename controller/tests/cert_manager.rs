@@ -1,0 +1,73 @@
+//! The workload side of the CA: weft-core's certificate manager and CA client against the real
+//! controller over gRPC, as a node proxy uses them (impersonating its pods' identities).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use controller::config::Config;
+use controller::Controller;
+use tokio::sync::oneshot;
+use weft_core::cert_manager::{CaClient, CertManager, CertificateSource, FetchError, Token};
+use weft_core::Identity;
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gets_its_pods_certificates_and_nothing_else() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let web: Identity = WEB.parse()?;
+    let db: Identity = DB.parse()?;
+    let config = Config {
+        ca_dir: tmp.path().join("ca"),
+        listen: "127.0.0.1:0".parse()?,
+        node_tokens: BTreeMap::from([
+            ("token-a".to_owned(), "node-a".to_owned()),
+            ("token-b".to_owned(), "node-b".to_owned()),
+        ]),
+        node_identities: BTreeMap::from([
+            ("node-a".to_owned(), [web.clone()].into()),
+            ("node-b".to_owned(), [db.clone()].into()),
+        ]),
+        ..Config::default()
+    };
+    let controller = Controller::bind(&config).await?;
+    let endpoint = format!("http://{}", controller.local_addr());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(controller.run(async {
+        let _ = stopped.await;
+    }));
+
+    // The token is read from a file, as a projected service-account token would be.
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, "token-a\n")?;
+    let client = CaClient::new(&endpoint, Token::File(token_file), Duration::from_secs(3600))?;
+    let manager = CertManager::new(client.clone());
+    let cert = manager.get(&web).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(cert.identity(), &web);
+    let lifetime = cert.not_after().duration_since(cert.not_before())?;
+    assert!(lifetime >= Duration::from_secs(3600) && lifetime <= Duration::from_secs(3600 + 60));
+    assert_eq!(cert.roots().certs().len(), 1, "the root comes with the chain");
+
+    // node-a may not hold node-b's pod identity; the refusal says so.
+    match client.fetch(&db).await {
+        Err(FetchError::Refused { code, message, .. }) => {
+            assert_eq!(code, tonic::Code::PermissionDenied);
+            assert!(message.contains("node-a") && message.contains(DB), "{message}");
+        }
+        other => anyhow::bail!("expected a refusal, got {:?}", other.map(|c| c.identity().to_string())),
+    }
+    let err = manager.get(&db).await.expect_err("refused");
+    assert!(err.to_string().contains("PermissionDenied"), "{err}");
+
+    // No token at all.
+    let anonymous = CaClient::new(&endpoint, Token::None, Duration::from_secs(3600))?;
+    match anonymous.fetch(&web).await {
+        Err(FetchError::Refused { code, .. }) => assert_eq!(code, tonic::Code::Unauthenticated),
+        other => anyhow::bail!("expected Unauthenticated, got {:?}", other.map(|c| c.identity().to_string())),
+    }
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task).await???;
+    Ok(())
+}
