@@ -1,0 +1,5 @@
+# Sourced by the scripts: where builds go. The target directory lives under ~/.cache so that a
+# fresh clone (CI) reuses compiled dependencies from the previous run.
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weft/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
