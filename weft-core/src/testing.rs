@@ -111,7 +111,10 @@ impl Inbound for ForwardInbound {
             seen.push(info);
         }
         match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(authority)).await {
-            Ok(Ok(stream)) => Ok(stream),
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
             Ok(Err(e)) => Err(Refusal::unavailable(format!("connect {authority}: {e}"))),
             Err(_) => Err(Refusal::unavailable(format!("connect {authority}: timed out"))),
         }

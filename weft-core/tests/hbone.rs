@@ -474,3 +474,35 @@ async fn draining_finishes_open_streams_and_refuses_new_connections() {
     tokio::time::timeout(Duration::from_secs(10), running).await.expect("server stops after drain").unwrap();
     assert!(Pool::new(ClientSettings::default()).connect(request).await.is_err(), "listener is closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_waiting_on_a_failed_dial_share_its_error() {
+    let ca = TestCa::new();
+    // A port nothing listens on: every dial is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let pool = Pool::new(ClientSettings::default());
+    let request = ConnectRequest {
+        certificate: ca.cert(&identity("client-ns", "client")),
+        expected: vec![identity("server-ns", "server")],
+        source_ip: None,
+        hbone_addr: closed,
+        authority: closed,
+        forwarded_for: None,
+        baggage: None,
+        traceparent: None,
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (pool, request) = (pool.clone(), request.clone());
+        tasks.spawn(async move { pool.connect(request).await });
+    }
+    let mut refused = 0;
+    while let Some(result) = tasks.join_next().await {
+        let err = result.unwrap().unwrap_err();
+        assert!(matches!(err, ClientError::Connect { .. } | ClientError::Unreachable { .. }), "{err}");
+        assert!(err.to_string().contains(&closed.to_string()), "{err}");
+        refused += 1;
+    }
+    assert_eq!(refused, 20);
+    assert_eq!(pool.connections_opened(), 0);
+}

@@ -78,6 +78,8 @@ pub enum ClientError {
     Timeout { what: &'static str, addr: SocketAddr, after: Duration },
     #[error("HTTP/2 with {addr} failed: {source}")]
     H2 { addr: SocketAddr, source: h2::Error },
+    #[error("{addr} is unreachable: a dial that was in progress failed: {reason}")]
+    Unreachable { addr: SocketAddr, reason: String },
     #[error("CONNECT {authority} via {addr} was answered {status}")]
     Status { addr: SocketAddr, authority: SocketAddr, status: StatusCode },
 }
@@ -120,6 +122,9 @@ struct PoolInner {
 #[derive(Default)]
 struct KeyedConnections {
     conns: tokio::sync::Mutex<Vec<Arc<PooledConnection>>>,
+    /// The last failed dial: streams that were already waiting when it failed share its error
+    /// instead of each dialing (and timing out) in turn.
+    last_failure: Mutex<Option<(Instant, String)>>,
 }
 
 struct PooledConnection {
@@ -128,6 +133,19 @@ struct PooledConnection {
     active: AtomicUsize,
     closed: AtomicBool,
     idle_since: Mutex<Instant>,
+}
+
+impl KeyedConnections {
+    fn failed_since(&self, since: Instant) -> Option<String> {
+        let last = self.last_failure.lock().ok()?;
+        last.as_ref().filter(|(at, _)| *at >= since).map(|(_, reason)| reason.clone())
+    }
+
+    fn record_failure(&self, err: &ClientError) {
+        if let Ok(mut last) = self.last_failure.lock() {
+            *last = Some((Instant::now(), err.to_string()));
+        }
+    }
 }
 
 impl PooledConnection {
@@ -206,6 +224,7 @@ impl Pool {
             Ok(mut keys) => keys.entry(key.clone()).or_default().clone(),
             Err(poisoned) => poisoned.into_inner().entry(key.clone()).or_default().clone(),
         };
+        let waiting_since = Instant::now();
         let slot = {
             let mut conns = keyed.conns.lock().await;
             conns.retain(|c| !c.closed.load(Ordering::Acquire));
@@ -213,7 +232,16 @@ impl Pool {
             match conns.iter().find(|c| c.try_reserve(max)) {
                 Some(conn) => Slot(conn.clone()),
                 None => {
-                    let conn = self.dial(&request, &key).await?;
+                    if let Some(reason) = keyed.failed_since(waiting_since) {
+                        return Err(ClientError::Unreachable { addr: request.hbone_addr, reason });
+                    }
+                    let conn = match self.dial(&request, &key).await {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            keyed.record_failure(&e);
+                            return Err(e);
+                        }
+                    };
                     conn.active.fetch_add(1, Ordering::AcqRel);
                     conns.push(conn.clone());
                     Slot(conn)
