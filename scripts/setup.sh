@@ -28,6 +28,10 @@ for tool in cargo rustc; do
     exit 1
   fi
 done
+# The test runner: on machines of this kind already; from crates.io otherwise.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
 for component in rustfmt clippy; do
   if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
     if command -v rustup >/dev/null 2>&1; then

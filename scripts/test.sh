@@ -8,5 +8,5 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
-echo "== cargo test"
-cargo test --locked --workspace
+echo "== cargo nextest"
+cargo nextest run --locked --workspace --no-fail-fast
