@@ -4,6 +4,7 @@
 
 pub mod ca;
 pub mod config;
+pub mod sources;
 
 use std::future::Future;
 use std::net::SocketAddr;
