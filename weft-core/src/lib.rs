@@ -3,6 +3,7 @@
 //! protobuf types of the wire APIs. Depends on no Weft binary.
 
 pub mod cert_manager;
+pub mod config;
 pub mod drain;
 pub mod hbone;
 pub mod identity;

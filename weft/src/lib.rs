@@ -1,10 +1,12 @@
 //! Weft's command line. It starts Weft's binaries as processes and talks to them over their
-//! APIs; it links no binary's library. Today it has the foundation demo; the local cluster
-//! (`up`/`down`), `analyze` and `waypoint` commands come with their issues.
+//! APIs; it links no binary's library. Today it has the foundation demo and `analyze`; the
+//! local cluster (`up`/`down`) and `waypoint` commands come with their issues.
 
+mod analyze;
 mod demo;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 /// The `weft` command.
 #[derive(Debug, clap::Parser)]
@@ -23,17 +25,36 @@ pub enum Command {
         #[arg(long)]
         bin_dir: Option<PathBuf>,
     },
+    /// Checks Istio and Kubernetes manifests offline: invalid YAML, unknown kinds and fields,
+    /// subsets no DestinationRule defines, weights not adding up to 100, hosts without a
+    /// Service, conflicting PeerAuthentications, policies that select nothing, undeclared
+    /// waypoints. Prints `file:line: error|warning: ...`; exits 1 when there is an error.
+    Analyze {
+        /// Files or directories (read recursively for *.yaml and *.yml); `-` reads standard
+        /// input. Default: the current directory.
+        paths: Vec<PathBuf>,
+        /// Namespace of the objects that name none (default: `default`).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; the exit code says whether it found problems.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Command::Demo { bin_dir } => runtime.block_on(demo::run(bin_dir)),
+        Command::Demo { bin_dir } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(demo::run(bin_dir))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Analyze { paths, namespace } => {
+            analyze::run(&paths, namespace, &mut std::io::stdout().lock())
+        }
     }
 }

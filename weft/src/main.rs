@@ -1,5 +1,7 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     weft::run(weft::Cli::parse())
 }
