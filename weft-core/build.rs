@@ -2,11 +2,24 @@
 //! needs no `protoc` on the machine.
 
 fn main() -> anyhow::Result<()> {
-    let protos = ["proto/istio/v1/auth/ca.proto"];
+    let protos = [
+        "proto/istio/v1/auth/ca.proto",
+        "proto/istio/workload/workload.proto",
+        "proto/istio/security/authorization.proto",
+        "proto/google/rpc/status.proto",
+        "proto/envoy/config/core/v3/base.proto",
+        "proto/envoy/service/discovery/v3/discovery.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(protos, ["proto"])?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // Maps as BTreeMap: encoding then follows key order, so equal messages encode to equal
+        // bytes and a version derived from the bytes changes only when the content does.
+        .btree_map(".")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -4,7 +4,9 @@
 
 pub mod ca;
 pub mod config;
+pub mod model;
 pub mod sources;
+pub mod xds;
 
 use std::future::Future;
 use std::net::SocketAddr;

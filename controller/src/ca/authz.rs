@@ -95,6 +95,40 @@ impl Authorizer for StaticAuthorizer {
     }
 }
 
+/// Tokens from a fixed table (until the API server's TokenReview takes over); identities from
+/// the model: a node may hold the service accounts of the pods the model places on it.
+pub struct ModelAuthorizer {
+    tokens: StaticAuthorizer,
+    trust_domain: String,
+    model: tokio::sync::watch::Receiver<std::sync::Arc<crate::model::Model>>,
+}
+
+impl ModelAuthorizer {
+    /// `tokens` authenticates callers (its identity table is not consulted).
+    pub fn new(
+        tokens: StaticAuthorizer,
+        trust_domain: &str,
+        model: tokio::sync::watch::Receiver<std::sync::Arc<crate::model::Model>>,
+    ) -> Self {
+        ModelAuthorizer { tokens, trust_domain: trust_domain.to_owned(), model }
+    }
+}
+
+impl Authorizer for ModelAuthorizer {
+    async fn authenticate(&self, bearer_token: Option<&str>) -> Result<Caller, AuthError> {
+        self.tokens.authenticate(bearer_token).await
+    }
+
+    async fn authorize(&self, caller: &Caller, identity: &Identity) -> Result<(), AuthError> {
+        let model = self.model.borrow().clone();
+        if model.identities_on_node(&self.trust_domain, &caller.node).contains(identity) {
+            Ok(())
+        } else {
+            Err(AuthError::NotAllowed { node: caller.node.clone(), identity: identity.clone() })
+        }
+    }
+}
+
 /// SHA-256 of a token: lookups compare digests, so their timing says nothing about the token.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct TokenDigest([u8; 32]);

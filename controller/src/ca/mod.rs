@@ -18,7 +18,7 @@ use weft_core::identity::IdentityError;
 use weft_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use weft_core::tls::IssueError;
 
-pub use authz::{AuthError, Authorizer, Caller, StaticAuthorizer};
+pub use authz::{AuthError, Authorizer, Caller, ModelAuthorizer, StaticAuthorizer};
 pub use service::{
     bearer_token, cert_lifetime, impersonated_identity, CaService, Issued, LifetimeError, Refusal,
     DEFAULT_MAX_CERT_LIFETIME, IMPERSONATED_IDENTITY_KEY, MAX_CERT_LIFETIME_CEILING,

@@ -3,3 +3,4 @@
 //! source an object came from.
 
 pub mod dir;
+pub mod dir_model;

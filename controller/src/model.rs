@@ -1,0 +1,274 @@
+//! The controller's view of the mesh: every object its sources reported, by kind, namespace and
+//! name, and what follows from them for ambient mode (who is in the mesh, which waypoint serves
+//! whom, which identities live on which node). Pure: no I/O, no knowledge of the source.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use weft_core::config::kube::{Namespace, Pod};
+use weft_core::config::Object;
+use weft_core::Identity;
+
+/// `istio.io/dataplane-mode`: `ambient` on a namespace (or pod) enrolls, `none` on a pod opts out.
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+pub const AMBIENT: &str = "ambient";
+pub const NONE: &str = "none";
+/// `istio.io/use-waypoint`: the waypoint's name (or `none`), on a namespace, service or pod.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+/// `istio.io/use-waypoint-namespace`: where that waypoint lives, when not in the same namespace.
+pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+
+/// An object's identity in the model.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn of(object: &Object) -> ObjectKey {
+        let meta = object.metadata();
+        ObjectKey {
+            kind: object.kind().to_owned(),
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+        }
+    }
+}
+
+/// A change a source reports.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Upsert(Box<Object>),
+    Delete(ObjectKey),
+}
+
+/// A waypoint a workload or service is bound to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WaypointRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Everything the sources reported.
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    objects: BTreeMap<ObjectKey, Object>,
+}
+
+impl Model {
+    /// Applies one change; returns whether the model changed.
+    pub fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Upsert(object) => {
+                if matches!(*object, Object::Ignored(_) | Object::Unsupported(_)) {
+                    return false;
+                }
+                let key = ObjectKey::of(&object);
+                if self.objects.get(&key) == Some(&*object) {
+                    return false;
+                }
+                self.objects.insert(key, *object);
+                true
+            }
+            Change::Delete(key) => self.objects.remove(&key).is_some(),
+        }
+    }
+
+    pub fn get(&self, key: &ObjectKey) -> Option<&Object> {
+        self.objects.get(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    pub fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.objects.values()
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        let key = ObjectKey { kind: "Namespace".into(), namespace: String::new(), name: name.to_owned() };
+        match self.objects.get(&key) {
+            Some(Object::Namespace(ns)) => Some(ns),
+            _ => None,
+        }
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.objects.values().filter_map(|o| match o {
+            Object::Pod(pod) => Some(pod),
+            _ => None,
+        })
+    }
+
+    /// Whether `pod` is in the ambient mesh: its namespace (or the pod itself) is labelled
+    /// `istio.io/dataplane-mode=ambient` and the pod does not opt out with `none`. Pods on the
+    /// host network and finished pods are never captured.
+    pub fn in_mesh(&self, pod: &Pod) -> bool {
+        if pod.spec.host_network || matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            return false;
+        }
+        match pod.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) {
+            Some(NONE) => false,
+            Some(AMBIENT) => true,
+            _ => self
+                .namespace(&pod.metadata.namespace)
+                .and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE))
+                .is_some_and(|mode| mode == AMBIENT),
+        }
+    }
+
+    /// The waypoint serving `pod`: the pod's own `istio.io/use-waypoint` label, else its
+    /// namespace's; `none` on the pod opts out of a namespace's waypoint.
+    pub fn pod_waypoint(&self, pod: &Pod) -> Option<WaypointRef> {
+        let ns = self.namespace(&pod.metadata.namespace).map(|ns| &ns.metadata.labels);
+        waypoint_from(&pod.metadata.labels, &pod.metadata.namespace)
+            .unwrap_or_else(|| ns.and_then(|labels| waypoint_from(labels, &pod.metadata.namespace)).flatten())
+    }
+
+    /// The SPIFFE identities of the pods placed on `node`: what that node's ztunnel may obtain
+    /// certificates for.
+    pub fn identities_on_node(&self, trust_domain: &str, node: &str) -> BTreeSet<Identity> {
+        self.pods()
+            .filter(|pod| pod.spec.node_name.as_deref() == Some(node))
+            .filter(|pod| !matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")))
+            .filter_map(|pod| {
+                Identity::new(trust_domain, &pod.metadata.namespace, pod.service_account()).ok()
+            })
+            .collect()
+    }
+}
+
+/// Reads `istio.io/use-waypoint` from one set of labels: `None` when absent, `Some(None)` for
+/// an explicit `none`, `Some(Some(..))` for a waypoint.
+fn waypoint_from(labels: &BTreeMap<String, String>, namespace: &str) -> Option<Option<WaypointRef>> {
+    let name = labels.get(USE_WAYPOINT)?;
+    if name == NONE || name.is_empty() {
+        return Some(None);
+    }
+    let namespace = labels.get(USE_WAYPOINT_NAMESPACE).cloned().unwrap_or_else(|| namespace.to_owned());
+    Some(Some(WaypointRef { namespace, name: name.clone() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_core::config::load_yaml;
+
+    use super::*;
+
+    fn model(yaml: &str) -> Model {
+        let mut model = Model::default();
+        for doc in load_yaml(yaml, "test.yaml") {
+            model.apply(Change::Upsert(Box::new(doc.result.unwrap().object)));
+        }
+        model
+    }
+
+    fn pod<'a>(model: &'a Model, ns: &str, name: &str) -> &'a Pod {
+        model.pods().find(|p| p.metadata.namespace == ns && p.metadata.name == name).unwrap()
+    }
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: shop-wp}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: web}
+status: {podIP: 10.0.1.5, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch, namespace: shop, labels: {istio.io/dataplane-mode: none, istio.io/use-waypoint: none}}
+spec: {nodeName: node-a}
+status: {podIP: 10.0.1.6, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {istio.io/use-waypoint: db-wp, istio.io/use-waypoint-namespace: infra}}
+spec: {nodeName: node-b, serviceAccountName: db}
+status: {podIP: 10.0.2.5, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy}
+spec: {nodeName: node-a, serviceAccountName: old}
+status: {podIP: 10.0.1.7, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: single, namespace: legacy, labels: {istio.io/dataplane-mode: ambient}}
+spec: {nodeName: node-b}
+status: {podIP: 10.0.2.8, phase: Succeeded}
+"#;
+
+    #[test]
+    fn membership_follows_namespace_and_pod_labels() {
+        let m = model(MESH);
+        let table = [
+            ("shop", "web", true),
+            ("shop", "batch", false), // opts out
+            ("shop", "db", true),
+            ("legacy", "old", false),    // namespace not labelled
+            ("legacy", "single", false), // labelled itself, but finished
+        ];
+        for (ns, name, want) in table {
+            assert_eq!(m.in_mesh(pod(&m, ns, name)), want, "{ns}/{name}");
+        }
+    }
+
+    #[test]
+    fn relabelling_a_namespace_changes_membership_without_restarts() {
+        let mut m = model(MESH);
+        assert!(!m.in_mesh(pod(&m, "legacy", "old")));
+        let labelled = model(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy, labels: {istio.io/dataplane-mode: ambient}}\n",
+        );
+        let ns = labelled.objects().next().unwrap().clone();
+        assert!(m.apply(Change::Upsert(Box::new(ns.clone()))));
+        assert!(!m.apply(Change::Upsert(Box::new(ns))), "the same object again is no change");
+        assert!(m.in_mesh(pod(&m, "legacy", "old")));
+        let key = ObjectKey { kind: "Namespace".into(), namespace: String::new(), name: "legacy".into() };
+        assert!(m.apply(Change::Delete(key)));
+        assert!(!m.in_mesh(pod(&m, "legacy", "old")));
+    }
+
+    #[test]
+    fn waypoints_bind_by_pod_then_namespace() {
+        let m = model(MESH);
+        let wp = |ns: &str, name: &str| Some(WaypointRef { namespace: ns.into(), name: name.into() });
+        assert_eq!(m.pod_waypoint(pod(&m, "shop", "web")), wp("shop", "shop-wp"));
+        assert_eq!(m.pod_waypoint(pod(&m, "shop", "batch")), None);
+        assert_eq!(m.pod_waypoint(pod(&m, "shop", "db")), wp("infra", "db-wp"));
+        assert_eq!(m.pod_waypoint(pod(&m, "legacy", "old")), None);
+    }
+
+    #[test]
+    fn identities_on_a_node_are_its_running_pods_service_accounts() {
+        let m = model(MESH);
+        let ids = |node| {
+            m.identities_on_node("cluster.local", node).iter().map(|i| i.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids("node-a"),
+            [
+                "spiffe://cluster.local/ns/legacy/sa/old",
+                "spiffe://cluster.local/ns/shop/sa/default",
+                "spiffe://cluster.local/ns/shop/sa/web"
+            ]
+        );
+        assert_eq!(ids("node-b"), ["spiffe://cluster.local/ns/shop/sa/db"]);
+        assert!(ids("node-c").is_empty());
+    }
+}
