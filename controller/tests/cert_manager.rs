@@ -71,3 +71,65 @@ async fn a_node_gets_its_pods_certificates_and_nothing_else() -> anyhow::Result<
     tokio::time::timeout(Duration::from_secs(10), task).await???;
     Ok(())
 }
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop}
+spec: {nodeName: node-a, serviceAccountName: web}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: shop}
+spec: {nodeName: node-b, serviceAccountName: db}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_decides_which_node_may_hold_which_identity() -> anyhow::Result<()> {
+    use controller::ca::{self, CaService, ModelAuthorizer, StaticAuthorizer};
+    use controller::sources::dir_model::watch_model;
+
+    let tmp = tempfile::tempdir()?;
+    let config_dir = tmp.path().join("config");
+    std::fs::create_dir(&config_dir)?;
+    std::fs::write(config_dir.join("pods.yaml"), PODS)?;
+    let mut model = watch_model(&config_dir)?;
+    tokio::time::timeout(Duration::from_secs(2), model.wait_for(|m| m.len() == 2)).await??;
+
+    let root = ca::load_or_create_root(&tmp.path().join("ca"), "cluster.local")?;
+    let tokens = StaticAuthorizer::new().with_token("token-a", "node-a");
+    let service = CaService::new(root, ModelAuthorizer::new(tokens, "cluster.local", model.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(ca::serve(listener, service, async {
+        let _ = stopped.await;
+    }));
+
+    let node_a = CaClient::new(&endpoint, Token::Static("token-a".into()), Duration::from_secs(3600))?;
+    let web: Identity = WEB.parse()?;
+    let db: Identity = DB.parse()?;
+    assert_eq!(node_a.fetch(&web).await.map_err(|e| anyhow::anyhow!("{e}"))?.identity(), &web);
+    match node_a.fetch(&db).await {
+        Err(FetchError::Refused { code, message, .. }) => {
+            assert_eq!(code, tonic::Code::PermissionDenied);
+            assert!(
+                message.contains("node node-a may not hold identity spiffe://cluster.local/ns/shop/sa/db")
+            );
+        }
+        other => anyhow::bail!("node-a got node-b's identity: {:?}", other.map(|c| c.identity().to_string())),
+    }
+
+    // The db pod is rescheduled onto node-a: no restart, the CA follows the model.
+    std::fs::write(config_dir.join("pods.yaml"), PODS.replace("nodeName: node-b", "nodeName: node-a"))?;
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        model.wait_for(|m| m.identities_on_node("cluster.local", "node-a").contains(&db)),
+    )
+    .await??;
+    assert_eq!(node_a.fetch(&db).await.map_err(|e| anyhow::anyhow!("{e}"))?.identity(), &db);
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task).await???;
+    Ok(())
+}
