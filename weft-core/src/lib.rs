@@ -1,6 +1,7 @@
 //! What Weft's binaries share and nothing else: SPIFFE identity, workload certificates and the
 //! manager that keeps them fresh, the HBONE tunnel (client pool and server), and the generated
-//! protobuf types of the wire APIs. Depends on no Weft binary.
+//! protobuf types of the wire APIs; also the typed Istio/Kubernetes configuration model with its
+//! offline analysis. Depends on no Weft binary.
 
 pub mod cert_manager;
 pub mod config;
