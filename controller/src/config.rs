@@ -36,9 +36,16 @@ pub const FLAG_NODE_IDENTITY: &str = "node-identity";
 /// Comma-separated `NODE=SPIFFE_ID` pairs.
 pub const ENV_NODE_IDENTITIES: &str = "WEFT_NODE_IDENTITIES";
 
+pub const FLAG_CONFIG_DIR: &str = "config-dir";
+pub const ENV_CONFIG_DIR: &str = "WEFT_CONFIG_DIR";
+
 /// The command line as given; [`Config::from_args`] turns it into a [`Config`].
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "controller", about = "Weft's control plane: the CA that signs workload certificates.")]
+#[command(
+    name = "controller",
+    about = "Weft's control plane: the CA that signs workload certificates and, given a config \
+             directory, the xDS server of Istio's workload API."
+)]
 pub struct Args {
     /// Directory holding root-cert.pem and root-key.pem (created with a new root on first start).
     #[arg(long = FLAG_CA_DIR, env = ENV_CA_DIR, default_value = DEFAULT_CA_DIR)]
@@ -46,7 +53,7 @@ pub struct Args {
     /// The SPIFFE trust domain this CA signs identities for.
     #[arg(long = FLAG_TRUST_DOMAIN, env = ENV_TRUST_DOMAIN, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
-    /// Address the CA's gRPC service listens on.
+    /// Address the CA's gRPC service (and, with --config-dir, the xDS server) listens on.
     #[arg(long = FLAG_LISTEN, env = ENV_LISTEN, default_value = DEFAULT_LISTEN)]
     pub listen: String,
     /// Longest certificate lifetime a caller may ask for: a number with a unit s, m, h or d.
@@ -65,6 +72,11 @@ pub struct Args {
     /// NODE=SPIFFE_ID; repeatable.
     #[arg(long = FLAG_NODE_IDENTITY, env = ENV_NODE_IDENTITIES, value_name = "NODE=SPIFFE_ID", value_delimiter = ',')]
     pub node_identities: Vec<String>,
+    /// A directory of Kubernetes/Istio YAML to watch. When given, the controller also serves xDS
+    /// (Istio's workload API) on the same port, and a node may hold the identities of the pods
+    /// the directory places on it (the --node-identity table is then not used).
+    #[arg(long = FLAG_CONFIG_DIR, env = ENV_CONFIG_DIR, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
 }
 
 /// The controller's effective configuration.
@@ -78,6 +90,8 @@ pub struct Config {
     pub node_tokens: BTreeMap<String, String>,
     /// Node -> identities its pods run as.
     pub node_identities: BTreeMap<String, BTreeSet<Identity>>,
+    /// The watched YAML directory; `None`: CA only, identities from `node_identities`.
+    pub config_dir: Option<PathBuf>,
 }
 
 /// One thing wrong with the command line or environment.
@@ -193,6 +207,7 @@ impl Config {
                 max_cert_lifetime,
                 node_tokens,
                 node_identities,
+                config_dir: args.config_dir,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -222,6 +237,7 @@ impl Default for Config {
             max_cert_lifetime: DEFAULT_MAX_CERT_LIFETIME,
             node_tokens: BTreeMap::new(),
             node_identities: BTreeMap::new(),
+            config_dir: None,
         }
     }
 }
@@ -240,6 +256,7 @@ impl fmt::Debug for Config {
             .field("max_cert_lifetime", &self.max_cert_lifetime)
             .field("node_tokens (count per node)", &nodes_with_tokens)
             .field("node_identities", &self.node_identities)
+            .field("config_dir", &self.config_dir)
             .finish()
     }
 }
@@ -335,6 +352,8 @@ mod tests {
         assert_eq!(config.node_identities["node-a"].len(), 2);
         assert_eq!(config.listen, "0.0.0.0:0".parse().unwrap());
         assert_eq!(config.max_cert_lifetime, Duration::from_secs(12 * 3600));
+        assert_eq!(config.config_dir, None);
+        assert_eq!(parse(&["--config-dir=/etc/weft"]).unwrap().config_dir, Some(PathBuf::from("/etc/weft")));
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret"), "{shown}");
     }

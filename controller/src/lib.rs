@@ -1,52 +1,150 @@
-//! Weft's control plane: the CA that signs workload certificates for nodes' ztunnels, configured
-//! from flags. Depends on weft-core only, never on another Weft binary; `main.rs` only parses
-//! flags and waits for a signal.
+//! Weft's control plane: the CA that signs workload certificates for nodes' ztunnels and, when
+//! given a config directory, the xDS server that tells them Istio's workload API (translated from
+//! the watched model), all on one port. Depends on weft-core only, never on another Weft binary;
+//! `main.rs` only parses flags and waits for a signal.
 
 pub mod ca;
 pub mod config;
 pub mod model;
 pub mod sources;
+pub mod translate;
 pub mod xds;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::service::Routes;
+use weft_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 
-use crate::ca::{CaError, CaService, StaticAuthorizer};
+use crate::ca::{CaError, CaService, ModelAuthorizer, StaticAuthorizer};
 use crate::config::Config;
+use crate::model::Model;
+use crate::sources::dir::DirError;
+use crate::xds::{XdsError, XdsOptions, XdsServer};
+
+/// Why the controller could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Xds(#[from] XdsError),
+    #[error("cannot watch the config directory {}: {source} (does it exist, and is it readable?)", .path.display())]
+    ConfigDir { path: PathBuf, source: DirError },
+}
 
 /// A controller whose root is loaded and whose port is bound, ready to [`run`](Self::run).
 pub struct Controller {
     listener: TcpListener,
     local_addr: SocketAddr,
-    service: CaService<StaticAuthorizer>,
+    mode: Mode,
+}
+
+/// What the controller serves.
+enum Mode {
+    /// The CA alone, identities from the static node table.
+    Ca(CaService<StaticAuthorizer>),
+    /// The CA, identities from the model, and xDS translated from the model.
+    Mesh(Box<Mesh>),
+}
+
+struct Mesh {
+    ca: CaService<ModelAuthorizer>,
+    xds: XdsServer,
+    model: watch::Receiver<Arc<Model>>,
+    trust_domain: String,
 }
 
 impl Controller {
-    /// Loads (or on first start creates) the root, then binds the CA's port.
-    pub async fn bind(config: &Config) -> Result<Controller, CaError> {
+    /// Loads (or on first start creates) the root, starts watching the config directory if
+    /// there is one, then binds the port.
+    pub async fn bind(config: &Config) -> Result<Controller, ControllerError> {
         let ca = ca::load_or_create_root(&config.ca_dir, &config.trust_domain)?;
-        let service = CaService::new(ca, config.authorizer()).with_max_lifetime(config.max_cert_lifetime);
+        let mode = match &config.config_dir {
+            None => {
+                let service =
+                    CaService::new(ca, config.authorizer()).with_max_lifetime(config.max_cert_lifetime);
+                Mode::Ca(service)
+            }
+            Some(dir) => {
+                let model = sources::dir_model::watch_model(dir)
+                    .map_err(|source| ControllerError::ConfigDir { path: dir.clone(), source })?;
+                let authorizer =
+                    ModelAuthorizer::new(config.authorizer(), &config.trust_domain, model.clone());
+                let service = CaService::new(ca, authorizer).with_max_lifetime(config.max_cert_lifetime);
+                let xds = XdsServer::new(translate::view(), XdsOptions::default());
+                xds.update(translate::snapshot(
+                    &model.borrow(),
+                    &config.trust_domain,
+                    translate::DEFAULT_CLUSTER_ID,
+                ));
+                Mode::Mesh(Box::new(Mesh {
+                    ca: service,
+                    xds,
+                    model,
+                    trust_domain: config.trust_domain.clone(),
+                }))
+            }
+        };
         let bind_err = |source| CaError::Bind { addr: config.listen, source };
         let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
-        tracing::info!(%local_addr, trust_domain = %config.trust_domain, "CA listening");
-        Ok(Controller { listener, local_addr, service })
+        let serves = if matches!(mode, Mode::Ca(_)) { "CA" } else { "CA and xDS" };
+        tracing::info!(%local_addr, trust_domain = %config.trust_domain, serves, "listening");
+        Ok(Controller { listener, local_addr, mode })
     }
 
-    /// The address the CA listens on (the real port when the config asked for port 0).
+    /// The address the CA (and xDS) listens on (the real port when the config asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
     /// The root certificate workloads must trust, PEM.
     pub fn root_pem(&self) -> &str {
-        self.service.ca().root_pem()
+        match &self.mode {
+            Mode::Ca(service) => service.ca().root_pem(),
+            Mode::Mesh(mesh) => mesh.ca.ca().root_pem(),
+        }
     }
 
-    /// Serves until `shutdown` completes, then drains.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), CaError> {
-        ca::serve(self.listener, self.service, shutdown).await
+    /// The xDS server, when the controller serves one (it was given a config directory).
+    pub fn xds(&self) -> Option<&XdsServer> {
+        match &self.mode {
+            Mode::Ca(_) => None,
+            Mode::Mesh(mesh) => Some(&mesh.xds),
+        }
+    }
+
+    /// Serves until `shutdown` completes, then drains. With a config directory, every model
+    /// change is translated into a new xDS snapshot meanwhile.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
+        match self.mode {
+            Mode::Ca(service) => Ok(ca::serve(self.listener, service, shutdown).await?),
+            Mode::Mesh(mesh) => {
+                let Mesh { ca, xds, model, trust_domain } = *mesh;
+                let updater = tokio::spawn(publish_snapshots(model, xds.clone(), trust_domain));
+                let routes = Routes::new(IstioCertificateServiceServer::new(ca));
+                let result = xds::serve(self.listener, xds, routes, shutdown).await;
+                updater.abort();
+                Ok(result?)
+            }
+        }
+    }
+}
+
+/// Translates the model into a snapshot on every change, until the model's source stops.
+async fn publish_snapshots(mut model: watch::Receiver<Arc<Model>>, xds: XdsServer, trust_domain: String) {
+    loop {
+        let current = model.borrow_and_update().clone();
+        let snapshot = translate::snapshot(&current, &trust_domain, translate::DEFAULT_CLUSTER_ID);
+        tracing::debug!(version = snapshot.version(), objects = current.len(), "publishing xDS snapshot");
+        xds.update(snapshot);
+        if model.changed().await.is_err() {
+            return;
+        }
     }
 }

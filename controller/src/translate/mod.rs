@@ -1,0 +1,476 @@
+//! The model as Istio's workload API: pure functions from [`Model`] objects to the `Workload`,
+//! `Service` and `Authorization` messages a ztunnel consumes, with Istio's naming and semantics,
+//! and [`snapshot`] gathering them for the xDS server. No I/O and no knowledge of how resources
+//! are served or who receives them (that is [`crate::xds`]'s business).
+//!
+//! Every ztunnel receives everything ([`view`] is [`Everything`]), as Istio sends it: a ztunnel
+//! routes to workloads and services on every node, so it needs remote ones too.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use tracing::warn;
+use weft_core::config::kube::{Pod, Service as KubeService};
+use weft_core::config::meta::Labels;
+use weft_core::config::security::{AuthorizationAction, AuthorizationPolicy, Rule};
+use weft_core::config::types::IntOrString;
+use weft_core::config::Object;
+use weft_core::proto::istio::security::{
+    self, string_match::MatchType, Authorization, Group, Match, Rules, ServiceAccountMatch, StringMatch,
+};
+use weft_core::proto::istio::workload::{
+    address, gateway_address, Address, GatewayAddress, NamespacedHostname, NetworkAddress, NetworkMode, Port,
+    PortList, Service, TunnelProtocol, Workload, WorkloadStatus, WorkloadType,
+};
+
+use crate::model::{Model, WaypointRef, NONE, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
+use crate::xds::{Everything, Snapshot, XdsResource};
+
+/// Istio's root namespace: policies there without a selector apply to the whole mesh.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+/// The cluster id Istio uses when none is configured.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+/// The cluster's DNS domain, the suffix of service hostnames.
+pub const DOMAIN_SUFFIX: &str = "cluster.local";
+/// The port a waypoint accepts HBONE on.
+pub const HBONE_PORT: u32 = 15008;
+
+/// Labels a workload's canonical name is read from, first present wins (else the pod's name).
+const CANONICAL_NAME_LABELS: [&str; 3] = ["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"];
+/// Labels a workload's canonical revision is read from, first present wins (else `latest`).
+const CANONICAL_REVISION_LABELS: [&str; 3] =
+    ["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"];
+
+/// The view ztunnels get: every resource (see the module docs).
+pub fn view() -> Everything {
+    Everything
+}
+
+/// Everything the model yields for ztunnels: one `Address` per pod with an IP and per Service,
+/// one `Authorization` per L4-expressible ALLOW/DENY policy. The snapshot's version is a digest of
+/// its resources' names and versions, so the same model always gives the same version.
+pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot {
+    let mut resources = Vec::new();
+    for object in model.objects() {
+        let resource = match object {
+            Object::Pod(pod) => match workload(model, pod, trust_domain, cluster_id) {
+                Some(w) => XdsResource::address(&Address { r#type: Some(address::Type::Workload(w)) }),
+                None => continue,
+            },
+            Object::Service(svc) => match service(model, svc) {
+                Some(s) => XdsResource::address(&Address { r#type: Some(address::Type::Service(s)) }),
+                None => continue,
+            },
+            Object::AuthorizationPolicy(policy) => match authorization(policy) {
+                Some(a) => XdsResource::authorization(&a),
+                None => continue,
+            },
+            _ => continue,
+        };
+        match resource {
+            Ok(resource) => resources.push(resource),
+            Err(e) => warn!(error = %e, "resource left out of the xDS snapshot"),
+        }
+    }
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    for r in &resources {
+        digest.update(r.type_url().as_bytes());
+        digest.update(r.name().as_bytes());
+        digest.update(r.version().as_bytes());
+    }
+    let version: String = digest.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    resources.into_iter().fold(Snapshot::new(version), Snapshot::with)
+}
+
+/// The `Workload` of a pod with at least one IP, in the mesh or not (a ztunnel needs to know
+/// non-mesh pods too, to send them plaintext: `tunnel_protocol` NONE).
+///
+/// Simplifications against Istio: `workload_name` is the pod's name (Istio derives the owning
+/// Deployment's), and a Service's named `targetPort` maps to target port 0, as resolving it needs
+/// the pod's container ports, which the model does not keep.
+pub fn workload(model: &Model, pod: &Pod, trust_domain: &str, cluster_id: &str) -> Option<Workload> {
+    let meta = &pod.metadata;
+    let addresses: Vec<Vec<u8>> = pod
+        .ips()
+        .into_iter()
+        .filter_map(|ip| match ip.parse::<IpAddr>() {
+            Ok(ip) => Some(ip_bytes(ip)),
+            Err(_) => {
+                warn!(pod = %meta.name, namespace = %meta.namespace, ip, "pod IP is not an IP address; ignored");
+                None
+            }
+        })
+        .collect();
+    if addresses.is_empty() {
+        return None;
+    }
+    let in_mesh = model.in_mesh(pod);
+    let labels = &meta.labels;
+    let first_label =
+        |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).filter(|v| !v.is_empty()).cloned();
+    Some(Workload {
+        uid: format!("{cluster_id}//Pod/{}/{}", meta.namespace, meta.name),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        addresses,
+        network: String::new(),
+        tunnel_protocol: if in_mesh { TunnelProtocol::Hbone } else { TunnelProtocol::None } as i32,
+        trust_domain: trust_domain.to_owned(),
+        service_account: pod.service_account().to_owned(),
+        waypoint: model.pod_waypoint(pod).filter(|_| in_mesh).map(|wp| gateway(&wp)),
+        node: pod.spec.node_name.clone().unwrap_or_default(),
+        canonical_name: first_label(&CANONICAL_NAME_LABELS).unwrap_or_else(|| meta.name.clone()),
+        canonical_revision: first_label(&CANONICAL_REVISION_LABELS).unwrap_or_else(|| "latest".to_owned()),
+        workload_type: WorkloadType::Pod as i32,
+        workload_name: meta.name.clone(),
+        services: services_of(model, pod),
+        authorization_policies: policies_of(model, pod),
+        status: if pod.status.phase.as_deref() == Some("Running") {
+            WorkloadStatus::Healthy
+        } else {
+            WorkloadStatus::Unhealthy
+        } as i32,
+        cluster_id: cluster_id.to_owned(),
+        network_mode: if pod.spec.host_network { NetworkMode::HostNetwork } else { NetworkMode::Standard }
+            as i32,
+        ..Default::default()
+    })
+}
+
+/// The `Service` of a Kubernetes Service (not of an `ExternalName` one, which has no addresses
+/// and no endpoints). Headless Services are kept, without addresses. Its waypoint comes from its
+/// own `istio.io/use-waypoint` label, else its namespace's.
+pub fn service(model: &Model, svc: &KubeService) -> Option<Service> {
+    if svc.spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let meta = &svc.metadata;
+    let addresses = svc
+        .cluster_ips()
+        .into_iter()
+        .filter_map(|ip| match ip.parse::<IpAddr>() {
+            Ok(ip) => Some(NetworkAddress { network: String::new(), address: ip_bytes(ip) }),
+            Err(_) => {
+                warn!(service = %meta.name, namespace = %meta.namespace, ip, "cluster IP is not an IP address; ignored");
+                None
+            }
+        })
+        .collect();
+    Some(Service {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        hostname: hostname(&meta.name, &meta.namespace),
+        addresses,
+        ports: service_ports(svc),
+        subject_alt_names: Vec::new(),
+        waypoint: service_waypoint(model, svc).map(|wp| gateway(&wp)),
+        ..Default::default()
+    })
+}
+
+/// The ztunnel form of an AuthorizationPolicy, or `None` when ztunnel cannot enforce it: AUDIT
+/// and CUSTOM actions, policies bound by `targetRef(s)` (a waypoint's), and rules with L7 fields
+/// (methods, paths, hosts, request principals, remote IPs, `when`), which belong to a waypoint.
+/// Each case is logged.
+///
+/// Istio instead keeps such a policy and drops the L7 parts of its rules (an ALLOW then allows
+/// less, a DENY denies more); Weft leaves the policy out so ztunnel never enforces half of it.
+pub fn authorization(policy: &AuthorizationPolicy) -> Option<Authorization> {
+    convert(policy)
+        .map_err(|why| {
+            let meta = &policy.metadata;
+            warn!(policy = %meta.name, namespace = %meta.namespace, "AuthorizationPolicy not sent to ztunnels: {why}");
+        })
+        .ok()
+}
+
+/// [`authorization`] without the logging: why a policy is not for ztunnel.
+fn convert(policy: &AuthorizationPolicy) -> Result<Authorization, String> {
+    let meta = &policy.metadata;
+    let spec = &policy.spec;
+    let action = match spec.action {
+        AuthorizationAction::Allow => security::Action::Allow,
+        AuthorizationAction::Deny => security::Action::Deny,
+        AuthorizationAction::Audit | AuthorizationAction::Custom => {
+            return Err("AUDIT and CUSTOM actions are not enforced by ztunnel".to_owned())
+        }
+    };
+    if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
+        return Err("a policy with targetRef(s) is enforced by the waypoint it targets".to_owned());
+    }
+    let scope = match (&spec.selector, meta.namespace.as_str()) {
+        (Some(_), _) => security::Scope::WorkloadSelector,
+        (None, ROOT_NAMESPACE) => security::Scope::Global,
+        (None, _) => security::Scope::Namespace,
+    };
+    // Rules ztunnel cannot evaluate fail closed, as Istio converts them: an ALLOW rule with L7
+    // (or malformed) parts is dropped, so it allows nothing; a DENY rule loses its L7 parts, so
+    // it denies more (and a malformed DENY rule denies everything in scope).
+    let mut groups = Vec::new();
+    for rule in &spec.rules {
+        match (group(rule, &meta.namespace), action) {
+            (Ok(group), _) => groups.push(group),
+            (Err(why), security::Action::Allow) => {
+                warn!(policy = %meta.name, namespace = %meta.namespace, "ALLOW rule dropped at L4 (allows less): {why}");
+            }
+            (Err(why), _) => {
+                warn!(policy = %meta.name, namespace = %meta.namespace, "DENY rule widened at L4 (denies more): {why}");
+                groups.push(group(&l4_only(rule), &meta.namespace).unwrap_or_default());
+            }
+        }
+    }
+    Ok(Authorization {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        scope: scope as i32,
+        action: action as i32,
+        groups,
+    })
+}
+
+/// `rule` without what only a waypoint can evaluate.
+fn l4_only(rule: &Rule) -> Rule {
+    let mut rule = rule.clone();
+    rule.when.clear();
+    for to in &mut rule.to {
+        let op = &mut to.operation;
+        op.hosts.clear();
+        op.not_hosts.clear();
+        op.methods.clear();
+        op.not_methods.clear();
+        op.paths.clear();
+        op.not_paths.clear();
+    }
+    for from in &mut rule.from {
+        let source = &mut from.source;
+        source.request_principals.clear();
+        source.not_request_principals.clear();
+        source.remote_ip_blocks.clear();
+        source.not_remote_ip_blocks.clear();
+    }
+    rule
+}
+
+/// One rule as Istio converts it: the `to` matches and the `from` matches each become one `Rules`
+/// (their matches OR'd), and the group requires both (an empty rule: no `Rules`, matches all).
+fn group(rule: &Rule, namespace: &str) -> Result<Group, String> {
+    if !rule.when.is_empty() {
+        return Err("`when` conditions are L7 (a waypoint's)".to_owned());
+    }
+    let mut to = Vec::new();
+    for t in &rule.to {
+        let op = &t.operation;
+        if !(op.hosts.is_empty()
+            && op.not_hosts.is_empty()
+            && op.methods.is_empty()
+            && op.not_methods.is_empty()
+            && op.paths.is_empty()
+            && op.not_paths.is_empty())
+        {
+            return Err("hosts, methods and paths are L7 (a waypoint's)".to_owned());
+        }
+        to.push(Match {
+            destination_ports: ports(&op.ports)?,
+            not_destination_ports: ports(&op.not_ports)?,
+            ..Default::default()
+        });
+    }
+    let mut from = Vec::new();
+    for f in &rule.from {
+        let s = &f.source;
+        if !(s.request_principals.is_empty()
+            && s.not_request_principals.is_empty()
+            && s.remote_ip_blocks.is_empty()
+            && s.not_remote_ip_blocks.is_empty())
+        {
+            return Err("requestPrincipals and remoteIpBlocks are L7 (a waypoint's)".to_owned());
+        }
+        from.push(Match {
+            namespaces: string_matches(&s.namespaces, false),
+            not_namespaces: string_matches(&s.not_namespaces, false),
+            service_accounts: service_accounts(&s.service_accounts, namespace),
+            not_service_accounts: service_accounts(&s.not_service_accounts, namespace),
+            principals: string_matches(&s.principals, true),
+            not_principals: string_matches(&s.not_principals, true),
+            source_ips: ip_blocks(&s.ip_blocks)?,
+            not_source_ips: ip_blocks(&s.not_ip_blocks)?,
+            ..Default::default()
+        });
+    }
+    let rules = [to, from].into_iter().filter(|m| !m.is_empty()).map(|matches| Rules { matches }).collect();
+    Ok(Group { rules })
+}
+
+/// Istio's string forms: `*` is presence, `*x` a suffix, `x*` a prefix, else exact. Principals
+/// lose a leading `spiffe://`: ztunnel compares them with identities written without it.
+fn string_matches(values: &[String], principal: bool) -> Vec<StringMatch> {
+    values
+        .iter()
+        .map(|v| {
+            let v = if principal { v.strip_prefix("spiffe://").unwrap_or(v) } else { v.as_str() };
+            let match_type = if v == "*" {
+                MatchType::Presence(())
+            } else if let Some(suffix) = v.strip_prefix('*') {
+                MatchType::Suffix(suffix.to_owned())
+            } else if let Some(prefix) = v.strip_suffix('*') {
+                MatchType::Prefix(prefix.to_owned())
+            } else {
+                MatchType::Exact(v.to_owned())
+            };
+            StringMatch { match_type: Some(match_type) }
+        })
+        .collect()
+}
+
+/// `serviceAccounts` entries: `ns/sa`, or `sa` in the policy's namespace.
+fn service_accounts(values: &[String], namespace: &str) -> Vec<ServiceAccountMatch> {
+    values
+        .iter()
+        .map(|v| {
+            let (ns, sa) = v.split_once('/').unwrap_or((namespace, v));
+            ServiceAccountMatch { namespace: ns.to_owned(), service_account: sa.to_owned() }
+        })
+        .collect()
+}
+
+/// CIDRs (or single IPs) as address plus prefix length.
+fn ip_blocks(values: &[String]) -> Result<Vec<security::Address>, String> {
+    values
+        .iter()
+        .map(|v| {
+            let bad = || format!("ipBlock {v:?} is not an IP or CIDR");
+            let (ip, len) = match v.split_once('/') {
+                Some((ip, len)) => (ip, Some(len.parse::<u32>().map_err(|_| bad())?)),
+                None => (v.as_str(), None),
+            };
+            let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let length = len.unwrap_or(max);
+            if length > max {
+                return Err(bad());
+            }
+            Ok(security::Address { address: ip_bytes(ip), length })
+        })
+        .collect()
+}
+
+fn ports(values: &[String]) -> Result<Vec<u32>, String> {
+    values
+        .iter()
+        .map(|p| match p.parse::<u16>() {
+            Ok(port) if port != 0 => Ok(u32::from(port)),
+            _ => Err(format!("port {p:?} is not a port number")),
+        })
+        .collect()
+}
+
+/// `namespace/hostname` -> ports, for the Services in the pod's namespace whose selector matches
+/// its labels. A Service without a selector (or with an empty one) selects no pod.
+fn services_of(model: &Model, pod: &Pod) -> BTreeMap<String, PortList> {
+    model
+        .objects()
+        .filter_map(|o| match o {
+            Object::Service(svc) if svc.metadata.namespace == pod.metadata.namespace => Some(svc),
+            _ => None,
+        })
+        .filter(|svc| {
+            svc.spec
+                .selector
+                .as_ref()
+                .is_some_and(|sel| !sel.is_empty() && selects(sel, &pod.metadata.labels))
+        })
+        .map(|svc| {
+            let key = format!(
+                "{}/{}",
+                svc.metadata.namespace,
+                hostname(&svc.metadata.name, &svc.metadata.namespace)
+            );
+            (key, PortList { ports: service_ports(svc) })
+        })
+        .collect()
+}
+
+/// `namespace/name` of the policies ztunnel enforces on `pod`: those selecting it (in its
+/// namespace, or in the root namespace for every namespace), its namespace's and the mesh-wide
+/// ones. O(policies) per pod, like [`services_of`]'s O(objects): fine for a directory of YAML,
+/// to index by namespace before the Kubernetes source feeds large clusters. Istio lists only the selector policies and ztunnel finds the others by scope; listing
+/// them as well changes nothing, as a policy's verdict does not depend on how often it is found.
+fn policies_of(model: &Model, pod: &Pod) -> Vec<String> {
+    model
+        .objects()
+        .filter_map(|o| match o {
+            Object::AuthorizationPolicy(p) => Some(p),
+            _ => None,
+        })
+        .filter(|p| {
+            let ns = p.metadata.namespace.as_str();
+            (ns == pod.metadata.namespace || ns == ROOT_NAMESPACE)
+                && p.spec.selector.as_ref().is_none_or(|sel| sel.matches(&pod.metadata.labels))
+        })
+        .filter(|p| convert(p).is_ok())
+        .map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name))
+        .collect()
+}
+
+/// A Service's ports: numeric `targetPort`s as given, absent ones as the port, named ones as 0
+/// (see [`workload`]).
+fn service_ports(svc: &KubeService) -> Vec<Port> {
+    svc.spec
+        .ports
+        .iter()
+        .map(|p| Port {
+            service_port: u32::from(p.port),
+            target_port: match &p.target_port {
+                None => u32::from(p.port),
+                Some(IntOrString::Int(n)) => u32::try_from(*n).unwrap_or(0),
+                Some(IntOrString::String(_)) => 0,
+            },
+        })
+        .collect()
+}
+
+/// The waypoint of a Service: its own `istio.io/use-waypoint` label (`none` opts out), else its
+/// namespace's.
+fn service_waypoint(model: &Model, svc: &KubeService) -> Option<WaypointRef> {
+    let ns = &svc.metadata.namespace;
+    waypoint_label(&svc.metadata.labels, ns)
+        .unwrap_or_else(|| model.namespace(ns).and_then(|n| waypoint_label(&n.metadata.labels, ns)).flatten())
+}
+
+/// `None` when the labels name no waypoint, `Some(None)` for an explicit `none`.
+fn waypoint_label(labels: &Labels, namespace: &str) -> Option<Option<WaypointRef>> {
+    let name = labels.get(USE_WAYPOINT)?;
+    if name == NONE || name.is_empty() {
+        return Some(None);
+    }
+    let namespace = labels.get(USE_WAYPOINT_NAMESPACE).cloned().unwrap_or_else(|| namespace.to_owned());
+    Some(Some(WaypointRef { namespace, name: name.clone() }))
+}
+
+fn selects(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn gateway(wp: &WaypointRef) -> GatewayAddress {
+    GatewayAddress {
+        destination: Some(gateway_address::Destination::Hostname(NamespacedHostname {
+            namespace: wp.namespace.clone(),
+            hostname: hostname(&wp.name, &wp.namespace),
+        })),
+        hbone_mtls_port: HBONE_PORT,
+    }
+}
+
+fn hostname(name: &str, namespace: &str) -> String {
+    format!("{name}.{namespace}.svc.{DOMAIN_SUFFIX}")
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => ip.octets().to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,424 @@
+use weft_core::config::load_yaml;
+use weft_core::proto::istio::workload::address;
+
+use super::*;
+use crate::model::Change;
+use crate::xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+
+const TD: &str = "cluster.local";
+const CLUSTER: &str = "c1";
+
+fn model(yaml: &str) -> Model {
+    let mut model = Model::default();
+    for doc in load_yaml(yaml, "test.yaml") {
+        model.apply(Change::Upsert(Box::new(doc.result.unwrap().object)));
+    }
+    model
+}
+
+fn pod<'a>(model: &'a Model, ns: &str, name: &str) -> &'a Pod {
+    model.pods().find(|p| p.metadata.namespace == ns && p.metadata.name == name).unwrap()
+}
+
+fn svc<'a>(model: &'a Model, ns: &str, name: &str) -> &'a KubeService {
+    model
+        .objects()
+        .find_map(|o| match o {
+            Object::Service(s) if s.metadata.namespace == ns && s.metadata.name == name => Some(s),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn policies(yaml: &str) -> Vec<Option<Authorization>> {
+    load_yaml(yaml, "test.yaml")
+        .into_iter()
+        .map(|doc| match doc.result.unwrap().object {
+            Object::AuthorizationPolicy(p) => authorization(&p),
+            other => panic!("not a policy: {other:?}"),
+        })
+        .collect()
+}
+
+fn wp(ns: &str, name: &str) -> Option<GatewayAddress> {
+    Some(GatewayAddress {
+        destination: Some(gateway_address::Destination::Hostname(NamespacedHostname {
+            namespace: ns.into(),
+            hostname: format!("{name}.{ns}.svc.cluster.local"),
+        })),
+        hbone_mtls_port: 15008,
+    })
+}
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: shop-wp}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web, version: v2}}
+spec: {nodeName: node-a, serviceAccountName: web}
+status: {podIP: 10.0.1.5, podIPs: [{ip: 10.0.1.5}, {ip: "fd00::5"}], phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch, namespace: shop, labels: {app: batch, istio.io/dataplane-mode: none}}
+spec: {nodeName: node-a}
+status: {podIP: 10.0.1.6, phase: Pending}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy, labels: {app: web}}
+spec: {nodeName: node-b, serviceAccountName: old}
+status: {podIP: 10.0.2.7, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unscheduled, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}, {port: 443}, {port: 9090, targetPort: metrics}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: all, namespace: shop, labels: {istio.io/use-waypoint: none}}
+spec: {clusterIP: None, selector: {}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: legacy, labels: {istio.io/use-waypoint: db-wp, istio.io/use-waypoint-namespace: infra}}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: legacy}
+spec: {type: ExternalName, externalName: example.com}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh-deny, namespace: istio-system}
+spec: {action: DENY, rules: [{from: [{source: {namespaces: [evil]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-only, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ns-wide, namespace: shop}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l7, namespace: shop}
+spec: {rules: [{to: [{operation: {methods: [GET]}}]}]}
+"#;
+
+#[test]
+fn workloads_in_and_out_of_the_mesh() {
+    let m = model(MESH);
+    let web = workload(&m, pod(&m, "shop", "web-1"), TD, CLUSTER).unwrap();
+    assert_eq!(web.uid, "c1//Pod/shop/web-1");
+    assert_eq!((web.name.as_str(), web.namespace.as_str()), ("web-1", "shop"));
+    assert_eq!(web.addresses, vec![vec![10, 0, 1, 5], "fd00::5".parse::<IpAddr>().map(ip_bytes).unwrap()]);
+    assert_eq!(web.tunnel_protocol, TunnelProtocol::Hbone as i32);
+    assert_eq!((web.trust_domain.as_str(), web.service_account.as_str()), (TD, "web"));
+    assert_eq!(web.node, "node-a");
+    assert_eq!((web.canonical_name.as_str(), web.canonical_revision.as_str()), ("web", "v2"));
+    assert_eq!(web.workload_type, WorkloadType::Pod as i32);
+    assert_eq!(web.status, WorkloadStatus::Healthy as i32);
+    assert_eq!(web.cluster_id, CLUSTER);
+    assert_eq!(web.network, "");
+    assert_eq!(web.waypoint, wp("shop", "shop-wp"));
+
+    // Opted out: plaintext, no waypoint, not running.
+    let batch = workload(&m, pod(&m, "shop", "batch"), TD, CLUSTER).unwrap();
+    assert_eq!(batch.tunnel_protocol, TunnelProtocol::None as i32);
+    assert_eq!(batch.waypoint, None);
+    assert_eq!(batch.status, WorkloadStatus::Unhealthy as i32);
+    assert_eq!(batch.service_account, "default");
+
+    // Namespace not enrolled: still sent, as NONE.
+    let old = workload(&m, pod(&m, "legacy", "old"), TD, CLUSTER).unwrap();
+    assert_eq!(old.tunnel_protocol, TunnelProtocol::None as i32);
+    assert_eq!(old.canonical_name, "web");
+
+    // No IP yet: nothing to route to.
+    assert_eq!(workload(&m, pod(&m, "shop", "unscheduled"), TD, CLUSTER), None);
+}
+
+#[test]
+fn workloads_list_their_services_and_policies() {
+    let m = model(MESH);
+    let web = workload(&m, pod(&m, "shop", "web-1"), TD, CLUSTER).unwrap();
+    let ports = |list: &[(u32, u32)]| PortList {
+        ports: list.iter().map(|&(service_port, target_port)| Port { service_port, target_port }).collect(),
+    };
+    // The empty selector of `all` selects nothing; `web` in legacy is another namespace's.
+    assert_eq!(
+        web.services,
+        BTreeMap::from([(
+            "shop/web.shop.svc.cluster.local".to_owned(),
+            ports(&[(80, 8080), (443, 443), (9090, 0)])
+        )])
+    );
+    let mut names = web.authorization_policies.clone();
+    names.sort();
+    assert_eq!(names, ["istio-system/mesh-deny", "shop/l7", "shop/ns-wide", "shop/web-only"]);
+
+    let batch = workload(&m, pod(&m, "shop", "batch"), TD, CLUSTER).unwrap();
+    assert!(batch.services.is_empty());
+    let mut names = batch.authorization_policies.clone();
+    names.sort();
+    assert_eq!(names, ["istio-system/mesh-deny", "shop/l7", "shop/ns-wide"]);
+
+    let old = workload(&m, pod(&m, "legacy", "old"), TD, CLUSTER).unwrap();
+    assert_eq!(old.authorization_policies, ["istio-system/mesh-deny"]);
+}
+
+#[test]
+fn services_with_addresses_ports_and_waypoints() {
+    let m = model(MESH);
+    let web = service(&m, svc(&m, "shop", "web")).unwrap();
+    assert_eq!(web.hostname, "web.shop.svc.cluster.local");
+    assert_eq!(web.addresses, [NetworkAddress { network: String::new(), address: vec![10, 96, 0, 10] }]);
+    assert_eq!(
+        web.ports.iter().map(|p| (p.service_port, p.target_port)).collect::<Vec<_>>(),
+        [(80, 8080), (443, 443), (9090, 0)]
+    );
+    assert!(web.subject_alt_names.is_empty());
+    assert_eq!(web.waypoint, wp("shop", "shop-wp"), "from the namespace");
+
+    let all = service(&m, svc(&m, "shop", "all")).unwrap();
+    assert!(all.addresses.is_empty(), "headless");
+    assert_eq!(all.waypoint, None, "opted out of the namespace's waypoint");
+
+    let db = service(&m, svc(&m, "legacy", "db")).unwrap();
+    assert_eq!(db.waypoint, wp("infra", "db-wp"));
+    assert_eq!(service(&m, svc(&m, "legacy", "ext")), None);
+}
+
+#[test]
+fn snapshot_holds_addresses_and_policies() {
+    let m = model(MESH);
+    let snap = snapshot(&m, TD, CLUSTER);
+    let names = |t| snap.resources(t).map(|r| r.name().to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        names(ADDRESS_TYPE_URL),
+        [
+            "c1//Pod/legacy/old",
+            "c1//Pod/shop/batch",
+            "c1//Pod/shop/web-1",
+            "legacy/db.legacy.svc.cluster.local",
+            "shop/all.shop.svc.cluster.local",
+            "shop/web.shop.svc.cluster.local",
+        ]
+    );
+    // PeerAuthentication has no resource of these types; the L7 policy is sent, failing closed.
+    assert_eq!(
+        names(AUTHORIZATION_TYPE_URL),
+        ["istio-system/mesh-deny", "shop/l7", "shop/ns-wide", "shop/web-only"]
+    );
+    assert_eq!(snapshot(&m, TD, CLUSTER), snap, "deterministic, version included");
+    let web = snap.get(ADDRESS_TYPE_URL, "c1//Pod/shop/web-1").unwrap();
+    let decoded = <Address as prost::Message>::decode(web.body().value.as_slice()).unwrap();
+    assert!(matches!(decoded.r#type, Some(address::Type::Workload(w)) if w.name == "web-1"));
+    assert!(web.answers_to("/10.0.1.5"));
+}
+
+#[test]
+fn strict_peer_authentication_changes_nothing_here() {
+    let without = model(&MESH.replace("mode: STRICT", "mode: PERMISSIVE"));
+    assert_eq!(snapshot(&without, TD, CLUSTER), snapshot(&model(MESH), TD, CLUSTER));
+}
+
+fn exact(s: &str) -> StringMatch {
+    StringMatch { match_type: Some(MatchType::Exact(s.into())) }
+}
+
+#[test]
+fn policy_table() {
+    let yaml = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: none, namespace: shop}
+spec: {action: ALLOW}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: all, namespace: shop}
+spec: {rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh, namespace: istio-system}
+spec: {action: DENY, rules: [{to: [{operation: {ports: ["22"], notPorts: ["80"]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: sel, namespace: istio-system}
+spec: {selector: {matchLabels: {app: web}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: from, namespace: shop}
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["spiffe://cluster.local/ns/shop/sa/web", "cluster.local/ns/a/*", "*/sa/b", "*"]
+        notPrincipals: ["cluster.local/ns/shop/sa/evil"]
+        namespaces: [shop]
+        notNamespaces: [evil]
+        ipBlocks: [10.0.0.0/8, "fd00::1"]
+        notIpBlocks: [10.1.0.0/16]
+        serviceAccounts: [web, other/db]
+    - source: {namespaces: [ops]}
+    to: [{operation: {ports: ["8080"]}}]
+"#;
+    let got = policies(yaml);
+    let none = got[0].as_ref().unwrap();
+    assert_eq!(none.action, security::Action::Allow as i32);
+    assert_eq!(none.scope, security::Scope::Namespace as i32);
+    assert!(none.groups.is_empty(), "ALLOW without rules allows nothing");
+
+    let all = got[1].as_ref().unwrap();
+    assert_eq!(all.groups, [Group { rules: vec![] }], "one empty rule allows all");
+
+    let mesh = got[2].as_ref().unwrap();
+    assert_eq!((mesh.scope, mesh.action), (security::Scope::Global as i32, security::Action::Deny as i32));
+    assert_eq!(
+        mesh.groups,
+        [Group {
+            rules: vec![Rules {
+                matches: vec![Match {
+                    destination_ports: vec![22],
+                    not_destination_ports: vec![80],
+                    ..Default::default()
+                }]
+            }]
+        }]
+    );
+
+    assert_eq!(got[3].as_ref().unwrap().scope, security::Scope::WorkloadSelector as i32);
+
+    let from = got[4].as_ref().unwrap();
+    assert_eq!((from.name.as_str(), from.namespace.as_str()), ("from", "shop"));
+    let [group] = &from.groups[..] else { panic!("one group: {:?}", from.groups) };
+    let [to, sources] = &group.rules[..] else { panic!("to and from: {:?}", group.rules) };
+    assert_eq!(to.matches, [Match { destination_ports: vec![8080], ..Default::default() }]);
+    let [first, second] = &sources.matches[..] else { panic!("two sources") };
+    assert_eq!(
+        first.principals,
+        [
+            exact("cluster.local/ns/shop/sa/web"),
+            StringMatch { match_type: Some(MatchType::Prefix("cluster.local/ns/a/".into())) },
+            StringMatch { match_type: Some(MatchType::Suffix("/sa/b".into())) },
+            StringMatch { match_type: Some(MatchType::Presence(())) },
+        ]
+    );
+    assert_eq!(first.not_principals, [exact("cluster.local/ns/shop/sa/evil")]);
+    assert_eq!(
+        (first.namespaces.as_slice(), first.not_namespaces.as_slice()),
+        (&[exact("shop")][..], &[exact("evil")][..])
+    );
+    let fd01 = "fd00::1".parse::<IpAddr>().map(ip_bytes).unwrap();
+    assert_eq!(
+        first.source_ips,
+        [
+            security::Address { address: vec![10, 0, 0, 0], length: 8 },
+            security::Address { address: fd01, length: 128 },
+        ]
+    );
+    assert_eq!(first.not_source_ips, [security::Address { address: vec![10, 1, 0, 0], length: 16 }]);
+    assert_eq!(
+        first.service_accounts,
+        [
+            ServiceAccountMatch { namespace: "shop".into(), service_account: "web".into() },
+            ServiceAccountMatch { namespace: "other".into(), service_account: "db".into() },
+        ]
+    );
+    assert_eq!(second, &Match { namespaces: vec![exact("ops")], ..Default::default() });
+}
+
+#[test]
+fn rules_ztunnel_cannot_evaluate_fail_closed_and_waypoint_policies_are_left_out() {
+    let yaml = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: methods, namespace: shop}
+spec: {rules: [{to: [{operation: {methods: [GET]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt, namespace: shop}
+spec: {action: DENY, rules: [{from: [{source: {requestPrincipals: ["*"]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: when, namespace: shop}
+spec: {rules: [{when: [{key: "request.headers[x]", values: ["1"]}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint, namespace: shop}
+spec: {targetRefs: [{kind: Service, group: "", name: web}], rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit, namespace: shop}
+spec: {action: AUDIT, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad-cidr, namespace: shop}
+spec: {rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]}
+"#;
+    let got = policies(yaml);
+    let (allow, deny) = (security::Action::Allow as i32, security::Action::Deny as i32);
+    // ALLOW rules with L7 parts (or a malformed CIDR) are dropped: the policy allows nothing.
+    for (i, name) in [(0, "methods"), (2, "when"), (5, "bad-cidr")] {
+        let policy = got[i].as_ref().unwrap_or_else(|| panic!("{name} is sent"));
+        assert_eq!((policy.name.as_str(), policy.action, policy.groups.len()), (name, allow, 0));
+    }
+    // A DENY rule loses its L7 parts: here nothing is left, so it denies every caller.
+    let jwt = got[1].as_ref().unwrap();
+    assert_eq!(jwt.action, deny);
+    assert_eq!(jwt.groups.len(), 1);
+    assert!(jwt.groups[0].rules.iter().all(|r| r.matches.iter().all(|m| *m == Match::default())));
+    // Policies for a waypoint (targetRefs) and AUDIT are not ztunnel's.
+    assert_eq!((got[3].is_none(), got[4].is_none()), (true, true));
+}
+
+#[test]
+fn v1_and_v1beta1_give_the_same_policy() {
+    let body = r#"
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{from: [{source: {notPrincipals: ["cluster.local/ns/shop/sa/web"]}}], to: [{operation: {ports: ["80"]}}]}]
+"#;
+    let v1 = policies(&format!("apiVersion: security.istio.io/v1{body}"));
+    let v1beta1 = policies(&format!("apiVersion: security.istio.io/v1beta1{body}"));
+    assert!(v1[0].is_some());
+    assert_eq!(v1, v1beta1);
+}
