@@ -1,12 +1,52 @@
 #!/usr/bin/env bash
 # Every test Weft has: formatting, lints, unit and integration tests. CI runs exactly this.
+# The controller's integration tests also talk to a real kube-apiserver (v1.20.2, built once into
+# ~/.cache/weft by scripts/kube-apiserver/build.sh), started here for the test run and stopped on
+# exit. Where it cannot be built or started, CI (CI=true) fails; elsewhere those tests skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
+
+kube_state='' kube_keep_state=''
+stop_kube_apiserver() {
+  local rc=$?
+  [[ -n $kube_state ]] || return 0
+  if scripts/kube-apiserver/stop.sh "$kube_state" && ((rc == 0)) && [[ -z $kube_keep_state ]]; then
+    rm -rf "$kube_state"
+  else
+    echo "test: the kube-apiserver's state and logs are kept in $kube_state" >&2
+  fi
+}
+trap stop_kube_apiserver EXIT
+kube_apiserver_missing() {
+  if [[ ${CI:-} == true ]]; then
+    echo "test: ERROR: $1; CI requires the real kube-apiserver" >&2
+    exit 1
+  fi
+  echo "test: WARNING: $1; the tests against a real kube-apiserver will be SKIPPED" >&2
+}
+
+echo "== kube-apiserver build (cached)"
+kube_built=''
+if scripts/kube-apiserver/build.sh >/dev/null; then
+  kube_built=1
+else
+  kube_apiserver_missing "scripts/kube-apiserver/build.sh failed"
+fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+if [[ -n $kube_built ]]; then
+  echo "== kube-apiserver start"
+  kube_state=$(mktemp -d "${TMPDIR:-/tmp}/weft-kube-apiserver.XXXXXX")
+  if scripts/kube-apiserver/start.sh "$kube_state" >/dev/null; then
+    export WEFT_TEST_KUBECONFIG=$kube_state/kubeconfig
+  else
+    kube_keep_state=1
+    kube_apiserver_missing "scripts/kube-apiserver/start.sh failed (logs in $kube_state)"
+  fi
+fi
 echo "== cargo nextest"
 cargo nextest run --locked --workspace --no-fail-fast
