@@ -5,6 +5,7 @@
 
 pub mod ca;
 pub mod config;
+pub mod grpc;
 pub mod model;
 pub mod sources;
 pub mod translate;

@@ -10,10 +10,8 @@ mod store;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use weft_core::identity::IdentityError;
 use weft_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use weft_core::tls::IssueError;
@@ -25,10 +23,7 @@ pub use service::{
 };
 pub use store::{load_or_create_root, ROOT_CERT_FILE, ROOT_KEY_FILE};
 
-/// How long one request may take before the server gives up on it (answers `Cancelled`).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// After the shutdown signal, how long in-flight requests get before the server stops anyway.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+pub use crate::grpc::DRAIN_DEADLINE;
 
 /// Why the CA could not start or keep serving. Each message names the file or address to check.
 #[derive(Debug, thiserror::Error)]
@@ -67,26 +62,6 @@ pub async fn serve<A: Authorizer>(
     service: CaService<A>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CaError> {
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .add_service(IstioCertificateServiceServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            // Either a send or the sender dropping means: drain.
-            let _ = drain_rx.await;
-        });
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return Ok(result?),
-        () = shutdown => {}
-    }
-    tracing::info!("CA shutting down; draining in-flight requests");
-    let _ = drain_tx.send(());
-    match tokio::time::timeout(DRAIN_DEADLINE, server).await {
-        Ok(result) => Ok(result?),
-        Err(_) => {
-            tracing::warn!(deadline = ?DRAIN_DEADLINE, "CA drain deadline passed; closing remaining connections");
-            Ok(())
-        }
-    }
+    let routes = tonic::service::Routes::new(IstioCertificateServiceServer::new(service));
+    Ok(crate::grpc::serve(listener, routes, "CA", shutdown, || ()).await?)
 }

@@ -28,10 +28,8 @@ mod server;
 mod subscription;
 
 use std::future::Future;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 
 pub use node::{NodeError, NodeInfo, NODE_NAME_KEY};
@@ -44,13 +42,7 @@ pub use server::{
     DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_MAX_DEBOUNCE,
 };
 
-/// How long a unary request (a CA call served beside xDS) may take; streams are not cut by it.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// After the shutdown signal, how long in-flight requests get before the server stops anyway.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
-/// HTTP/2 pings on idle connections, so streams of proxies that vanished are closed.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+pub use crate::grpc::DRAIN_DEADLINE;
 
 /// Why the xDS server stopped.
 #[derive(Debug, thiserror::Error)]
@@ -69,30 +61,6 @@ pub async fn serve(
     also: Routes,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), XdsError> {
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_routes(also)
-        .add_service(xds.service())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            // Either a send or the sender dropping means: drain.
-            let _ = drain_rx.await;
-        });
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return Ok(result?),
-        () = shutdown => {}
-    }
-    tracing::info!("xDS server shutting down; closing streams and draining in-flight requests");
-    xds.shutdown();
-    let _ = drain_tx.send(());
-    match tokio::time::timeout(DRAIN_DEADLINE, server).await {
-        Ok(result) => Ok(result?),
-        Err(_) => {
-            tracing::warn!(deadline = ?DRAIN_DEADLINE, "xDS drain deadline passed; closing remaining connections");
-            Ok(())
-        }
-    }
+    let routes = also.add_service(xds.service());
+    Ok(crate::grpc::serve(listener, routes, "xDS server", shutdown, || xds.shutdown()).await?)
 }
