@@ -14,7 +14,7 @@
 # Writes into STATE_DIR:
 #   kubeconfig               server URL, CA data, admin token
 #   env                      shell assignments: KUBE_APISERVER_URL, KUBE_APISERVER_PORT,
-#                            KUBE_ADMIN_TOKEN, KUBE_CA_FILE, ETCD_URL, KUBECONFIG
+#                            KUBE_ADMIN_TOKEN, KUBE_CA_FILE, ETCD_URL, ETCD_PEER_PORT, KUBECONFIG
 #   pids                     "name pid executable" per process, for stop.sh
 #   pki/, tokens.csv, etcd/  keys, certificates, the token file and etcd's data
 #   etcd.log, kube-apiserver.log
@@ -24,7 +24,10 @@
 # On failure the log tail is printed, whatever was started is stopped, and the exit status is 1.
 # The last stdout line is the kubeconfig path.
 #
-# Environment: WEFT_KUBE_APISERVER_DIR (build.sh's cache dir), START_TIMEOUT (seconds, default 60).
+# Environment: WEFT_KUBE_APISERVER_DIR (build.sh's cache dir), START_TIMEOUT (seconds, default 60),
+# KEEP_STATE=1 (a restart: keep etcd's data from the last start in STATE_DIR and listen on the same
+# ports again when they are free, so that clients holding the old kubeconfig reconnect; without
+# it, etcd starts empty).
 set -euo pipefail
 
 readonly VERSION=1.20.2
@@ -160,12 +163,28 @@ free_port() { # free_port [PORTS TO AVOID...]
 }
 lost_bind() { grep -qE 'address already in use|bind: ' "$1"; }
 
+# --- a restart keeps the data and, when free, the ports of the last start -------------------------
+keep=${KEEP_STATE:-}
+prev_port='' prev_etcd_port='' prev_etcd_peer_port=''
+if [[ -n $keep && -s $STATE/env ]]; then
+  prev_port=$(sed -n 's/^KUBE_APISERVER_PORT=//p' "$STATE/env")
+  prev_etcd_port=$(sed -n 's|^ETCD_URL=http://127.0.0.1:||p' "$STATE/env")
+  prev_etcd_peer_port=$(sed -n 's/^ETCD_PEER_PORT=//p' "$STATE/env")
+fi
+
 # --- etcd -------------------------------------------------------------------------------------------
 for attempt in 1 2 3; do
-  rm -rf "$STATE/etcd"
-  mkdir -m 700 "$STATE/etcd"
-  etcd_port=$(free_port)
-  etcd_peer_port=$(free_port "$etcd_port")
+  if [[ -z $keep || ! -d $STATE/etcd ]]; then
+    rm -rf "$STATE/etcd"
+    mkdir -m 700 "$STATE/etcd"
+  fi
+  if ((attempt == 1)) && [[ -n $prev_etcd_port && -n $prev_etcd_peer_port ]] &&
+    ! port_in_use "$prev_etcd_port" && ! port_in_use "$prev_etcd_peer_port"; then
+    etcd_port=$prev_etcd_port etcd_peer_port=$prev_etcd_peer_port
+  else
+    etcd_port=$(free_port)
+    etcd_peer_port=$(free_port "$etcd_port")
+  fi
   setsid "$etcd_bin" --name weft-test --data-dir "$STATE/etcd" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" \
     --advertise-client-urls "http://127.0.0.1:$etcd_port" \
@@ -199,7 +218,11 @@ done
 
 # --- kube-apiserver ---------------------------------------------------------------------------------
 for attempt in 1 2 3; do
-  port=$(free_port "$etcd_port" "$etcd_peer_port")
+  if ((attempt == 1)) && [[ -n $prev_port ]] && ! port_in_use "$prev_port"; then
+    port=$prev_port
+  else
+    port=$(free_port "$etcd_port" "$etcd_peer_port")
+  fi
   # --insecure-port 0: 1.20 would otherwise also serve unauthenticated HTTP on localhost:8080.
   setsid "$apiserver_bin" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
@@ -274,6 +297,7 @@ KUBE_APISERVER_PORT=$port
 KUBE_ADMIN_TOKEN=$admin_token
 KUBE_CA_FILE=$pki/ca.crt
 ETCD_URL=http://127.0.0.1:$etcd_port
+ETCD_PEER_PORT=$etcd_peer_port
 KUBECONFIG=$STATE/kubeconfig
 EOF
 )

@@ -4,3 +4,4 @@
 
 pub mod dir;
 pub mod dir_model;
+pub mod kube;
