@@ -36,6 +36,11 @@ pub const FLAG_NODE_IDENTITY: &str = "node-identity";
 /// Comma-separated `NODE=SPIFFE_ID` pairs.
 pub const ENV_NODE_IDENTITIES: &str = "WEFT_NODE_IDENTITIES";
 
+pub const FLAG_KUBERNETES: &str = "kubernetes";
+pub const ENV_KUBERNETES: &str = "WEFT_KUBERNETES";
+pub const FLAG_KUBECONFIG: &str = "kubeconfig";
+pub const ENV_KUBECONFIG: &str = "KUBECONFIG";
+
 pub const FLAG_CONFIG_DIR: &str = "config-dir";
 pub const ENV_CONFIG_DIR: &str = "WEFT_CONFIG_DIR";
 
@@ -77,6 +82,22 @@ pub struct Args {
     /// the directory places on it (the --node-identity table is then not used).
     #[arg(long = FLAG_CONFIG_DIR, env = ENV_CONFIG_DIR, value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster credentials, or --kubeconfig) instead of a directory;
+    /// like --config-dir, the controller then also serves xDS.
+    #[arg(long = FLAG_KUBERNETES, env = ENV_KUBERNETES)]
+    pub kubernetes: bool,
+    /// The kubeconfig to reach the API server with (implies --kubernetes).
+    #[arg(long = FLAG_KUBECONFIG, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Where the Kubernetes source finds its API server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KubeAccess {
+    /// In-cluster service-account credentials, else $KUBECONFIG or ~/.kube/config.
+    Default,
+    /// This kubeconfig file.
+    File(PathBuf),
 }
 
 /// The controller's effective configuration.
@@ -90,8 +111,11 @@ pub struct Config {
     pub node_tokens: BTreeMap<String, String>,
     /// Node -> identities its pods run as.
     pub node_identities: BTreeMap<String, BTreeSet<Identity>>,
-    /// The watched YAML directory; `None`: CA only, identities from `node_identities`.
+    /// The watched YAML directory; `None` (and no `kubernetes`): CA only, identities from
+    /// `node_identities`.
     pub config_dir: Option<PathBuf>,
+    /// Watch the Kubernetes API instead (never together with `config_dir`).
+    pub kubernetes: Option<KubeAccess>,
 }
 
 /// One thing wrong with the command line or environment.
@@ -113,6 +137,8 @@ pub enum ConfigError {
     ForeignIdentity { node: String, identity: Identity, trust_domain: String },
     #[error("node {node:?} has identities but no --{FLAG_NODE_TOKEN}, so it can never ask for them")]
     NodeWithoutToken { node: String },
+    #[error("--{FLAG_CONFIG_DIR} and --{FLAG_KUBERNETES} are two sources; give one")]
+    TwoSources,
 }
 
 /// Everything wrong with the command line, reported together.
@@ -199,6 +225,15 @@ impl Config {
             }
         }
 
+        let kubernetes = match (args.kubeconfig, args.kubernetes) {
+            (Some(file), _) => Some(KubeAccess::File(file)),
+            (None, true) => Some(KubeAccess::Default),
+            (None, false) => None,
+        };
+        if kubernetes.is_some() && args.config_dir.is_some() {
+            errors.push(ConfigError::TwoSources);
+        }
+
         match (listen, max_cert_lifetime) {
             (Some(listen), Some(max_cert_lifetime)) if errors.is_empty() => Ok(Config {
                 ca_dir: args.ca_dir,
@@ -208,6 +243,7 @@ impl Config {
                 node_tokens,
                 node_identities,
                 config_dir: args.config_dir,
+                kubernetes,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -238,6 +274,7 @@ impl Default for Config {
             node_tokens: BTreeMap::new(),
             node_identities: BTreeMap::new(),
             config_dir: None,
+            kubernetes: None,
         }
     }
 }
@@ -257,6 +294,7 @@ impl fmt::Debug for Config {
             .field("node_tokens (count per node)", &nodes_with_tokens)
             .field("node_identities", &self.node_identities)
             .field("config_dir", &self.config_dir)
+            .field("kubernetes", &self.kubernetes)
             .finish()
     }
 }
@@ -354,6 +392,12 @@ mod tests {
         assert_eq!(config.max_cert_lifetime, Duration::from_secs(12 * 3600));
         assert_eq!(config.config_dir, None);
         assert_eq!(parse(&["--config-dir=/etc/weft"]).unwrap().config_dir, Some(PathBuf::from("/etc/weft")));
+        assert_eq!(parse(&["--kubernetes"]).unwrap().kubernetes, Some(KubeAccess::Default));
+        assert_eq!(
+            parse(&["--kubeconfig=/k"]).unwrap().kubernetes,
+            Some(KubeAccess::File(PathBuf::from("/k")))
+        );
+        assert_eq!(parse(&["--kubernetes", "--config-dir=/d"]).unwrap_err().0, vec![ConfigError::TwoSources]);
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret"), "{shown}");
     }

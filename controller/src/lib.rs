@@ -22,7 +22,7 @@ use tonic::service::Routes;
 use weft_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 
 use crate::ca::{CaError, CaService, ModelAuthorizer, StaticAuthorizer};
-use crate::config::Config;
+use crate::config::{Config, KubeAccess};
 use crate::model::Model;
 use crate::sources::dir::DirError;
 use crate::xds::{XdsError, XdsOptions, XdsServer};
@@ -36,6 +36,10 @@ pub enum ControllerError {
     Xds(#[from] XdsError),
     #[error("cannot watch the config directory {}: {source} (does it exist, and is it readable?)", .path.display())]
     ConfigDir { path: PathBuf, source: DirError },
+    #[error(
+        "cannot reach the Kubernetes API server: {0} (check --kubeconfig or the in-cluster service account)"
+    )]
+    Kube(String),
 }
 
 /// A controller whose root is loaded and whose port is bound, ready to [`run`](Self::run).
@@ -60,20 +64,41 @@ struct Mesh {
     trust_domain: String,
 }
 
+/// A client for the API server `access` names.
+async fn kube_client(access: &KubeAccess) -> Result<kube::Client, ControllerError> {
+    let err = |e: &dyn std::fmt::Display| ControllerError::Kube(e.to_string());
+    let config = match access {
+        KubeAccess::Default => kube::Config::infer().await.map_err(|e| err(&e))?,
+        KubeAccess::File(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| err(&e))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| err(&e))?
+        }
+    };
+    kube::Client::try_from(config).map_err(|e| err(&e))
+}
+
 impl Controller {
     /// Loads (or on first start creates) the root, starts watching the config directory if
     /// there is one, then binds the port.
     pub async fn bind(config: &Config) -> Result<Controller, ControllerError> {
         let ca = ca::load_or_create_root(&config.ca_dir, &config.trust_domain)?;
-        let mode = match &config.config_dir {
+        let model = match (&config.config_dir, &config.kubernetes) {
+            (Some(dir), _) => Some(
+                sources::dir_model::watch_model(dir)
+                    .map_err(|source| ControllerError::ConfigDir { path: dir.clone(), source })?,
+            ),
+            (None, Some(access)) => Some(sources::kube::watch_model(kube_client(access).await?)),
+            (None, None) => None,
+        };
+        let mode = match model {
             None => {
                 let service =
                     CaService::new(ca, config.authorizer()).with_max_lifetime(config.max_cert_lifetime);
                 Mode::Ca(service)
             }
-            Some(dir) => {
-                let model = sources::dir_model::watch_model(dir)
-                    .map_err(|source| ControllerError::ConfigDir { path: dir.clone(), source })?;
+            Some(model) => {
                 let authorizer =
                     ModelAuthorizer::new(config.authorizer(), &config.trust_domain, model.clone());
                 let service = CaService::new(ca, authorizer).with_max_lifetime(config.max_cert_lifetime);

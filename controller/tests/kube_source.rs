@@ -418,3 +418,43 @@ fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
     cache.join(format!("weft/kube-apiserver-{APISERVER_VERSION}"))
 }
+
+/// The controller binary's Kubernetes mode: `--kubeconfig` feeds the model, so a pod created in
+/// the API server becomes an xDS Workload, HBONE because its namespace is ambient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_serves_workloads_from_the_api_server() -> anyhow::Result<()> {
+    let Some(client) = kube_client().await else { return Ok(()) };
+    let Some(kubeconfig) = std::env::var_os(support::KUBECONFIG_ENV) else { return Ok(()) };
+    let ns = ambient_namespace(&client, "ctl").await?;
+    let tmp = tempfile::tempdir()?;
+    let config = controller::config::Config {
+        ca_dir: tmp.path().join("ca"),
+        listen: "127.0.0.1:0".parse()?,
+        kubernetes: Some(controller::config::KubeAccess::File(kubeconfig.into())),
+        ..controller::config::Config::default()
+    };
+    let controller = controller::Controller::bind(&config).await?;
+    let xds = controller.xds().context("Kubernetes mode serves xDS")?.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(controller.run(async {
+        let _ = stopped.await;
+    }));
+
+    let name = unique_name("web");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    create_running_pod(&pods, &name, "node-ctl", "10.44.0.7").await?;
+    let uid = format!("Kubernetes//Pod/{ns}/{name}");
+    eventually("the workload in the xDS snapshot", Duration::from_secs(10), || {
+        let xds = xds.clone();
+        let uid = uid.clone();
+        async move {
+            let snapshot = xds.snapshot();
+            anyhow::Ok(snapshot.get(controller::xds::ADDRESS_TYPE_URL, &uid).map(|_| ()))
+        }
+    })
+    .await?;
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), running).await???;
+    Ok(())
+}
