@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::authentication::v1::{
     BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
 };
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
@@ -23,7 +22,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::json;
 
-use support::{ambient_namespace, eventually, kube_client, kube_config, DATAPLANE_MODE_LABEL};
+use support::{ambient_namespace, eventually, kube_client, kube_config, pod, DATAPLANE_MODE_LABEL};
 
 /// Bound on every wait for the apiserver to act.
 const WAIT: Duration = Duration::from_secs(30);
@@ -31,27 +30,6 @@ const ISTIO_NETWORKING: &str = "networking.istio.io";
 const VIRTUAL_SERVICE_CRD: &str = "virtualservices.networking.istio.io";
 /// The audience Istio's CA expects on the tokens ztunnel presents.
 const ISTIO_CA_AUDIENCE: &str = "istio-ca";
-
-fn pod(name: &str, node: &str, service_account: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            labels: Some(BTreeMap::from([("app".to_owned(), "web".to_owned())])),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.to_owned()),
-            service_account_name: Some(service_account.to_owned()),
-            containers: vec![Container {
-                name: "app".to_owned(),
-                image: Some("registry.invalid/web:1".to_owned()),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
-    }
-}
 
 /// Playing the kubelet: the apiserver never runs the pod, so the test reports it running.
 async fn report_running(pods: &Api<Pod>, name: &str, ip: &str) -> anyhow::Result<Pod> {

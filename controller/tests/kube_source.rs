@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,11 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use controller::model::{Model, ObjectKey};
 use controller::sources::kube::watch_model;
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams, PostParams,
-};
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, Config};
@@ -27,7 +25,7 @@ use tokio::sync::watch;
 use weft_core::config::Object;
 use weft_core::Identity;
 
-use support::{ambient_namespace, eventually, kube_client, unique_name, DATAPLANE_MODE_LABEL};
+use support::{ambient_namespace, eventually, kube_client, pod, unique_name, DATAPLANE_MODE_LABEL};
 
 /// Bound on every wait for the model to follow the apiserver.
 const MODEL_WAIT: Duration = Duration::from_secs(10);
@@ -37,27 +35,6 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const APISERVER_VERSION: &str = "1.20.2";
 
 // --- objects ----------------------------------------------------------------------------------------
-
-fn pod(name: &str, node: &str, service_account: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            labels: Some(BTreeMap::from([("app".to_owned(), "web".to_owned())])),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.to_owned()),
-            service_account_name: Some(service_account.to_owned()),
-            containers: vec![Container {
-                name: "app".to_owned(),
-                image: Some("registry.invalid/web:1".to_owned()),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
-    }
-}
 
 /// Creates a pod and, playing the kubelet, reports it running with `ip`.
 async fn create_running_pod(pods: &Api<Pod>, name: &str, node: &str, ip: &str) -> anyhow::Result<()> {
