@@ -6,7 +6,7 @@
 //! Every ztunnel receives everything ([`view`] is [`Everything`]), as Istio sends it: a ztunnel
 //! routes to workloads and services on every node, so it needs remote ones too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use tracing::warn;
@@ -50,10 +50,11 @@ pub fn view() -> Everything {
 /// one `Authorization` per L4-expressible ALLOW/DENY policy. The snapshot's version is a digest of
 /// its resources' names and versions, so the same model always gives the same version.
 pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot {
+    let index = Index::of(model);
     let mut resources = Vec::new();
     for object in model.objects() {
         let resource = match object {
-            Object::Pod(pod) => match workload(model, pod, trust_domain, cluster_id) {
+            Object::Pod(pod) => match workload_indexed(model, &index, pod, trust_domain, cluster_id) {
                 Some(w) => XdsResource::address(&Address { r#type: Some(address::Type::Workload(w)) }),
                 None => continue,
             },
@@ -89,6 +90,17 @@ pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot
 /// Deployment's), and a Service's named `targetPort` maps to target port 0, as resolving it needs
 /// the pod's container ports, which the model does not keep.
 pub fn workload(model: &Model, pod: &Pod, trust_domain: &str, cluster_id: &str) -> Option<Workload> {
+    workload_indexed(model, &Index::of(model), pod, trust_domain, cluster_id)
+}
+
+/// [`workload`] with the model's [`Index`] computed once (by [`snapshot`], for every pod).
+fn workload_indexed(
+    model: &Model,
+    index: &Index<'_>,
+    pod: &Pod,
+    trust_domain: &str,
+    cluster_id: &str,
+) -> Option<Workload> {
     let meta = &pod.metadata;
     let addresses: Vec<Vec<u8>> = pod
         .ips()
@@ -123,8 +135,8 @@ pub fn workload(model: &Model, pod: &Pod, trust_domain: &str, cluster_id: &str) 
         canonical_revision: first_label(&CANONICAL_REVISION_LABELS).unwrap_or_else(|| "latest".to_owned()),
         workload_type: WorkloadType::Pod as i32,
         workload_name: meta.name.clone(),
-        services: services_of(model, pod),
-        authorization_policies: policies_of(model, pod),
+        services: services_of(index, pod),
+        authorization_policies: policies_of(index, pod),
         status: if pod.status.phase.as_deref() == Some("Running") {
             WorkloadStatus::Healthy
         } else {
@@ -364,21 +376,43 @@ fn ports(values: &[String]) -> Result<Vec<u32>, String> {
         .collect()
 }
 
+/// What [`workload`] looks up for each pod, grouped by namespace once per model rather than
+/// found by scanning every object for every pod: the Services with a non-empty selector, and the
+/// AuthorizationPolicies ztunnel enforces, each in the model's order.
+struct Index<'m> {
+    services: HashMap<&'m str, Vec<&'m KubeService>>,
+    policies: HashMap<&'m str, Vec<&'m AuthorizationPolicy>>,
+}
+
+impl<'m> Index<'m> {
+    fn of(model: &'m Model) -> Index<'m> {
+        let mut index = Index { services: HashMap::new(), policies: HashMap::new() };
+        for object in model.objects() {
+            match object {
+                Object::Service(svc) if svc.spec.selector.as_ref().is_some_and(|sel| !sel.is_empty()) => {
+                    index.services.entry(svc.metadata.namespace.as_str()).or_default().push(svc);
+                }
+                Object::AuthorizationPolicy(p) if convert(p).is_ok() => {
+                    index.policies.entry(p.metadata.namespace.as_str()).or_default().push(p);
+                }
+                _ => {}
+            }
+        }
+        index
+    }
+
+    /// The entries of `map` for `namespace` (none if absent).
+    fn in_namespace<'a, T>(map: &'a HashMap<&str, Vec<T>>, namespace: &str) -> &'a [T] {
+        map.get(namespace).map_or(&[], Vec::as_slice)
+    }
+}
+
 /// `namespace/hostname` -> ports, for the Services in the pod's namespace whose selector matches
 /// its labels. A Service without a selector (or with an empty one) selects no pod.
-fn services_of(model: &Model, pod: &Pod) -> BTreeMap<String, PortList> {
-    model
-        .objects()
-        .filter_map(|o| match o {
-            Object::Service(svc) if svc.metadata.namespace == pod.metadata.namespace => Some(svc),
-            _ => None,
-        })
-        .filter(|svc| {
-            svc.spec
-                .selector
-                .as_ref()
-                .is_some_and(|sel| !sel.is_empty() && selects(sel, &pod.metadata.labels))
-        })
+fn services_of(index: &Index<'_>, pod: &Pod) -> BTreeMap<String, PortList> {
+    Index::in_namespace(&index.services, &pod.metadata.namespace)
+        .iter()
+        .filter(|svc| svc.spec.selector.as_ref().is_some_and(|sel| selects(sel, &pod.metadata.labels)))
         .map(|svc| {
             let key = format!(
                 "{}/{}",
@@ -392,22 +426,20 @@ fn services_of(model: &Model, pod: &Pod) -> BTreeMap<String, PortList> {
 
 /// `namespace/name` of the policies ztunnel enforces on `pod`: those selecting it (in its
 /// namespace, or in the root namespace for every namespace), its namespace's and the mesh-wide
-/// ones. O(policies) per pod, like [`services_of`]'s O(objects): fine for a directory of YAML,
-/// to index by namespace before the Kubernetes source feeds large clusters. Istio lists only the selector policies and ztunnel finds the others by scope; listing
-/// them as well changes nothing, as a policy's verdict does not depend on how often it is found.
-fn policies_of(model: &Model, pod: &Pod) -> Vec<String> {
-    model
-        .objects()
-        .filter_map(|o| match o {
-            Object::AuthorizationPolicy(p) => Some(p),
-            _ => None,
-        })
-        .filter(|p| {
-            let ns = p.metadata.namespace.as_str();
-            (ns == pod.metadata.namespace || ns == ROOT_NAMESPACE)
-                && p.spec.selector.as_ref().is_none_or(|sel| sel.matches(&pod.metadata.labels))
-        })
-        .filter(|p| convert(p).is_ok())
+/// ones, in the model's order (by namespace, then name). Istio lists only the selector policies
+/// and ztunnel finds the others by scope; listing them as well changes nothing, as a policy's
+/// verdict does not depend on how often it is found.
+fn policies_of(index: &Index<'_>, pod: &Pod) -> Vec<String> {
+    let ns = pod.metadata.namespace.as_str();
+    let mut namespaces = vec![ns];
+    if ns != ROOT_NAMESPACE {
+        namespaces.push(ROOT_NAMESPACE);
+        namespaces.sort_unstable();
+    }
+    namespaces
+        .into_iter()
+        .flat_map(|ns| Index::in_namespace(&index.policies, ns))
+        .filter(|p| p.spec.selector.as_ref().is_none_or(|sel| sel.matches(&pod.metadata.labels)))
         .map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name))
         .collect()
 }
