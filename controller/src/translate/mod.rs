@@ -12,7 +12,9 @@ use std::net::IpAddr;
 use tracing::warn;
 use weft_core::config::kube::{Pod, Service as KubeService};
 use weft_core::config::meta::Labels;
-use weft_core::config::security::{AuthorizationAction, AuthorizationPolicy, Rule};
+use weft_core::config::security::{
+    AuthorizationAction, AuthorizationPolicy, MtlsMode, PeerAuthentication, Rule,
+};
 use weft_core::config::types::IntOrString;
 use weft_core::config::Object;
 use weft_core::proto::istio::security::{
@@ -63,6 +65,10 @@ pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot
                 None => continue,
             },
             Object::AuthorizationPolicy(policy) => match authorization(policy) {
+                Some(a) => XdsResource::authorization(&a),
+                None => continue,
+            },
+            Object::PeerAuthentication(pa) => match peer_authentication(pa) {
                 Some(a) => XdsResource::authorization(&a),
                 None => continue,
             },
@@ -177,6 +183,35 @@ pub fn service(model: &Model, svc: &KubeService) -> Option<Service> {
         subject_alt_names: Vec::new(),
         waypoint: service_waypoint(model, svc).map(|wp| gateway(&wp)),
         ..Default::default()
+    })
+}
+
+/// A mesh-wide (root namespace) or namespace-wide STRICT PeerAuthentication as ztunnel receives
+/// it in Istio: a DENY `Authorization` named `converted_peer_authentication_<name>` refusing
+/// callers without a peer identity (plaintext). Not yet converted: workload-selector policies
+/// and port-level modes; and a narrower PERMISSIVE does not relax a broader STRICT (stricter
+/// than Istio, never looser).
+pub fn peer_authentication(pa: &PeerAuthentication) -> Option<Authorization> {
+    let meta = &pa.metadata;
+    if pa.spec.selector.is_some() {
+        warn!(policy = %meta.name, namespace = %meta.namespace, "workload-selector PeerAuthentication is not converted for ztunnels yet");
+        return None;
+    }
+    if pa.spec.mtls.as_ref().map(|m| m.mode) != Some(MtlsMode::Strict) {
+        return None;
+    }
+    let scope =
+        if meta.namespace == ROOT_NAMESPACE { security::Scope::Global } else { security::Scope::Namespace };
+    let unauthenticated = Match {
+        not_principals: vec![StringMatch { match_type: Some(MatchType::Presence(())) }],
+        ..Default::default()
+    };
+    Some(Authorization {
+        name: format!("converted_peer_authentication_{}", meta.name),
+        namespace: meta.namespace.clone(),
+        scope: scope as i32,
+        action: security::Action::Deny as i32,
+        groups: vec![Group { rules: vec![Rules { matches: vec![unauthenticated] }] }],
     })
 }
 

@@ -230,10 +230,17 @@ fn snapshot_holds_addresses_and_policies() {
             "shop/web.shop.svc.cluster.local",
         ]
     );
-    // PeerAuthentication has no resource of these types; the L7 policy is sent, failing closed.
+    // The mesh-wide STRICT PeerAuthentication arrives converted; the L7 policy is sent, failing
+    // closed.
     assert_eq!(
         names(AUTHORIZATION_TYPE_URL),
-        ["istio-system/mesh-deny", "shop/l7", "shop/ns-wide", "shop/web-only"]
+        [
+            "istio-system/converted_peer_authentication_strict",
+            "istio-system/mesh-deny",
+            "shop/l7",
+            "shop/ns-wide",
+            "shop/web-only"
+        ]
     );
     assert_eq!(snapshot(&m, TD, CLUSTER), snap, "deterministic, version included");
     let web = snap.get(ADDRESS_TYPE_URL, "c1//Pod/shop/web-1").unwrap();
@@ -243,9 +250,15 @@ fn snapshot_holds_addresses_and_policies() {
 }
 
 #[test]
-fn strict_peer_authentication_changes_nothing_here() {
-    let without = model(&MESH.replace("mode: STRICT", "mode: PERMISSIVE"));
-    assert_eq!(snapshot(&without, TD, CLUSTER), snapshot(&model(MESH), TD, CLUSTER));
+fn a_permissive_peer_authentication_changes_nothing() {
+    let permissive = model(&MESH.replace("mode: STRICT", "mode: PERMISSIVE"));
+    let names = |m: &Model| {
+        snapshot(m, TD, CLUSTER)
+            .resources(AUTHORIZATION_TYPE_URL)
+            .map(|r| r.name().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&permissive), ["istio-system/mesh-deny", "shop/l7", "shop/ns-wide", "shop/web-only"]);
 }
 
 fn exact(s: &str) -> StringMatch {
@@ -421,4 +434,64 @@ spec:
     let v1beta1 = policies(&format!("apiVersion: security.istio.io/v1beta1{body}"));
     assert!(v1[0].is_some());
     assert_eq!(v1, v1beta1);
+}
+
+#[test]
+fn strict_peer_authentication_becomes_a_deny_for_callers_without_identity() {
+    let yaml = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: shop-strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: lax, namespace: legacy}
+spec: {mtls: {mode: PERMISSIVE}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: one, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}
+"#;
+    let mut m = Model::default();
+    let mut got = Vec::new();
+    for doc in load_yaml(yaml, "pa.yaml") {
+        let object = doc.result.unwrap().object;
+        if let Object::PeerAuthentication(pa) = &object {
+            got.push(peer_authentication(pa));
+        }
+        m.apply(Change::Upsert(Box::new(object)));
+    }
+    let deny_plaintext = vec![Group {
+        rules: vec![Rules {
+            matches: vec![Match {
+                not_principals: vec![StringMatch { match_type: Some(MatchType::Presence(())) }],
+                ..Default::default()
+            }],
+        }],
+    }];
+    let mesh = got[0].as_ref().unwrap();
+    assert_eq!(mesh.name, "converted_peer_authentication_default");
+    assert_eq!((mesh.scope, mesh.action), (security::Scope::Global as i32, security::Action::Deny as i32));
+    assert_eq!(mesh.groups, deny_plaintext);
+    let ns = got[1].as_ref().unwrap();
+    assert_eq!((ns.namespace.as_str(), ns.scope), ("shop", security::Scope::Namespace as i32));
+    assert_eq!(ns.groups, deny_plaintext);
+    assert!(got[2].is_none(), "PERMISSIVE adds nothing");
+    assert!(got[3].is_none(), "workload-selector PeerAuthentication is not converted yet");
+    let snap = snapshot(&m, TD, CLUSTER);
+    let names: Vec<_> = snap.resources(AUTHORIZATION_TYPE_URL).map(|r| r.name().to_owned()).collect();
+    assert_eq!(
+        names,
+        [
+            "istio-system/converted_peer_authentication_default",
+            "shop/converted_peer_authentication_shop-strict"
+        ]
+    );
 }
