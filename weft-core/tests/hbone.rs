@@ -506,3 +506,41 @@ async fn streams_waiting_on_a_failed_dial_share_its_error() {
     assert_eq!(refused, 20);
     assert_eq!(pool.connections_opened(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_bundle_trusts_old_and_new_roots_during_a_rotation() {
+    let (old, new, stranger) = (TestCa::new(), TestCa::new(), TestCa::new());
+    let both = old.ca.roots().merged(&new.ca.roots());
+    assert_eq!(both.certs().len(), 2);
+    let trusting_both = |ca: &TestCa, id: &Identity| {
+        let now = std::time::SystemTime::now();
+        let cert = ca.ca.issue(id, now, now + Duration::from_secs(600)).unwrap();
+        Arc::new(cert.with_roots(both.clone()))
+    };
+    let server_id = identity("server-ns", "server");
+    // The server's certificate comes from the old root; it trusts both roots.
+    let inbound = ForwardInbound::new(trusting_both(&old, &server_id));
+    let mut fx = start_with(Arc::new(TestCa::new()), ServerSettings::default(), server_id, inbound).await;
+    let echo = echo_server().await;
+    let client_id = identity("client-ns", "client");
+    for (which, ca) in [("old root", &old), ("new root", &new)] {
+        let mut stream = Pool::new(ClientSettings::default())
+            .connect(fx.request(trusting_both(ca, &client_id), echo))
+            .await
+            .unwrap_or_else(|e| panic!("client from the {which} refused: {e}"));
+        stream.write_all(which.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut stream).await.unwrap(), which.as_bytes());
+    }
+    // A root outside the bundle is still refused.
+    let err = Pool::new(ClientSettings::default())
+        .connect(fx.request(trusting_both(&stranger, &client_id), echo))
+        .await;
+    assert!(err.is_err());
+    match fx.next_event().await {
+        ServerEvent::HandshakeFailed { reason, .. } => {
+            assert!(reason.contains("not signed by a trusted root"), "{reason}")
+        }
+        other => panic!("unexpected event {other:?}"),
+    }
+}
