@@ -140,8 +140,18 @@ where
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().expect("bound address");
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(handler(stream));
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(handler(stream));
+                }
+                // A failed accept (e.g. out of file descriptors under a parallel test run) must
+                // not close the listener: that would reset every connection still queued on it.
+                Err(e) => {
+                    eprintln!("test server on {addr}: accept failed: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
         }
     });
     addr
