@@ -544,3 +544,13 @@ async fn a_root_bundle_trusts_old_and_new_roots_during_a_rotation() {
         other => panic!("unexpected event {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_value_that_is_not_valid_is_an_error_not_a_panic() {
+    let fx = start(Arc::new(TestCa::new()), ServerSettings::default()).await;
+    let mut request = fx.request(fx.client_cert(), echo_server().await);
+    request.baggage = Some("k8s.pod.name=evil\r\ninjected: 1".into());
+    let err = Pool::new(ClientSettings::default()).connect(request).await.unwrap_err();
+    assert!(matches!(err, ClientError::BadRequest { .. }), "{err}");
+    fx.assert_still_serving().await;
+}

@@ -78,6 +78,8 @@ pub enum ClientError {
     Timeout { what: &'static str, addr: SocketAddr, after: Duration },
     #[error("HTTP/2 with {addr} failed: {source}")]
     H2 { addr: SocketAddr, source: h2::Error },
+    #[error("cannot build the CONNECT request for {authority}: {reason}")]
+    BadRequest { authority: SocketAddr, reason: String },
     #[error("{addr} is unreachable: a dial that was in progress failed: {reason}")]
     Unreachable { addr: SocketAddr, reason: String },
     #[error("CONNECT {authority} via {addr} was answered {status}")]
@@ -347,8 +349,11 @@ impl Pool {
         if let Some(traceparent) = &request.traceparent {
             builder = builder.header(TRACEPARENT, traceparent);
         }
-        // Invariant: the method, an ip:port authority and header values we format cannot fail.
-        let connect = builder.body(()).expect("CONNECT request is well-formed");
+        // baggage and traceparent come from the caller (workload metadata): refuse, never panic,
+        // if one is not a valid header value.
+        let connect = builder
+            .body(())
+            .map_err(|e| ClientError::BadRequest { authority: request.authority, reason: e.to_string() })?;
         let (response, send) = sender.send_request(connect, false).map_err(h2_error)?;
 
         let after = self.inner.settings.response_timeout;
