@@ -3,7 +3,10 @@
 # what is missing, so a second run touches nothing and needs no network.
 set -euo pipefail
 
-APT_PACKAGES=(build-essential pkg-config ca-certificates git curl)
+# clang, llvm and libbpf-dev build the eBPF programs; iproute2 and bpftool make and inspect the local
+# cluster; the rest are the real clients and the Prometheus server the end-to-end tests drive.
+APT_PACKAGES=(build-essential pkg-config ca-certificates git curl clang llvm libbpf-dev bpftool iproute2
+  iperf3 tcpdump nghttp2-client wrk prometheus)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
