@@ -1,2 +1,65 @@
-//! The kernel programs that steer pod traffic into ztunnel, and their aya loader (to be built by
-//! the L4-mesh issue). Knows nothing of xDS or Kubernetes. Today it holds nothing.
+//! Traffic capture for the node proxy: the tc programs that steer pod TCP traffic into ztunnel
+//! and their aya loader. Knows nothing of xDS or Kubernetes: the caller says which interfaces
+//! to watch and which pod addresses are in the mesh.
+//!
+//! # What the programs do
+//!
+//! Two tc ingress programs (TCX links, Linux 6.6+), compiled from `src/bpf/capture.c` by
+//! `build.rs` with clang and embedded:
+//!
+//! - `weft_pod_in`, on every pod's host-side veth (attach it to all pods of the node; the
+//!   enrolled map decides what is captured). A TCP packet that belongs to an existing
+//!   non-listening socket of the node (an established or half-open connection, ztunnel's own
+//!   transparent upstream socket) is assigned to it. Otherwise, from an enrolled source it goes
+//!   to ztunnel's outbound listener ([`CaptureConfig::outbound_port`], 15001), and to an
+//!   enrolled destination (a same-node caller outside the mesh) to the inbound listeners.
+//! - `weft_uplink_in`, on the node's uplink: TCP to an enrolled pod goes to its existing
+//!   socket, else to ztunnel's HBONE listener (destination port 15008) or its plaintext inbound
+//!   listener (any other port, 15006).
+//!
+//! Fail closed: when the listener is missing, or a TCP header is hidden (IP fragment, IPv6
+//! extension header), a packet from or to an enrolled address is dropped. Non-TCP traffic
+//! (UDP, DNS, ICMP) passes untouched, as does everything of addresses that are not enrolled.
+//!
+//! ztunnel's listeners must be bound to the wildcard address (`0.0.0.0` or a dual-stack `[::]`)
+//! in the node's network namespace with `IP_TRANSPARENT`, else SYN-ACKs from the original
+//! destination address do not route. Its upstream connections to local pods (transparent, from
+//! the client's address) leave through the veth's egress and are not captured again; the replies
+//! are matched by the existing-socket lookup.
+//!
+//! # Routing
+//!
+//! `bpf_sk_assign` only takes effect when the packet is delivered locally, so the programs set
+//! `skb->mark` to [`CaptureConfig::mark`] and [`Capture::open`] adds, in the network namespace
+//! of the calling thread (the node's), idempotently, for IPv4 and IPv6:
+//!
+//! ```text
+//! ip rule add fwmark <mark> lookup <table>
+//! ip route replace local default dev lo table <table>
+//! ```
+//!
+//! # Pins
+//!
+//! Everything is pinned under [`CaptureConfig::pin_dir`], so capture outlives the loader (a
+//! ztunnel crash keeps it in place, failing closed) and the next [`Capture::open`] takes the
+//! pinned objects over instead of loading duplicates:
+//!
+//! ```text
+//! <pin_dir>/prog_pod          the weft_pod_in program
+//! <pin_dir>/prog_uplink       the weft_uplink_in program
+//! <pin_dir>/map_enrolled      hash: 16-byte address (IPv4 as ::ffff:a.b.c.d) -> u32 flags (1 = capture)
+//! <pin_dir>/map_config        array[1]: [mark, outbound port, HBONE port, plaintext port] (u32s)
+//! <pin_dir>/links/pod_<if>    TCX ingress link of weft_pod_in on pod veth <if>
+//! <pin_dir>/links/uplink_<if> TCX ingress link of weft_uplink_in on uplink <if>
+//! ```
+//!
+//! A restarted loader keeps the pinned programs as they are; to install new programs, call
+//! [`remove`] and open again. [`remove`] undoes everything.
+
+mod bpffs;
+mod capture;
+mod error;
+mod routing;
+
+pub use capture::{remove, Capture, CaptureConfig};
+pub use error::Error;

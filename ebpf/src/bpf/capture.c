@@ -1,0 +1,299 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Weft traffic capture: tc ingress programs that steer pod TCP traffic into the node proxy
+// (ztunnel) with bpf_sk_assign. Built by ebpf/build.rs with `clang -O2 -g -target bpf` and
+// loaded by ebpf/src/capture.rs. The routing half lives in the node's netns: the programs set
+// skb->mark and `ip rule fwmark <mark> lookup <table>` + `local default dev lo table <table>`
+// make the packet local, so the kernel delivers it to the assigned socket.
+//
+// weft_pod_in    on every pod's host-side veth (ingress = traffic leaving the pod)
+// weft_uplink_in on the node's uplink (ingress = traffic from other nodes)
+//
+// Return codes: TC_ACT_UNSPEC ("not ours", the next tcx program or the default action runs,
+// i.e. the packet passes untouched), TC_ACT_OK (assigned, deliver), TC_ACT_SHOT (fail closed).
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+// Value flag in weft_enrolled: the address's TCP traffic is captured.
+#define ENROLLED_CAPTURE 1u
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+
+// An address: IPv6 as is, IPv4 as an IPv4-mapped IPv6 address (::ffff:a.b.c.d).
+struct addr_key {
+	__u8 addr[16];
+};
+
+// Indices into the one weft_config value (native-endian u32s, written by the loader).
+enum {
+	CFG_MARK = 0,
+	CFG_OUTBOUND_PORT = 1,
+	CFG_HBONE_PORT = 2,
+	CFG_PLAIN_PORT = 3,
+	CFG_LEN = 4,
+};
+
+struct config {
+	__u32 v[CFG_LEN];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct addr_key);
+	__type(value, __u32);
+} weft_enrolled SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} weft_config SEC(".maps");
+
+enum parse_result {
+	PARSE_OTHER,   // not IP, or IP but not TCP: pass
+	PARSE_TCP,     // TCP with a parsed header
+	PARSE_OPAQUE,  // IP whose TCP header we cannot see (fragment, IPv6 extension header)
+};
+
+struct packet {
+	struct bpf_sock_tuple tuple; // as seen by the packet: saddr/sport -> daddr/dport
+	__u32 tuple_len;
+	struct addr_key src;
+	struct addr_key dst;
+};
+
+static __always_inline void key_from_v4(struct addr_key *key, __be32 addr)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	key->addr[10] = 0xff;
+	key->addr[11] = 0xff;
+	__builtin_memcpy(&key->addr[12], &addr, 4);
+}
+
+static __always_inline int parse(struct __sk_buff *skb, struct packet *pkt)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct tcphdr *tcp;
+
+	if ((void *)(eth + 1) > data_end)
+		return PARSE_OTHER;
+
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end || ip->ihl < 5)
+			return PARSE_OTHER;
+		key_from_v4(&pkt->src, ip->saddr);
+		key_from_v4(&pkt->dst, ip->daddr);
+		if (ip->protocol != IPPROTO_TCP)
+			return PARSE_OTHER;
+		if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+			return PARSE_OPAQUE;
+		tcp = (void *)ip + ip->ihl * 4;
+		if ((void *)(tcp + 1) > data_end)
+			return PARSE_OPAQUE;
+		pkt->tuple.ipv4.saddr = ip->saddr;
+		pkt->tuple.ipv4.daddr = ip->daddr;
+		pkt->tuple.ipv4.sport = tcp->source;
+		pkt->tuple.ipv4.dport = tcp->dest;
+		pkt->tuple_len = sizeof(pkt->tuple.ipv4);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return PARSE_OTHER;
+		__builtin_memcpy(pkt->src.addr, &ip6->saddr, 16);
+		__builtin_memcpy(pkt->dst.addr, &ip6->daddr, 16);
+		switch (ip6->nexthdr) {
+		case IPPROTO_TCP:
+			break;
+		case IPPROTO_HOPOPTS:
+		case IPPROTO_ROUTING:
+		case IPPROTO_FRAGMENT:
+		case IPPROTO_DSTOPTS:
+		case IPPROTO_AH:
+		case IPPROTO_ESP:
+		case 135: // mobility header
+		case 139: // HIP
+		case 140: // shim6
+			// A TCP header may hide behind these; callers fail closed for enrolled addresses.
+			return PARSE_OPAQUE;
+		default:
+			return PARSE_OTHER;
+		}
+		tcp = (void *)(ip6 + 1);
+		if ((void *)(tcp + 1) > data_end)
+			return PARSE_OPAQUE;
+		__builtin_memcpy(pkt->tuple.ipv6.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(pkt->tuple.ipv6.daddr, &ip6->daddr, 16);
+		pkt->tuple.ipv6.sport = tcp->source;
+		pkt->tuple.ipv6.dport = tcp->dest;
+		pkt->tuple_len = sizeof(pkt->tuple.ipv6);
+	} else {
+		return PARSE_OTHER;
+	}
+	return PARSE_TCP;
+}
+
+// The verifier needs a constant tuple size, so each family has its own call.
+static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb, struct packet *pkt,
+					       struct bpf_sock_tuple *tuple)
+{
+	if (pkt->tuple_len == sizeof(tuple->ipv4))
+		return bpf_skc_lookup_tcp(skb, tuple, sizeof(tuple->ipv4), BPF_F_CURRENT_NETNS, 0);
+	return bpf_skc_lookup_tcp(skb, tuple, sizeof(tuple->ipv6), BPF_F_CURRENT_NETNS, 0);
+}
+
+static __always_inline int is_enrolled(struct addr_key *key)
+{
+	__u32 *flags = bpf_map_lookup_elem(&weft_enrolled, key);
+
+	return flags && (*flags & ENROLLED_CAPTURE);
+}
+
+// Assign the packet to an existing, non-listening socket of its 4-tuple: an established
+// connection, a request socket (handshake in progress) or ztunnel's own transparent
+// connecting socket. Listening sockets are skipped: a node listener bound to a wildcard address
+// would otherwise catch a pod's connection to any address on that port.
+// Returns 1 when assigned (the caller returns TC_ACT_OK).
+static __always_inline int assign_existing(struct __sk_buff *skb, struct packet *pkt, __u32 mark)
+{
+	struct bpf_sock *sk;
+	long err;
+
+	sk = lookup(skb, pkt, &pkt->tuple);
+	if (!sk)
+		return 0;
+	if (sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return 0;
+	}
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return 0;
+	skb->mark = mark;
+	return 1;
+}
+
+// Assign the packet to ztunnel's listener on `port` (bound to the wildcard address with
+// IP_TRANSPARENT in the node netns). Without one, drop: an enrolled pod's traffic must never
+// bypass the mesh.
+static __always_inline int assign_listener(struct __sk_buff *skb, struct packet *pkt, __u32 port,
+					   __u32 mark)
+{
+	struct bpf_sock_tuple tuple = pkt->tuple;
+	struct bpf_sock *sk;
+	long err;
+
+	if (pkt->tuple_len == sizeof(tuple.ipv4))
+		tuple.ipv4.dport = bpf_htons((__u16)port);
+	else
+		tuple.ipv6.dport = bpf_htons((__u16)port);
+
+	sk = lookup(skb, pkt, &tuple);
+	if (!sk)
+		return TC_ACT_SHOT;
+	if (sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return TC_ACT_SHOT;
+	}
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return TC_ACT_SHOT;
+	skb->mark = mark;
+	return TC_ACT_OK;
+}
+
+// Traffic to an enrolled destination that matches no socket: HBONE port -> ztunnel's HBONE
+// listener, any other port -> ztunnel's plaintext inbound listener.
+static __always_inline int steer_inbound(struct __sk_buff *skb, struct packet *pkt,
+					 struct config *cfg)
+{
+	__u16 dport = pkt->tuple_len == sizeof(pkt->tuple.ipv4) ? pkt->tuple.ipv4.dport
+								 : pkt->tuple.ipv6.dport;
+	__u32 port = cfg->v[CFG_PLAIN_PORT];
+
+	if (dport == bpf_htons((__u16)cfg->v[CFG_HBONE_PORT]))
+		port = cfg->v[CFG_HBONE_PORT];
+	return assign_listener(skb, pkt, port, cfg->v[CFG_MARK]);
+}
+
+// Host side of a pod's veth: ingress carries what the pod sends.
+// aya names the tc program section "classifier".
+SEC("classifier")
+int weft_pod_in(struct __sk_buff *skb)
+{
+	struct packet pkt = {};
+	__u32 zero = 0;
+	struct config *cfg;
+	int kind, src_enrolled, dst_enrolled;
+
+	kind = parse(skb, &pkt);
+	if (kind == PARSE_OTHER)
+		return TC_ACT_UNSPEC; // non-TCP (DNS/UDP, ICMP, ARP) is out of scope: passes
+
+	src_enrolled = is_enrolled(&pkt.src);
+	dst_enrolled = is_enrolled(&pkt.dst);
+	if (kind == PARSE_OPAQUE)
+		return (src_enrolled || dst_enrolled) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+
+	cfg = bpf_map_lookup_elem(&weft_config, &zero);
+	if (!cfg)
+		return (src_enrolled || dst_enrolled) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+
+	// Replies to ztunnel's transparent upstream connections, and the rest of connections
+	// ztunnel already accepted, belong to their socket whatever the pod's enrollment.
+	if (assign_existing(skb, &pkt, cfg->v[CFG_MARK]))
+		return TC_ACT_OK;
+
+	if (src_enrolled)
+		// New (SYN) or unknown (e.g. SYN-cookie ACK, a flow from before enrollment): the
+		// outbound listener accepts it or answers with a reset; never forwarded in plaintext.
+		return assign_listener(skb, &pkt, cfg->v[CFG_OUTBOUND_PORT], cfg->v[CFG_MARK]);
+	if (dst_enrolled)
+		// A pod that is not in the mesh calls an enrolled pod on the same node: inbound.
+		return steer_inbound(skb, &pkt, cfg);
+	return TC_ACT_UNSPEC;
+}
+
+// The node's uplink: ingress carries what other nodes send.
+// aya names the tc program section "classifier".
+SEC("classifier")
+int weft_uplink_in(struct __sk_buff *skb)
+{
+	struct packet pkt = {};
+	__u32 zero = 0;
+	struct config *cfg;
+	int kind;
+
+	kind = parse(skb, &pkt);
+	if (kind == PARSE_OTHER || !is_enrolled(&pkt.dst))
+		return TC_ACT_UNSPEC;
+	if (kind == PARSE_OPAQUE)
+		return TC_ACT_SHOT;
+
+	cfg = bpf_map_lookup_elem(&weft_config, &zero);
+	if (!cfg)
+		return TC_ACT_SHOT;
+	if (assign_existing(skb, &pkt, cfg->v[CFG_MARK]))
+		return TC_ACT_OK;
+	return steer_inbound(skb, &pkt, cfg);
+}
+
+// No GPL-only helper is used, so the workspace licence applies.
+char LICENSE[] SEC("license") = "Apache-2.0";

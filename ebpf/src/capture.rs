@@ -1,0 +1,478 @@
+//! The loader: loads the embedded programs (or takes over pinned ones), attaches them to
+//! interfaces with pinned TCX links, and edits the enrolled-address map. Operates in the network
+//! namespace of the calling thread.
+
+use std::{
+    fmt, fs, io,
+    net::{IpAddr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    include_bytes_aligned,
+    maps::{Array, HashMap, Map, MapData, MapError},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+    util::KernelVersion,
+    Ebpf,
+};
+
+use crate::{bpffs, routing, Error};
+
+/// The object `build.rs` compiled from `src/bpf/capture.c`.
+static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture.o"));
+
+const PROG_POD: &str = "weft_pod_in";
+const PROG_UPLINK: &str = "weft_uplink_in";
+const MAP_ENROLLED: &str = "weft_enrolled";
+const MAP_CONFIG: &str = "weft_config";
+
+const PIN_PROG_POD: &str = "prog_pod";
+const PIN_PROG_UPLINK: &str = "prog_uplink";
+const PIN_MAP_ENROLLED: &str = "map_enrolled";
+const PIN_MAP_CONFIG: &str = "map_config";
+const PIN_LINKS: &str = "links";
+
+/// Value flag in the enrolled map: capture this address's TCP traffic.
+const ENROLLED_CAPTURE: u32 = 1;
+
+/// What the capture steers where, and where it pins its objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// bpffs directory for this node's programs, maps and links (absolute, e.g.
+    /// `/sys/fs/bpf/weft/<node>`). Created when missing; bpffs is mounted at /sys/fs/bpf when
+    /// nothing is.
+    pub pin_dir: PathBuf,
+    /// Packet mark the programs set on steered packets; must not collide with other users of
+    /// the mark on the node.
+    pub mark: u32,
+    /// Routing table holding the `local default dev lo` route for marked packets.
+    pub table: u32,
+    /// ztunnel's outbound listener (Istio: 15001).
+    pub outbound_port: u16,
+    /// ztunnel's HBONE listener, for traffic to a pod's port 15008 (Istio: 15008).
+    pub inbound_hbone_port: u16,
+    /// ztunnel's plaintext inbound listener, for traffic to any other pod port (Istio: 15006).
+    pub inbound_plain_port: u16,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from("/sys/fs/bpf/weft"),
+            mark: 0x539,
+            table: 133,
+            outbound_port: 15001,
+            inbound_hbone_port: 15008,
+            inbound_plain_port: 15006,
+        }
+    }
+}
+
+impl CaptureConfig {
+    fn validate(&self) -> Result<(), Error> {
+        if !self.pin_dir.is_absolute() {
+            return Err(Error::Config(format!(
+                "pin_dir {} must be an absolute path on bpffs",
+                self.pin_dir.display()
+            )));
+        }
+        if self.mark == 0 {
+            return Err(Error::Config("mark must not be 0".into()));
+        }
+        // 0 is unspecified; 253-255 are the default, main and local tables.
+        if matches!(self.table, 0 | 253..=255) {
+            return Err(Error::Config(format!("table {} is reserved; pick another (e.g. 133)", self.table)));
+        }
+        let ports = [self.outbound_port, self.inbound_hbone_port, self.inbound_plain_port];
+        if ports.contains(&0) || ports[0] == ports[1] || ports[0] == ports[2] || ports[1] == ports[2] {
+            return Err(Error::Config(format!(
+                "ports must be non-zero and distinct (outbound {}, HBONE {}, plaintext {})",
+                ports[0], ports[1], ports[2]
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The capture of one node: programs, maps and links pinned under [`CaptureConfig::pin_dir`].
+/// Dropping it keeps everything in place; [`remove`] takes it away.
+pub struct Capture {
+    cfg: CaptureConfig,
+    pod: SchedClassifier,
+    uplink: SchedClassifier,
+    enrolled: HashMap<MapData, [u8; 16], u32>,
+}
+
+/// Which program an attachment is for.
+#[derive(Clone, Copy)]
+enum Kind {
+    Pod,
+    Uplink,
+}
+
+impl Kind {
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            Self::Pod => "pod",
+            Self::Uplink => "uplink",
+        }
+    }
+}
+
+impl Capture {
+    /// Loads the programs and maps, or takes over those pinned under `cfg.pin_dir`, writes the
+    /// ports and mark into the config map, and ensures the fwmark rule and local route in the
+    /// current network namespace (idempotent).
+    pub fn open(cfg: CaptureConfig) -> Result<Self, Error> {
+        cfg.validate()?;
+        check_kernel()?;
+        bpffs::ensure(&cfg.pin_dir)?;
+        if !cfg.pin_dir.exists() {
+            load_and_pin(&cfg.pin_dir)?;
+        }
+        let dir = &cfg.pin_dir;
+        for entry in [PIN_PROG_POD, PIN_PROG_UPLINK, PIN_MAP_ENROLLED, PIN_MAP_CONFIG, PIN_LINKS] {
+            if !dir.join(entry).exists() {
+                return Err(Error::IncompletePins { dir: dir.clone(), missing: entry.into() });
+            }
+        }
+        let pod = open_program(&dir.join(PIN_PROG_POD))?;
+        let uplink = open_program(&dir.join(PIN_PROG_UPLINK))?;
+        let enrolled = HashMap::try_from(open_map(&dir.join(PIN_MAP_ENROLLED))?)
+            .map_err(|source| Error::Map { map: MAP_ENROLLED, source })?;
+        let mut config: Array<MapData, [u32; 4]> = Array::try_from(open_map(&dir.join(PIN_MAP_CONFIG))?)
+            .map_err(|source| Error::Map { map: MAP_CONFIG, source })?;
+        let value = [
+            cfg.mark,
+            u32::from(cfg.outbound_port),
+            u32::from(cfg.inbound_hbone_port),
+            u32::from(cfg.inbound_plain_port),
+        ];
+        config.set(0, value, 0).map_err(|source| Error::Map { map: MAP_CONFIG, source })?;
+        routing::ensure(cfg.mark, cfg.table)?;
+        tracing::info!(pin_dir = %dir.display(), "capture open");
+        Ok(Self { cfg, pod, uplink, enrolled })
+    }
+
+    /// Attaches the pod program to a pod's host-side veth (ingress), pinning the link.
+    /// Idempotent; a stale pinned link (the veth was recreated) is replaced.
+    pub fn attach_pod(&mut self, host_ifname: &str) -> Result<(), Error> {
+        self.attach(Kind::Pod, host_ifname)
+    }
+
+    /// Detaches the pod program from a veth and unpins the link. Idempotent; the interface
+    /// may already be gone.
+    pub fn detach_pod(&mut self, host_ifname: &str) -> Result<(), Error> {
+        self.detach(Kind::Pod, host_ifname)
+    }
+
+    /// Attaches the uplink program to the node's interface towards other nodes (ingress).
+    /// Idempotent.
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<(), Error> {
+        self.attach(Kind::Uplink, ifname)
+    }
+
+    /// Detaches the uplink program from an interface. Idempotent.
+    pub fn detach_uplink(&mut self, ifname: &str) -> Result<(), Error> {
+        self.detach(Kind::Uplink, ifname)
+    }
+
+    /// Captures the TCP traffic of a pod address from now on. Connections already established
+    /// directly are reset when they next send.
+    pub fn enroll(&mut self, ip: IpAddr) -> Result<(), Error> {
+        self.enrolled
+            .insert(key(ip), ENROLLED_CAPTURE, 0)
+            .map_err(|source| Error::Map { map: MAP_ENROLLED, source })
+    }
+
+    /// Stops capturing a pod address. Idempotent.
+    pub fn unenroll(&mut self, ip: IpAddr) -> Result<(), Error> {
+        match self.enrolled.remove(&key(ip)) {
+            Ok(()) => Ok(()),
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(err)) if err.io_error.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Map { map: MAP_ENROLLED, source }),
+        }
+    }
+
+    /// The enrolled addresses, in no particular order.
+    pub fn enrolled(&self) -> Result<Vec<IpAddr>, Error> {
+        self.enrolled
+            .keys()
+            .map(|k| {
+                k.map(|k| Ipv6Addr::from(k).to_canonical())
+                    .map_err(|source| Error::Map { map: MAP_ENROLLED, source })
+            })
+            .collect()
+    }
+
+    /// The configuration this capture was opened with.
+    pub fn config(&self) -> &CaptureConfig {
+        &self.cfg
+    }
+
+    fn link_pin(&self, kind: Kind, ifname: &str) -> PathBuf {
+        self.cfg.pin_dir.join(PIN_LINKS).join(format!("{}_{ifname}", kind.pin_prefix()))
+    }
+
+    fn attach(&mut self, kind: Kind, ifname: &str) -> Result<(), Error> {
+        check_ifname(ifname)?;
+        if nix::net::if_::if_nametoindex(ifname).is_err() {
+            return Err(Error::InterfaceNotFound { ifname: ifname.into() });
+        }
+        let pin = self.link_pin(kind, ifname);
+        let prog = match kind {
+            Kind::Pod => &mut self.pod,
+            Kind::Uplink => &mut self.uplink,
+        };
+        let attach_err = |what: &'static str| {
+            move |source: aya::programs::ProgramError| {
+                Error::classify(format!("{what} on {ifname}"), source, |source| Error::Attach {
+                    what,
+                    ifname: ifname.into(),
+                    source: Box::new(source),
+                })
+            }
+        };
+        if pin.exists() {
+            let id = prog.info().map_err(attach_err("reading the program id"))?.id();
+            let (_, attached) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+                .map_err(attach_err("querying tcx programs"))?;
+            if attached.iter().any(|p| p.id() == id) {
+                return Ok(());
+            }
+            // The interface was recreated under the same name (e.g. the pod restarted): the
+            // pinned link points at the old one.
+            tracing::info!(ifname, "replacing a stale pinned link");
+            remove_file(&pin)?;
+        }
+        // First in the chain, so no program before ours can let an enrolled pod's packet pass.
+        let link_id = prog
+            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
+            .map_err(attach_err("attaching (tcx ingress)"))?;
+        let link = prog.take_link(link_id).map_err(attach_err("taking the link"))?;
+        let link = FdLink::try_from(link).map_err(|source| Error::Attach {
+            what: "converting the tcx link",
+            ifname: ifname.into(),
+            source: Box::new(source),
+        })?;
+        link.pin(&pin).map_err(|source| {
+            Error::classify(format!("pinning {}", pin.display()), source, |source| Error::Pin {
+                what: "pinning link",
+                path: pin.clone(),
+                source: Box::new(source),
+            })
+        })?;
+        tracing::info!(ifname, kind = kind.pin_prefix(), "capture attached");
+        Ok(())
+    }
+
+    fn detach(&mut self, kind: Kind, ifname: &str) -> Result<(), Error> {
+        check_ifname(ifname)?;
+        let pin = self.link_pin(kind, ifname);
+        // Unpinning drops the last reference to the link, which detaches it.
+        match PinnedLink::from_pin(&pin) {
+            Ok(link) => {
+                let unpinned = link.unpin().map_err(|source| Error::Io {
+                    what: "unpinning",
+                    path: pin.clone(),
+                    source,
+                })?;
+                drop(unpinned);
+                tracing::info!(ifname, kind = kind.pin_prefix(), "capture detached");
+                Ok(())
+            }
+            Err(_) if !pin.exists() => Ok(()),
+            Err(source) => {
+                Err(Error::Pin { what: "opening pinned link", path: pin, source: Box::new(source) })
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Capture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Capture").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+/// Detaches everything pinned under `cfg.pin_dir`, unpins it (the programs and maps are
+/// unloaded once no process holds them: drop every [`Capture`] of this directory first), and
+/// removes the fwmark rule and local route from the current network namespace. Idempotent.
+pub fn remove(cfg: &CaptureConfig) -> Result<(), Error> {
+    cfg.validate()?;
+    match fs::remove_dir_all(&cfg.pin_dir) {
+        Ok(()) => tracing::info!(pin_dir = %cfg.pin_dir.display(), "capture unpinned"),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(io_error("removing", &cfg.pin_dir, source));
+        }
+    }
+    routing::remove(cfg.mark, cfg.table)
+}
+
+/// Loads the embedded object and pins its programs and maps into `dir`, atomically: everything
+/// is pinned into a sibling directory first, which is then renamed.
+fn load_and_pin(dir: &Path) -> Result<(), Error> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent).map_err(|source| io_error("creating", parent, source))?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // bpffs refuses names with a dot.
+    let tmp = parent.join(format!("{name}-loading-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).map_err(|source| io_error("creating", &tmp, source))?;
+    let pinned = pin_fresh(&tmp);
+    let renamed = pinned.and_then(|()| match fs::rename(&tmp, dir) {
+        Ok(()) => Ok(()),
+        // Another loader won the race: take its objects over.
+        Err(_) if dir.exists() => Ok(()),
+        Err(source) => Err(io_error("renaming into place", dir, source)),
+    });
+    let _ = fs::remove_dir_all(&tmp);
+    renamed
+}
+
+fn pin_fresh(dir: &Path) -> Result<(), Error> {
+    let load_err = |what: &str| {
+        let what = what.to_owned();
+        move |source: Box<dyn std::error::Error + Send + Sync>| Error::Load { what: what.clone(), source }
+    };
+    let mut ebpf = Ebpf::load(OBJECT).map_err(|source| {
+        Error::classify("loading the eBPF object", source, |source| Error::Load {
+            what: "object".into(),
+            source: Box::new(source),
+        })
+    })?;
+    for (prog_name, pin_name) in [(PROG_POD, PIN_PROG_POD), (PROG_UPLINK, PIN_PROG_UPLINK)] {
+        let what = format!("program {prog_name}");
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(prog_name)
+            .ok_or_else(|| load_err(&what)("missing from the object".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| load_err(&what)(Box::new(e)))?;
+        prog.load().map_err(|source| {
+            Error::classify(format!("loading {what}"), source, |source| load_err(&what)(Box::new(source)))
+        })?;
+        let path = dir.join(pin_name);
+        prog.pin(&path).map_err(|source| pin_error("pinning program", &path, source))?;
+    }
+    for (map_name, pin_name) in [(MAP_ENROLLED, PIN_MAP_ENROLLED), (MAP_CONFIG, PIN_MAP_CONFIG)] {
+        let map = ebpf
+            .map(map_name)
+            .ok_or_else(|| load_err(&format!("map {map_name}"))("missing from the object".into()))?;
+        let path = dir.join(pin_name);
+        map.pin(&path).map_err(|source| pin_error("pinning map", &path, source))?;
+    }
+    let links = dir.join(PIN_LINKS);
+    fs::create_dir(&links).map_err(|source| io_error("creating", &links, source))
+}
+
+fn open_program(path: &Path) -> Result<SchedClassifier, Error> {
+    SchedClassifier::from_pin(path).map_err(|source| pin_error("opening pinned program", path, source))
+}
+
+fn open_map(path: &Path) -> Result<Map, Error> {
+    let data = MapData::from_pin(path).map_err(|source| pin_error("opening pinned map", path, source))?;
+    Map::from_map_data(data).map_err(|source| pin_error("opening pinned map", path, source))
+}
+
+fn pin_error<E>(what: &'static str, path: &Path, source: E) -> Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    Error::classify(format!("{what} {}", path.display()), source, |source| Error::Pin {
+        what,
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+fn io_error(what: &'static str, path: &Path, source: io::Error) -> Error {
+    if source.raw_os_error() == Some(nix::libc::EPERM) {
+        return Error::NotPermitted { what: format!("{what} {}", path.display()) };
+    }
+    Error::Io { what, path: path.to_owned(), source }
+}
+
+fn remove_file(path: &Path) -> Result<(), Error> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(io_error("removing", path, source)),
+    }
+}
+
+/// The programs attach with TCX links, which Linux has since 6.6.
+fn check_kernel() -> Result<(), Error> {
+    match KernelVersion::current() {
+        Ok(v) if v >= KernelVersion::new(6, 6, 0) => Ok(()),
+        Ok(v) => Err(Error::Unsupported(format!(
+            "the capture attaches with TCX links, which need Linux 6.6 or later; this kernel is {v:?}"
+        ))),
+        // Unknown version: try, and let the attach say what is missing.
+        Err(_) => Ok(()),
+    }
+}
+
+/// Interface names are at most 15 bytes and become part of a pin path.
+fn check_ifname(ifname: &str) -> Result<(), Error> {
+    if ifname.is_empty()
+        || ifname.len() > 15
+        || ifname.contains(['/', '\0'])
+        || ifname == "."
+        || ifname == ".."
+    {
+        return Err(Error::InterfaceNotFound { ifname: ifname.into() });
+    }
+    Ok(())
+}
+
+/// The enrolled map's key: IPv6 as is, IPv4 mapped (::ffff:a.b.c.d).
+fn key(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_map_ipv4_into_ipv6() {
+        let v4: IpAddr = "10.10.1.5".parse().unwrap_or(IpAddr::V4([0; 4].into()));
+        let k = key(v4);
+        assert_eq!(&k[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(&k[12..], &[10, 10, 1, 5]);
+        assert_eq!(Ipv6Addr::from(k).to_canonical(), v4);
+        let v6: IpAddr = "fd00::5".parse().unwrap_or(IpAddr::V4([0; 4].into()));
+        assert_eq!(Ipv6Addr::from(key(v6)).to_canonical(), v6);
+    }
+
+    #[test]
+    fn config_is_validated() {
+        assert!(CaptureConfig::default().validate().is_ok());
+        let bad = [
+            CaptureConfig { mark: 0, ..Default::default() },
+            CaptureConfig { table: 254, ..Default::default() },
+            CaptureConfig { inbound_plain_port: 15001, ..Default::default() },
+            CaptureConfig { pin_dir: "weft".into(), ..Default::default() },
+        ];
+        for cfg in bad {
+            assert!(matches!(cfg.validate(), Err(Error::Config(_))), "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn interface_names_are_checked() {
+        assert!(check_ifname("veth1234abcd").is_ok());
+        for bad in ["", "a/b", "..", "sixteen-chars-xx"] {
+            assert!(check_ifname(bad).is_err(), "{bad}");
+        }
+    }
+}

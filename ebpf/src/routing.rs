@@ -1,0 +1,77 @@
+//! The routing half of the capture, in the current network namespace: packets the programs
+//! marked are routed locally (`ip rule add fwmark <mark> lookup <table>` and
+//! `ip route add local default dev lo table <table>`, for IPv4 and IPv6), so the kernel hands
+//! them to the socket the program assigned. Driven through iproute2's `ip`; knows nothing of
+//! the programs.
+
+use std::{path::Path, process::Command};
+
+use crate::Error;
+
+/// The address families we route; IPv6 is skipped when the namespace has it disabled.
+const FAMILIES: [(&str, &str); 2] = [("-4", "0.0.0.0/0"), ("-6", "::/0")];
+
+/// Adds the rule (unless present) and the local route (replaced) for both families.
+pub(crate) fn ensure(mark: u32, table: u32) -> Result<(), Error> {
+    for (family, default) in FAMILIES {
+        if family == "-6" && !ipv6_enabled() {
+            continue;
+        }
+        let (mark, table) = (format!("{mark:#x}"), table.to_string());
+        let rule = ["fwmark", mark.as_str(), "lookup", table.as_str()];
+        let shown = ip(&[&[family, "rule", "show"], &rule[..]].concat())?;
+        if shown.trim().is_empty() {
+            ip(&[&[family, "rule", "add"], &rule[..]].concat())?;
+        }
+        ip(&[family, "route", "replace", "local", default, "dev", "lo", "table", &table])?;
+    }
+    Ok(())
+}
+
+/// Deletes every copy of the rule and the local route; absent entries are fine.
+pub(crate) fn remove(mark: u32, table: u32) -> Result<(), Error> {
+    for (family, default) in FAMILIES {
+        if family == "-6" && !ipv6_enabled() {
+            continue;
+        }
+        let (mark, table) = (format!("{mark:#x}"), table.to_string());
+        let rule = ["fwmark", mark.as_str(), "lookup", table.as_str()];
+        // `ip rule add` twice makes two rules; delete until none is left (bounded).
+        for _ in 0..16 {
+            let shown = ip(&[&[family, "rule", "show"], &rule[..]].concat())?;
+            if shown.trim().is_empty() {
+                break;
+            }
+            ip(&[&[family, "rule", "del"], &rule[..]].concat())?;
+        }
+        match ip(&[family, "route", "del", "local", default, "dev", "lo", "table", &table]) {
+            // Absent: IPv4 says ESRCH, IPv6 ENOENT.
+            Err(Error::Routing { stderr, .. })
+                if stderr.contains("No such process") || stderr.contains("No such file or directory") => {}
+            other => {
+                other?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ipv6_enabled() -> bool {
+    // thread-self: the loader may run on a thread that entered another network namespace.
+    Path::new("/proc/thread-self/net/if_inet6").exists()
+}
+
+/// Runs `ip ARGS` (in the calling thread's network namespace: the child inherits it) and
+/// returns its standard output.
+fn ip(args: &[&str]) -> Result<String, Error> {
+    let out = Command::new("ip").args(args).output().map_err(|source| Error::IpCommand { source })?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let command = format!("ip {}", args.join(" "));
+    if stderr.contains("Operation not permitted") {
+        return Err(Error::NotPermitted { what: command });
+    }
+    Err(Error::Routing { command, stderr })
+}
