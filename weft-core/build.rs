@@ -9,6 +9,7 @@ fn main() -> anyhow::Result<()> {
         "proto/google/rpc/status.proto",
         "proto/envoy/config/core/v3/base.proto",
         "proto/envoy/service/discovery/v3/discovery.proto",
+        "proto/weft/waypoint/v1/waypoint.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -25,6 +25,17 @@ pub mod istio {
     }
 }
 
+/// Weft's own APIs.
+pub mod weft {
+    pub mod waypoint {
+        /// `weft.waypoint.v1`: a waypoint's resolved L7 configuration, pushed over delta xDS.
+        #[allow(clippy::all, clippy::pedantic, missing_docs)]
+        pub mod v1 {
+            tonic::include_proto!("weft.waypoint.v1");
+        }
+    }
+}
+
 /// The parts of Envoy's API the discovery protocol needs.
 pub mod envoy {
     pub mod config {

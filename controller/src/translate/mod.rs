@@ -3,8 +3,9 @@
 //! and [`snapshot`] gathering them for the xDS server. No I/O and no knowledge of how resources
 //! are served or who receives them (that is [`crate::xds`]'s business).
 //!
-//! Every ztunnel receives everything ([`view`] is [`Everything`]), as Istio sends it: a ztunnel
-//! routes to workloads and services on every node, so it needs remote ones too.
+//! Every proxy receives every `Address` and `Authorization` ([`MeshView`]), as Istio sends them: a
+//! ztunnel routes to workloads and services on every node, so it needs remote ones too. A
+//! waypoint's L7 configuration ([`waypoint`]) goes to that waypoint alone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -25,8 +26,10 @@ use weft_core::proto::istio::workload::{
     PortList, Service, TunnelProtocol, Workload, WorkloadStatus, WorkloadType,
 };
 
+pub mod waypoint;
+
 use crate::model::{Model, WaypointRef, NONE, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
-use crate::xds::{Everything, Snapshot, XdsResource};
+use crate::xds::{NodeInfo, Snapshot, View, XdsResource, WAYPOINT_NAME_KEY, WAYPOINT_TYPE_URL};
 
 /// Istio's root namespace: policies there without a selector apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "istio-system";
@@ -43,13 +46,28 @@ const CANONICAL_NAME_LABELS: [&str; 3] = ["service.istio.io/canonical-name", "ap
 const CANONICAL_REVISION_LABELS: [&str; 3] =
     ["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"];
 
-/// The view ztunnels get: every resource (see the module docs).
-pub fn view() -> Everything {
-    Everything
+/// Who gets what (see the module docs).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MeshView;
+
+/// The view the controller serves.
+pub fn view() -> MeshView {
+    MeshView
 }
 
-/// Everything the model yields for ztunnels: one `Address` per pod with an IP and per Service,
-/// one `Authorization` per L4-expressible ALLOW/DENY policy. The snapshot's version is a digest of
+impl View for MeshView {
+    fn select<'s>(&self, snapshot: &'s Snapshot, node: &NodeInfo, type_url: &str) -> Vec<&'s XdsResource> {
+        if type_url != WAYPOINT_TYPE_URL {
+            return snapshot.resources(type_url).collect();
+        }
+        let Some(name) = node.metadata.get(WAYPOINT_NAME_KEY) else { return Vec::new() };
+        let own = format!("{}/{name}", node.pod_namespace);
+        snapshot.get(type_url, &own).into_iter().collect()
+    }
+}
+
+/// Everything the model yields for proxies: one `Address` per pod with an IP and per Service,
+/// one `Authorization` per L4-expressible ALLOW/DENY policy, one `Waypoint` per waypoint Gateway. The snapshot's version is a digest of
 /// its resources' names and versions, so the same model always gives the same version.
 pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot {
     let index = Index::of(model);
@@ -72,6 +90,9 @@ pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot
                 Some(a) => XdsResource::authorization(&a),
                 None => continue,
             },
+            Object::KubeGateway(gw) if gw.is_waypoint() => {
+                Ok(XdsResource::waypoint(&waypoint::waypoint(model, gw, trust_domain)))
+            }
             _ => continue,
         };
         match resource {
@@ -498,7 +519,7 @@ fn service_ports(svc: &KubeService) -> Vec<Port> {
 
 /// The waypoint of a Service: its own `istio.io/use-waypoint` label (`none` opts out), else its
 /// namespace's.
-fn service_waypoint(model: &Model, svc: &KubeService) -> Option<WaypointRef> {
+pub(crate) fn service_waypoint(model: &Model, svc: &KubeService) -> Option<WaypointRef> {
     let ns = &svc.metadata.namespace;
     waypoint_label(&svc.metadata.labels, ns)
         .unwrap_or_else(|| model.namespace(ns).and_then(|n| waypoint_label(&n.metadata.labels, ns)).flatten())
@@ -528,7 +549,7 @@ fn gateway(wp: &WaypointRef) -> GatewayAddress {
     }
 }
 
-fn hostname(name: &str, namespace: &str) -> String {
+pub(crate) fn hostname(name: &str, namespace: &str) -> String {
     format!("{name}.{namespace}.svc.{DOMAIN_SUFFIX}")
 }
 
@@ -541,3 +562,5 @@ fn ip_bytes(ip: IpAddr) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod waypoint_tests;

@@ -32,10 +32,10 @@ use std::future::Future;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
-pub use node::{NodeError, NodeInfo, NODE_NAME_KEY};
+pub use node::{NodeError, NodeInfo, NODE_NAME_KEY, WAYPOINT_NAME_KEY};
 pub use resources::{
     Everything, PerResource, ResourceError, ResourceSet, Snapshot, View, XdsResource, ADDRESS_TYPE_URL,
-    AUTHORIZATION_TYPE_URL,
+    AUTHORIZATION_TYPE_URL, WAYPOINT_TYPE_URL,
 };
 pub use server::{
     ClientStatus, Nack, TypeStatus, XdsOptions, XdsServer, XdsService, DEFAULT_DEBOUNCE,

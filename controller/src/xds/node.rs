@@ -11,6 +11,8 @@ use weft_core::proto::envoy::config::core::v3::Node;
 
 /// The metadata key under which a node proxy names the Kubernetes node it runs on.
 pub const NODE_NAME_KEY: &str = "NODE_NAME";
+/// The metadata key under which a waypoint names its Gateway (in its pod's namespace).
+pub const WAYPOINT_NAME_KEY: &str = "WAYPOINT_NAME";
 
 /// Why a client's `Node` was refused. Messages say what the client must send instead.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

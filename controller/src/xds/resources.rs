@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use prost_types::Any;
 use weft_core::proto::istio::security::Authorization;
 use weft_core::proto::istio::workload::{address, Address, NetworkAddress};
+use weft_core::proto::weft::waypoint::v1::Waypoint;
 
 use super::node::NodeInfo;
 
@@ -16,6 +17,9 @@ use super::node::NodeInfo;
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// The type URL of Istio's L4 authorization policies.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+
+/// The type URL of Weft's per-waypoint L7 configuration (`weft.waypoint.v1.Waypoint`).
+pub const WAYPOINT_TYPE_URL: &str = "type.googleapis.com/weft.waypoint.v1.Waypoint";
 
 /// Why a message could not be made into a resource.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -140,6 +144,12 @@ impl XdsResource {
         }
         let name = format!("{}/{}", policy.namespace, policy.name);
         Ok(XdsResource::encode(name, AUTHORIZATION_TYPE_URL, policy))
+    }
+
+    /// A waypoint's L7 configuration, named `namespace/name` after its Gateway.
+    pub fn waypoint(waypoint: &Waypoint) -> XdsResource {
+        let name = format!("{}/{}", waypoint.namespace, waypoint.name);
+        XdsResource::encode(name, WAYPOINT_TYPE_URL, waypoint)
     }
 
     /// Replaces the aliases (other names a client may subscribe to this resource by).
