@@ -1,8 +1,11 @@
 //! Weft's command line. It starts Weft's binaries as processes and talks to them over their
-//! APIs; it links no binary's library. Today it has the foundation demo and `analyze`; the
-//! local cluster (`up`/`down`) and `waypoint` commands come with their issues.
+//! APIs; it links no binary's library. Today it has the foundation demo, `analyze`, the local
+//! cluster's namespaces ([`cluster`], `weft down`) and the pods' sample workload ([`app`]);
+//! `up` and the `waypoint` commands come with their issues.
 
 mod analyze;
+pub mod app;
+pub mod cluster;
 mod demo;
 
 use std::path::PathBuf;
@@ -37,6 +40,14 @@ pub enum Command {
         #[arg(long, short = 'n')]
         namespace: Option<String>,
     },
+    /// Removes a local cluster: stops the processes in its network namespaces, deletes every
+    /// namespace named `weft-<NAME>-*`, its state (/run/weft/NAME) and its eBPF pins
+    /// (/sys/fs/bpf/weft/NAME). Succeeds when there is nothing to remove.
+    Down {
+        /// The cluster's name.
+        #[arg(long, default_value = "weft")]
+        name: String,
+    },
 }
 
 /// Runs the command; the exit code says whether it found problems.
@@ -55,6 +66,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Analyze { paths, namespace } => {
             analyze::run(&paths, namespace, &mut std::io::stdout().lock())
+        }
+        Command::Down { name } => {
+            cluster::destroy(&name)?;
+            println!("cluster {name} removed");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

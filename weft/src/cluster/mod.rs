@@ -1,0 +1,343 @@
+//! The local cluster's kernel networking: network namespaces standing in for nodes and pods,
+//! the veths and routes between them, and their teardown. It owns only namespaces named
+//! `weft-<cluster>-*`, the state directory `/run/weft/<cluster>` and the eBPF pin directory
+//! `/sys/fs/bpf/weft/<cluster>` (removed on destroy); it must never change the root namespace's
+//! interfaces, addresses, routes or rules. It starts no mesh component: the controller and the
+//! ztunnels are started by its caller, inside the namespaces it names.
+//!
+//! - [`ClusterSpec`] → [`Plan`] (pure, [`plan`]): every name and address.
+//! - [`Cluster::create`] builds the plan with the `ip` command (blocking; from async code call it
+//!   in `spawn_blocking`), [`destroy`] removes a cluster by name only, so it works after a crash.
+//! - [`in_netns`], [`command_in`], [`spawn_in`] run code and processes inside a namespace.
+//!
+//! Layout (two nodes; more hang their `eth0` off a bridge in `weft-<cluster>-fabric`):
+//!
+//! ```text
+//!  pod netns                node netns weft-c-node-a              node netns weft-c-node-b
+//!  eth0 10.10.1.2/32 ──veth── wf1a2b3c4d (proxy_arp)   eth0 172.30.0.1/24 ──veth── eth0 172.30.0.2/24
+//!  default via 169.254.1.1    lo: 169.254.1.1/32 (scope link), ip_forward=1
+//!                             10.10.1.2/32 dev wf1a2b3c4d; 10.10.2.0/24 via 172.30.0.2
+//! ```
+
+mod netns;
+pub mod plan;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use netns::{command_in, in_netns, ip, ip_in, list_netns, netns_path, spawn_in, sysctl_in};
+pub use plan::{Addressing, Cidr, ClusterSpec, FabricPlan, NodePlan, Plan, PlanError, PodPlan, PodSpec};
+
+/// Where each cluster's state directory lives (`<STATE_ROOT>/<cluster>/cluster.json`).
+pub const STATE_ROOT: &str = "/run/weft";
+/// Where eBPF objects of a cluster are pinned (`<BPF_PIN_ROOT>/<cluster>`); removed on destroy.
+pub const BPF_PIN_ROOT: &str = "/sys/fs/bpf/weft";
+/// How long processes left in a namespace get between SIGTERM and SIGKILL on destroy.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Why a cluster could not be built, found or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command { command: String, status: String, stderr: String },
+    #[error("could not run `{command}` (is iproute2 installed and are we root?): {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not enter network namespace {netns:?} (setns; needs CAP_SYS_ADMIN): {errno}")]
+    Setns { netns: String, errno: nix::errno::Errno },
+    #[error("state file {path}: {source}")]
+    State {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cluster {cluster:?} has no node {node:?}")]
+    NoSuchNode { cluster: String, node: String },
+    #[error("cluster {cluster:?} has no pod {namespace}/{name}")]
+    NoSuchPod { cluster: String, namespace: String, name: String },
+    #[error("the local cluster needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN); running as uid {0}")]
+    NotRoot(u32),
+}
+
+/// A cluster whose namespaces exist. Dropping it leaves them in place: call
+/// [`Cluster::destroy`] (or [`destroy`] by name, e.g. from another process).
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    plan: Plan,
+}
+
+/// What the state file records: the plan, and which namespaces were made so far.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub plan: Plan,
+    pub namespaces: Vec<String>,
+    /// False while `create` runs (or if it died half-way).
+    pub complete: bool,
+}
+
+impl Cluster {
+    /// Builds the plan's namespaces, links, addresses and routes, after removing whatever a
+    /// cluster of the same name left behind. On failure it removes what it made and returns the
+    /// first error (naming the command and its stderr).
+    pub fn create(plan: Plan) -> Result<Cluster, ClusterError> {
+        check_environment()?;
+        destroy(&plan.cluster)?;
+        let mut state = State { plan, namespaces: Vec::new(), complete: false };
+        match build(&mut state) {
+            Ok(()) => {
+                state.complete = true;
+                write_state(&state)?;
+                tracing::info!(cluster = %state.plan.cluster, "cluster created");
+                Ok(Cluster { plan: state.plan })
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %state.plan.cluster, error = %e, "creating the cluster failed; cleaning up");
+                if let Err(cleanup) = destroy(&state.plan.cluster) {
+                    tracing::warn!(error = %cleanup, "cleaning up after a failed create");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The cluster of this name as its state file describes it (e.g. for `weft` commands run
+    /// after `weft up`).
+    pub fn load(cluster: &str) -> Result<Cluster, ClusterError> {
+        plan::check_cluster_name(cluster)?;
+        let path = state_dir(cluster).join("cluster.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ClusterError::Io { what: format!("reading {}", path.display()), source })?;
+        let state: State = serde_json::from_str(&text)
+            .map_err(|source| ClusterError::State { path: path.display().to_string(), source })?;
+        Ok(Cluster { plan: state.plan })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.plan.cluster
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn node(&self, node: &str) -> Result<&NodePlan, ClusterError> {
+        self.plan
+            .node(node)
+            .ok_or_else(|| ClusterError::NoSuchNode { cluster: self.plan.cluster.clone(), node: node.into() })
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Result<&PodPlan, ClusterError> {
+        self.plan.pod(namespace, name).ok_or_else(|| ClusterError::NoSuchPod {
+            cluster: self.plan.cluster.clone(),
+            namespace: namespace.into(),
+            name: name.into(),
+        })
+    }
+
+    /// The network namespace of `node`.
+    pub fn node_netns(&self, node: &str) -> Result<&str, ClusterError> {
+        Ok(&self.node(node)?.netns)
+    }
+
+    /// The network namespace of pod `namespace/name`.
+    pub fn pod_netns(&self, namespace: &str, name: &str) -> Result<&str, ClusterError> {
+        Ok(&self.pod(namespace, name)?.netns)
+    }
+
+    /// The pod's first address (IPv4 today).
+    pub fn pod_ip(&self, namespace: &str, name: &str) -> Result<IpAddr, ClusterError> {
+        let pod = self.pod(namespace, name)?;
+        pod.ips.first().copied().ok_or_else(|| ClusterError::NoSuchPod {
+            cluster: self.plan.cluster.clone(),
+            namespace: namespace.into(),
+            name: name.into(),
+        })
+    }
+
+    /// Removes the cluster: see [`destroy`].
+    pub fn destroy(self) -> Result<(), ClusterError> {
+        destroy(&self.plan.cluster)
+    }
+}
+
+/// Removes everything of cluster `cluster`, knowing only its name: stops the processes inside
+/// its namespaces, deletes every namespace named `weft-<cluster>-*` (and so every interface,
+/// address and route in them), the eBPF pin directory and the state directory. Idempotent:
+/// removing a cluster that is not there succeeds. Every step is tried; the first error is
+/// returned.
+pub fn destroy(cluster: &str) -> Result<(), ClusterError> {
+    plan::check_cluster_name(cluster)?;
+    let prefix = plan::netns_prefix(cluster);
+    let mut first_error = None;
+    let mut keep = |r: Result<(), ClusterError>| {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "destroying the cluster");
+            first_error.get_or_insert(e);
+        }
+    };
+    for ns in list_netns()?.into_iter().filter(|n| n.starts_with(&prefix)) {
+        keep(netns::stop_processes_in(&ns, STOP_GRACE));
+        let deleted = ip(&["netns", "del", &ns]).map(drop);
+        // Gone in the meantime (another destroy) is fine.
+        keep(deleted.or_else(|e| if netns_path(&ns).exists() { Err(e) } else { Ok(()) }));
+    }
+    keep(remove_dir_if_present(&bpf_pin_dir(cluster)));
+    keep(remove_dir_if_present(&state_dir(cluster)));
+    match first_error {
+        None => {
+            tracing::info!(cluster, "cluster destroyed");
+            Ok(())
+        }
+        Some(e) => Err(e),
+    }
+}
+
+/// The cluster's state directory, `/run/weft/<cluster>`.
+pub fn state_dir(cluster: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(cluster)
+}
+
+/// Where the cluster's eBPF objects are pinned, `/sys/fs/bpf/weft/<cluster>`.
+pub fn bpf_pin_dir(cluster: &str) -> PathBuf {
+    Path::new(BPF_PIN_ROOT).join(cluster)
+}
+
+/// Whether this process can build clusters: root, and a working `ip netns`.
+pub fn check_environment() -> Result<(), ClusterError> {
+    let uid = nix::unistd::geteuid();
+    if !uid.is_root() {
+        return Err(ClusterError::NotRoot(uid.as_raw()));
+    }
+    ip(&["netns", "list"]).map(drop)
+}
+
+fn remove_dir_if_present(dir: &Path) -> Result<(), ClusterError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ClusterError::Io { what: format!("removing {}", dir.display()), source }),
+    }
+}
+
+fn write_state(state: &State) -> Result<(), ClusterError> {
+    let dir = state_dir(&state.plan.cluster);
+    let io = |what: String| move |source| ClusterError::Io { what, source };
+    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    let path = dir.join("cluster.json");
+    let text = serde_json::to_string_pretty(state)
+        .map_err(|source| ClusterError::State { path: path.display().to_string(), source })?;
+    // Write then rename, so a reader never sees half a file.
+    let tmp = dir.join("cluster.json.tmp");
+    std::fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, &path).map_err(io(format!("renaming {}", tmp.display())))
+}
+
+/// Makes every namespace, then the links between nodes, then the pods.
+fn build(state: &mut State) -> Result<(), ClusterError> {
+    write_state(state)?;
+    for ns in state.plan.netns_names() {
+        ip(&["netns", "add", &ns])?;
+        state.namespaces.push(ns.clone());
+        ip_in(&ns, &["link", "set", "lo", "up"])?;
+    }
+    write_state(state)?;
+    let plan = &state.plan;
+    let gateway = Cidr::host(plan.gateway).to_string();
+
+    // The links between nodes: one veth for two nodes, else a bridge in the fabric namespace.
+    match (&plan.fabric, plan.nodes.as_slice()) {
+        (None, [a, b]) => {
+            ip_in(
+                &a.netns,
+                &["link", "add", &a.uplink, "type", "veth", "peer", "name", &b.uplink, "netns", &b.netns],
+            )?;
+        }
+        (Some(fabric), nodes) => {
+            let f = &fabric.netns;
+            ip_in(f, &["link", "add", &fabric.bridge, "type", "bridge"])?;
+            ip_in(f, &["link", "set", &fabric.bridge, "up"])?;
+            for (node, port) in nodes.iter().zip(&fabric.ports) {
+                ip_in(
+                    f,
+                    &[
+                        "link",
+                        "add",
+                        port,
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        &node.uplink,
+                        "netns",
+                        &node.netns,
+                    ],
+                )?;
+                ip_in(f, &["link", "set", port, "master", &fabric.bridge])?;
+                ip_in(f, &["link", "set", port, "up"])?;
+            }
+        }
+        (None, _) => unreachable_layout()?,
+    }
+
+    for node in &plan.nodes {
+        let ns = &node.netns;
+        ip_in(ns, &["addr", "add", &node.link_addr.to_string(), "dev", &node.uplink])?;
+        ip_in(ns, &["link", "set", &node.uplink, "up"])?;
+        // The pods' next hop: link scope, so the node never picks it as a source address.
+        ip_in(ns, &["addr", "add", &gateway, "dev", "lo", "scope", "link"])?;
+        for other in plan.nodes.iter().filter(|o| o.name != node.name) {
+            for cidr in &other.pod_cidrs {
+                let via = other.link_addr.addr.to_string();
+                ip_in(ns, &["route", "add", &cidr.to_string(), "via", &via, "dev", &node.uplink])?;
+            }
+        }
+        let mut sysctls = vec!["net.ipv4.ip_forward=1".to_string()];
+        for pod in plan.pods_on(&node.name) {
+            build_pod(plan, node, pod)?;
+            sysctls.push(format!("net.ipv4.conf.{}.proxy_arp=1", pod.host_veth));
+        }
+        sysctl_in(ns, &sysctls.iter().map(String::as_str).collect::<Vec<_>>())?;
+    }
+    Ok(())
+}
+
+fn build_pod(plan: &Plan, node: &NodePlan, pod: &PodPlan) -> Result<(), ClusterError> {
+    let (node_ns, pod_ns) = (&node.netns, &pod.netns);
+    let gateway = plan.gateway.to_string();
+    ip_in(
+        node_ns,
+        &["link", "add", &pod.host_veth, "type", "veth", "peer", "name", &pod.iface, "netns", pod_ns],
+    )?;
+    for ip in &pod.ips {
+        ip_in(pod_ns, &["addr", "add", &Cidr::host(*ip).to_string(), "dev", &pod.iface])?;
+    }
+    ip_in(pod_ns, &["link", "set", &pod.iface, "up"])?;
+    ip_in(pod_ns, &["route", "add", &gateway, "dev", &pod.iface, "scope", "link"])?;
+    ip_in(pod_ns, &["route", "add", "default", "via", &gateway, "dev", &pod.iface])?;
+    ip_in(node_ns, &["link", "set", &pod.host_veth, "up"])?;
+    for ip in &pod.ips {
+        ip_in(node_ns, &["route", "add", &Cidr::host(*ip).to_string(), "dev", &pod.host_veth])?;
+    }
+    Ok(())
+}
+
+/// The plan puts a fabric in every cluster that does not have exactly two nodes.
+fn unreachable_layout() -> Result<(), ClusterError> {
+    Err(ClusterError::Plan(PlanError::Addressing(
+        "a cluster without a fabric must have exactly two nodes".into(),
+    )))
+}
