@@ -43,8 +43,8 @@ const ENROLLED_CAPTURE: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CaptureConfig {
     /// bpffs directory for this node's programs, maps and links (absolute, e.g.
-    /// `/sys/fs/bpf/weft/<node>`). Created when missing; bpffs is mounted at /sys/fs/bpf when
-    /// nothing is.
+    /// `/sys/fs/bpf/weft/<node>`; bpffs refuses names containing a dot). Created when missing;
+    /// bpffs is mounted at /sys/fs/bpf when nothing is.
     pub pin_dir: PathBuf,
     /// Packet mark the programs set on steered packets; must not collide with other users of
     /// the mark on the node.
@@ -77,6 +77,13 @@ impl CaptureConfig {
         if !self.pin_dir.is_absolute() {
             return Err(Error::Config(format!(
                 "pin_dir {} must be an absolute path on bpffs",
+                self.pin_dir.display()
+            )));
+        }
+        let name = self.pin_dir.file_name().map(|n| n.to_string_lossy());
+        if name.is_none_or(|n| n.contains('.')) {
+            return Err(Error::Config(format!(
+                "pin_dir {} needs a last component without dots (bpffs refuses them)",
                 self.pin_dir.display()
             )));
         }
@@ -462,6 +469,7 @@ mod tests {
             CaptureConfig { table: 254, ..Default::default() },
             CaptureConfig { inbound_plain_port: 15001, ..Default::default() },
             CaptureConfig { pin_dir: "weft".into(), ..Default::default() },
+            CaptureConfig { pin_dir: "/sys/fs/bpf/weft/node.a".into(), ..Default::default() },
         ];
         for cfg in bad {
             assert!(matches!(cfg.validate(), Err(Error::Config(_))), "{cfg:?}");

@@ -38,6 +38,9 @@
 //! ip route replace local default dev lo table <table>
 //! ```
 //!
+//! The rule and route are made with iproute2's `ip`, which must be installed; [`remove`] deletes
+//! them.
+//!
 //! # Pins
 //!
 //! Everything is pinned under [`CaptureConfig::pin_dir`], so capture outlives the loader (a
@@ -53,7 +56,9 @@
 //! <pin_dir>/links/uplink_<if> TCX ingress link of weft_uplink_in on uplink <if>
 //! ```
 //!
-//! A restarted loader keeps the pinned programs as they are; to install new programs, call
+//! Links are TCX links (Linux 6.6+); on older kernels [`Capture::open`] fails with
+//! [`Error::Unsupported`] (no clsact fallback yet). A restarted loader keeps the pinned programs
+//! as they are; to install new programs, call
 //! [`remove`] and open again. [`remove`] undoes everything.
 
 mod bpffs;

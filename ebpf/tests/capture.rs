@@ -21,6 +21,8 @@ use nix::sched::{setns, CloneFlags};
 use socket2::{Domain, Socket, Type};
 
 const POD: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 5);
+/// A second pod on the same node, never enrolled.
+const POD2: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 6);
 const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 5);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
 const REMOTE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 2);
@@ -29,6 +31,7 @@ const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 7);
 const NOWHERE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 7);
 /// The host side of the pod's veth and the node's uplink, in the node namespace.
 const POD_VETH: &str = "vpod";
+const POD2_VETH: &str = "vpod2";
 const UPLINK: &str = "up0";
 const SHORT: Duration = Duration::from_millis(300);
 const CONNECT: Duration = Duration::from_secs(2);
@@ -39,6 +42,7 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 struct Topology {
     node: String,
     pod: String,
+    pod2: String,
     remote: String,
     pin_dir: PathBuf,
 }
@@ -58,13 +62,14 @@ impl Topology {
         let topo = Self {
             node: format!("{base}-node"),
             pod: format!("{base}-pod"),
+            pod2: format!("{base}-pod2"),
             remote: format!("{base}-remote"),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/weft-test/{base}")),
         };
-        let (node, pod, remote) = (&topo.node, &topo.pod, &topo.remote);
+        let (node, pod, pod2, remote) = (&topo.node, &topo.pod, &topo.pod2, &topo.remote);
         let script = format!(
             r#"set -e
-for ns in {node} {pod} {remote}; do
+for ns in {node} {pod} {pod2} {remote}; do
   ip netns add $ns
   ip -n $ns link set lo up
   ip netns exec $ns sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
@@ -85,6 +90,14 @@ ip -n {pod} -6 route add fd00:ff::1 dev eth0
 ip -n {pod} -6 route add default via fd00:ff::1 dev eth0
 ip -n {node} route add {POD}/32 dev {POD_VETH}
 ip -n {node} -6 route add {POD6}/128 dev {POD_VETH}
+ip -n {node} link add {POD2_VETH} type veth peer name eth0 netns {pod2}
+ip -n {node} addr add 169.254.1.1/32 dev {POD2_VETH}
+ip -n {node} link set {POD2_VETH} up
+ip -n {pod2} addr add {POD2}/32 dev eth0
+ip -n {pod2} link set eth0 up
+ip -n {pod2} route add 169.254.1.1 dev eth0
+ip -n {pod2} route add default via 169.254.1.1 dev eth0
+ip -n {node} route add {POD2}/32 dev {POD2_VETH}
 # The uplink to the remote node.
 ip -n {node} addr add 192.168.77.1/24 dev {UPLINK}
 ip -n {node} addr add fd00:77::1/64 dev {UPLINK} nodad
@@ -118,7 +131,7 @@ ip -n {remote} -6 route add fd00:10::/64 via fd00:77::1
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        for ns in [&self.node, &self.pod, &self.remote] {
+        for ns in [&self.node, &self.pod, &self.pod2, &self.remote] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
@@ -267,9 +280,58 @@ fn outbound_connection_lands_on_the_transparent_listener() {
     assert_eq!(capture.enrolled().unwrap(), vec![IpAddr::from(POD)]);
 
     let outbound = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15001));
+    // A node service on the wildcard address must not catch the pod's connections to that port.
+    let node_service = listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 80));
     assert_captured(&topo, &outbound, sa(NOWHERE, 80), POD.into());
+    assert!(accept(&node_service, SHORT).is_none(), "a node listener caught it");
     // A second connection, and to another port: each lands with its own destination.
     assert_captured(&topo, &outbound, sa(NOWHERE, 8443), POD.into());
+}
+
+#[test]
+fn same_node_pods_meet_through_ztunnel() {
+    let Some(topo) = Topology::new() else { return };
+    let mut capture = topo.open();
+    in_ns(&topo.node, || {
+        capture.attach_pod(POD_VETH)?;
+        capture.attach_pod(POD2_VETH)
+    })
+    .unwrap();
+    capture.enroll(POD.into()).unwrap();
+    let outbound = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15001));
+    let plain = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15006));
+    let app = listener(&topo.pod, sa(Ipv4Addr::UNSPECIFIED, 8080));
+    let app2 = listener(&topo.pod2, sa(Ipv4Addr::UNSPECIFIED, 8080));
+
+    // A pod outside the mesh calls the enrolled pod: ztunnel's inbound listener gets it.
+    let to = sa(POD, 8080);
+    let mut client = connect(&topo.pod2, to, CONNECT).unwrap();
+    let (mut accepted, peer) = accept(&plain, CONNECT).expect("inbound capture");
+    assert_eq!(accepted.local_addr().unwrap(), to);
+    assert_eq!(peer.ip(), IpAddr::from(POD2));
+    exchange(&mut client, &mut accepted);
+    assert!(accept(&app, SHORT).is_none(), "bypassed ztunnel");
+
+    // The enrolled pod calls the other one: outbound capture.
+    assert_captured(&topo, &outbound, sa(POD2, 8080), POD.into());
+    assert!(accept(&app2, SHORT).is_none(), "bypassed ztunnel");
+
+    // ztunnel's upstream legs, each from the other pod's address: replies come back on the
+    // callee's veth and are matched to ztunnel's socket.
+    for (from, to, server) in [(POD2, POD, &app), (POD, POD2, &app2)] {
+        let mut upstream = in_ns(&topo.node, || {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            socket.set_ip_transparent(true).unwrap();
+            socket.bind(&sa(from, 0).into()).unwrap();
+            socket.connect_timeout(&sa(to, 8080).into(), CONNECT).unwrap();
+            let stream: TcpStream = socket.into();
+            stream.set_read_timeout(Some(CONNECT)).unwrap();
+            stream
+        });
+        let (mut accepted, peer) = accept(server, CONNECT).expect("upstream reaches the pod");
+        assert_eq!(peer.ip(), IpAddr::from(from));
+        exchange(&mut upstream, &mut accepted);
+    }
 }
 
 #[test]
