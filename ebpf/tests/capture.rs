@@ -552,3 +552,19 @@ fn errors_name_the_problem() {
     let err = in_ns(&topo.node, || Capture::open(cfg)).unwrap_err();
     assert!(matches!(err, ebpf::Error::NotBpffs { .. }), "{err}");
 }
+
+#[test]
+fn recreated_veth_gets_a_fresh_link() {
+    let Some(topo) = Topology::new() else { return };
+    let mut capture = topo.open();
+    in_ns(&topo.node, || capture.attach_pod(POD2_VETH)).unwrap();
+    let ours = tcx_programs(&topo.node, POD2_VETH);
+    assert_eq!(ours.len(), 1);
+    // The pod restarts: its veth is deleted and made again under the same name.
+    let node = topo.node.as_str();
+    sh(&["ip", "-n", node, "link", "del", POD2_VETH]);
+    sh(&["ip", "-n", node, "link", "add", POD2_VETH, "type", "veth", "peer", "name", "eth1"]);
+    assert!(tcx_programs(&topo.node, POD2_VETH).is_empty());
+    in_ns(&topo.node, || capture.attach_pod(POD2_VETH)).unwrap();
+    assert_eq!(tcx_programs(&topo.node, POD2_VETH), ours);
+}
