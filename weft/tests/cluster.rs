@@ -171,7 +171,7 @@ async fn pods_on_two_nodes_reach_each_other_with_their_own_ips() {
     let node_a = cluster.node("node-a").unwrap().clone();
     let reply =
         get_json(&node_a.netns, &format!("http://{}:8080/", cluster.pod_ip("default", "neighbour").unwrap()));
-    assert_eq!(peer_ip(&reply), node_a.link_addr.addr);
+    assert_eq!(peer_ip(&reply), IpAddr::V4(node_a.link_ipv4().unwrap()));
 
     // weft-app exits cleanly on SIGTERM.
     let app = apps.pop().unwrap();
@@ -288,4 +288,35 @@ fn a_crashed_cluster_is_replaced_and_removed_by_name() {
     let out = Command::new(env!("CARGO_BIN_EXE_weft")).args(["down", "--name", "t-"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cluster name"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_pods_reach_each_other_over_both_families() {
+    if !netns_usable("dual_stack_pods_reach_each_other_over_both_families") {
+        return;
+    }
+    let name = unique_name();
+    let _guard = Guard(name.clone());
+    let spec = ClusterSpec::new(&name)
+        .dual_stack()
+        .pod("default", "client", "node-a")
+        .pod("default", "neighbour", "node-a")
+        .pod("default", "server", "node-b");
+    let cluster = Cluster::create(spec.plan().unwrap()).unwrap();
+    let client = cluster.pod("default", "client").unwrap().clone();
+    let mut apps = Vec::new();
+    for pod in ["neighbour", "server"] {
+        apps.push(start_app(&cluster, "default", pod).await);
+    }
+    for pod in ["neighbour", "server"] {
+        let server = cluster.pod("default", pod).unwrap();
+        for (ip, own) in server.ips.iter().zip(&client.ips) {
+            let reply = get_json(&client.netns, &format!("http://{}/", SocketAddr::new(*ip, 8080)));
+            assert_eq!(reply["pod"], pod, "{reply}");
+            assert_eq!(peer_ip(&reply), *own, "{reply}");
+            assert_eq!(tcp_echo(&client.netns, *ip, b"both families"), b"both families");
+        }
+    }
+    drop(apps);
+    cluster.destroy().unwrap();
 }

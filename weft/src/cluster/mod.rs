@@ -10,7 +10,8 @@
 //!   in `spawn_blocking`), [`destroy`] removes a cluster by name only, so it works after a crash.
 //! - [`in_netns`], [`command_in`], [`spawn_in`] run code and processes inside a namespace.
 //!
-//! Layout (two nodes; more hang their `eth0` off a bridge in `weft-<cluster>-fabric`):
+//! Layout (two nodes, IPv4; more nodes hang their `eth0` off a bridge in
+//! `weft-<cluster>-fabric`; dual stack adds the `fd..` addresses of [`plan`]):
 //!
 //! ```text
 //!  pod netns                node netns weft-c-node-a              node netns weft-c-node-b
@@ -216,6 +217,13 @@ pub fn bpf_pin_dir(cluster: &str) -> PathBuf {
     Path::new(BPF_PIN_ROOT).join(cluster)
 }
 
+/// Where a node's ztunnel should pin its eBPF objects (`ebpf::CaptureConfig::pin_dir`):
+/// `/sys/fs/bpf/weft/<cluster>/<node>`, so that [`destroy`] removes them with the cluster.
+/// Node and cluster names carry no dot, which bpffs refuses.
+pub fn node_bpf_pin_dir(cluster: &str, node: &str) -> PathBuf {
+    bpf_pin_dir(cluster).join(node)
+}
+
 /// Whether this process can build clusters: root, and a working `ip netns`.
 pub fn check_environment() -> Result<(), ClusterError> {
     let uid = nix::unistd::geteuid();
@@ -249,14 +257,19 @@ fn write_state(state: &State) -> Result<(), ClusterError> {
 /// Makes every namespace, then the links between nodes, then the pods.
 fn build(state: &mut State) -> Result<(), ClusterError> {
     write_state(state)?;
+    let dual_stack = state.plan.gateways.iter().any(IpAddr::is_ipv6);
     for ns in state.plan.netns_names() {
         ip(&["netns", "add", &ns])?;
         state.namespaces.push(ns.clone());
         ip_in(&ns, &["link", "set", "lo", "up"])?;
+        if dual_stack {
+            // Interfaces made from now on skip duplicate address detection, so IPv6 works at
+            // once instead of after a second or two.
+            sysctl_in(&ns, &["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
+        }
     }
     write_state(state)?;
     let plan = &state.plan;
-    let gateway = Cidr::host(plan.gateway).to_string();
 
     // The links between nodes: one veth for two nodes, else a bridge in the fabric namespace.
     match (&plan.fabric, plan.nodes.as_slice()) {
@@ -295,17 +308,25 @@ fn build(state: &mut State) -> Result<(), ClusterError> {
 
     for node in &plan.nodes {
         let ns = &node.netns;
-        ip_in(ns, &["addr", "add", &node.link_addr.to_string(), "dev", &node.uplink])?;
+        for addr in &node.link_addrs {
+            add_addr(ns, *addr, &node.uplink)?;
+        }
         ip_in(ns, &["link", "set", &node.uplink, "up"])?;
-        // The pods' next hop: link scope, so the node never picks it as a source address.
-        ip_in(ns, &["addr", "add", &gateway, "dev", "lo", "scope", "link"])?;
+        for gateway in plan.gateways.iter().filter(|g| g.is_ipv4()) {
+            // The pods' next hop: link scope, so the node never picks it as a source address.
+            let gateway = Cidr::host(*gateway).to_string();
+            ip_in(ns, &["addr", "add", &gateway, "dev", "lo", "scope", "link"])?;
+        }
         for other in plan.nodes.iter().filter(|o| o.name != node.name) {
-            for cidr in &other.pod_cidrs {
-                let via = other.link_addr.addr.to_string();
-                ip_in(ns, &["route", "add", &cidr.to_string(), "via", &via, "dev", &node.uplink])?;
+            for (cidr, via) in other.pod_cidrs.iter().zip(&other.link_addrs) {
+                let (cidr, via) = (cidr.to_string(), via.addr.to_string());
+                ip_in(ns, &["route", "add", &cidr, "via", &via, "dev", &node.uplink])?;
             }
         }
         let mut sysctls = vec!["net.ipv4.ip_forward=1".to_string()];
+        if dual_stack {
+            sysctls.push("net.ipv6.conf.all.forwarding=1".into());
+        }
         for pod in plan.pods_on(&node.name) {
             build_pod(plan, node, pod)?;
             sysctls.push(format!("net.ipv4.conf.{}.proxy_arp=1", pod.host_veth));
@@ -317,22 +338,42 @@ fn build(state: &mut State) -> Result<(), ClusterError> {
 
 fn build_pod(plan: &Plan, node: &NodePlan, pod: &PodPlan) -> Result<(), ClusterError> {
     let (node_ns, pod_ns) = (&node.netns, &pod.netns);
-    let gateway = plan.gateway.to_string();
     ip_in(
         node_ns,
         &["link", "add", &pod.host_veth, "type", "veth", "peer", "name", &pod.iface, "netns", pod_ns],
     )?;
     for ip in &pod.ips {
-        ip_in(pod_ns, &["addr", "add", &Cidr::host(*ip).to_string(), "dev", &pod.iface])?;
+        add_addr(pod_ns, Cidr::host(*ip), &pod.iface)?;
     }
     ip_in(pod_ns, &["link", "set", &pod.iface, "up"])?;
-    ip_in(pod_ns, &["route", "add", &gateway, "dev", &pod.iface, "scope", "link"])?;
-    ip_in(pod_ns, &["route", "add", "default", "via", &gateway, "dev", &pod.iface])?;
+    for gateway in &plan.gateways {
+        let gw = gateway.to_string();
+        if gateway.is_ipv4() {
+            ip_in(pod_ns, &["route", "add", &gw, "dev", &pod.iface, "scope", "link"])?;
+            ip_in(pod_ns, &["route", "add", "default", "via", &gw, "dev", &pod.iface])?;
+        } else {
+            ip_in(pod_ns, &["-6", "route", "add", "default", "via", &gw, "dev", &pod.iface])?;
+        }
+    }
     ip_in(node_ns, &["link", "set", &pod.host_veth, "up"])?;
+    for gateway in plan.gateways.iter().filter(|g| g.is_ipv6()) {
+        // IPv6 has no proxy ARP: the host veth itself holds the link-local next hop.
+        add_addr(node_ns, Cidr { addr: *gateway, prefix_len: 64 }, &pod.host_veth)?;
+    }
     for ip in &pod.ips {
         ip_in(node_ns, &["route", "add", &Cidr::host(*ip).to_string(), "dev", &pod.host_veth])?;
     }
     Ok(())
+}
+
+/// `ip addr add`; IPv6 addresses skip duplicate address detection (`nodad`).
+fn add_addr(netns: &str, addr: Cidr, dev: &str) -> Result<(), ClusterError> {
+    let text = addr.to_string();
+    let mut args = vec!["addr", "add", text.as_str(), "dev", dev];
+    if addr.addr.is_ipv6() {
+        args.push("nodad");
+    }
+    ip_in(netns, &args).map(drop)
 }
 
 /// The plan puts a fabric in every cluster that does not have exactly two nodes.

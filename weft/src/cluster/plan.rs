@@ -2,19 +2,20 @@
 //! name, its nodes and its pods. Pure: no syscalls, no commands; the same input gives the same
 //! plan (pods are numbered in (namespace, name) order, not input order).
 //!
-//! Addressing (IPv4 today; every address is an `IpAddr`/[`Cidr`] so a v6 pod CIDR can be added
-//! beside the v4 one without changing the types):
-//! - node `i` (0-based): netns `weft-<cluster>-<node>`, uplink `eth0` with `172.30.0.<i+1>/24`,
-//!   pod CIDR `10.10.<i+1>.0/24`; two nodes share one veth, more (or one) hang off a bridge
-//!   `br0` in `weft-<cluster>-fabric`.
-//! - pod: netns `weft-<cluster>-pod-<namespace>-<name>`, `eth0` with a /32 from its node's
-//!   CIDR (`.2` upwards; `.1` stays free for the node), on-link default route via
-//!   `169.254.1.1`, which the node holds (link scope, on `lo`) and answers ARP for.
+//! Addressing (IPv4 always; IPv6 beside it when the spec asks for dual stack; every list of
+//! addresses is per family, IPv4 first):
+//! - node `i` (0-based): netns `weft-<cluster>-<node>`, uplink `eth0` with `172.30.0.<i+1>/24`
+//!   (`fd30::<i+1>/64`), pod CIDR `10.10.<i+1>.0/24` (`fd10:10:0:<i+1>::/64`); two nodes share
+//!   one veth, one or more than two hang off a bridge `br0` in `weft-<cluster>-fabric`.
+//! - pod: netns `weft-<cluster>-pod-<namespace>-<name>`, `eth0` with a /32 (/128) from its
+//!   node's CIDR (`.2` upwards; `.1` stays free for the node), on-link default route via
+//!   `169.254.1.1`, which the node holds (link scope, on `lo`) and answers ARP for (IPv6: via
+//!   `fe80::1`, held by the pod's host veth).
 //! - the pod's veth on the node is `wf<8 hex digits>` (FNV-1a of cluster, namespace, name).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -44,7 +45,10 @@ pub struct ClusterSpec {
     /// Node names, DNS labels; order decides their addresses.
     pub nodes: Vec<String>,
     pub pods: Vec<PodSpec>,
+    /// IPv4 ranges.
     pub addressing: Addressing,
+    /// IPv6 ranges for dual stack (off by default; [`Addressing::default_v6`] is a choice).
+    pub ipv6: Option<Addressing>,
 }
 
 /// A pod to place on a node.
@@ -64,7 +68,8 @@ pub struct Addressing {
     /// Split into one `pod_prefix_len` CIDR per node; node `i` gets subnet `i + 1`.
     pub pod_supernet: Cidr,
     pub pod_prefix_len: u8,
-    /// The pods' next hop: an address every node holds on `lo` (link scope).
+    /// The pods' next hop. IPv4: an address every node holds on `lo` (link scope) and answers
+    /// ARP for. IPv6: a link-local address every pod's host veth holds.
     pub gateway: IpAddr,
 }
 
@@ -81,7 +86,8 @@ pub struct Plan {
     pub cluster: String,
     /// `weft-<cluster>-`: every namespace of the cluster, and only those, starts with it.
     pub netns_prefix: String,
-    pub gateway: IpAddr,
+    /// The pods' next hop per address family (IPv4 first), as in [`Addressing::gateway`].
+    pub gateways: Vec<IpAddr>,
     pub nodes: Vec<NodePlan>,
     /// Sorted by (node order, namespace, name).
     pub pods: Vec<PodPlan>,
@@ -96,9 +102,9 @@ pub struct NodePlan {
     pub netns: String,
     /// The uplink's name inside the node namespace (`eth0`).
     pub uplink: String,
-    /// The uplink's address, e.g. `172.30.0.1/24`.
-    pub link_addr: Cidr,
-    /// The node's pod CIDRs (IPv4 today; an IPv6 one may follow).
+    /// The uplink's addresses, one per family (IPv4 first), e.g. `172.30.0.1/24`.
+    pub link_addrs: Vec<Cidr>,
+    /// The node's pod CIDRs, one per family (IPv4 first), e.g. `10.10.1.0/24`.
     pub pod_cidrs: Vec<Cidr>,
 }
 
@@ -109,7 +115,7 @@ pub struct PodPlan {
     pub namespace: String,
     pub node: String,
     pub netns: String,
-    /// The pod's addresses, one per family of its node's pod CIDRs (each a /32 or /128).
+    /// The pod's addresses, one per family (IPv4 first; each a /32 or /128 on `iface`).
     pub ips: Vec<IpAddr>,
     /// The pod's interface inside its namespace (`eth0`).
     pub iface: String,
@@ -174,6 +180,7 @@ impl ClusterSpec {
             nodes: DEFAULT_NODES.iter().map(|n| n.to_string()).collect(),
             pods: Vec::new(),
             addressing: Addressing::default(),
+            ipv6: None,
         }
     }
 
@@ -181,6 +188,17 @@ impl ClusterSpec {
     pub fn pod(mut self, namespace: &str, name: &str, node: &str) -> Self {
         self.pods.push(PodSpec { name: name.into(), namespace: namespace.into(), node: node.into() });
         self
+    }
+
+    /// Turns dual stack on with [`Addressing::default_v6`] (builder style).
+    pub fn dual_stack(mut self) -> Self {
+        self.ipv6 = Some(Addressing::default_v6());
+        self
+    }
+
+    /// The address families' ranges, IPv4 first.
+    pub fn families(&self) -> Vec<&Addressing> {
+        std::iter::once(&self.addressing).chain(&self.ipv6).collect()
     }
 
     /// Computes the plan, or says what is wrong with the spec.
@@ -196,6 +214,21 @@ impl Default for Addressing {
             pod_supernet: Cidr { addr: IpAddr::V4(Ipv4Addr::new(10, 10, 0, 0)), prefix_len: 16 },
             pod_prefix_len: 24,
             gateway: IpAddr::V4(Ipv4Addr::new(169, 254, 1, 1)),
+        }
+    }
+}
+
+impl Addressing {
+    /// IPv6 ranges: node link `fd30::/64`, pod CIDRs `fd10:10:0:<i+1>::/64`, gateway `fe80::1`.
+    pub fn default_v6() -> Self {
+        Addressing {
+            node_link: Cidr { addr: IpAddr::V6(Ipv6Addr::new(0xfd30, 0, 0, 0, 0, 0, 0, 0)), prefix_len: 64 },
+            pod_supernet: Cidr {
+                addr: IpAddr::V6(Ipv6Addr::new(0xfd10, 0x10, 0, 0, 0, 0, 0, 0)),
+                prefix_len: 48,
+            },
+            pod_prefix_len: 64,
+            gateway: IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
         }
     }
 }
@@ -317,28 +350,35 @@ impl Plan {
     /// Checks the spec and computes every name and address.
     pub fn new(spec: &ClusterSpec) -> Result<Plan, PlanError> {
         check_cluster_name(&spec.name)?;
-        let addressing = &spec.addressing;
-        check_addressing(addressing)?;
+        let families = spec.families();
+        if !spec.addressing.pod_supernet.addr.is_ipv4()
+            || spec.ipv6.as_ref().is_some_and(|a| a.pod_supernet.addr.is_ipv4())
+        {
+            return Err(PlanError::Addressing("`addressing` must be IPv4 and `ipv6` IPv6".into()));
+        }
+        for addressing in &families {
+            check_addressing(addressing)?;
+        }
         if spec.nodes.is_empty() {
             return Err(PlanError::NoNodes);
         }
         let prefix = netns_prefix(&spec.name);
 
         // Nodes, in the given order.
-        let link = addressing.node_link;
-        let supernet = addressing.pod_supernet;
-        let subnets = 1u128
-            .checked_shl(u32::from(addressing.pod_prefix_len - supernet.prefix_len))
-            .unwrap_or(u128::MAX);
-        let capacity = link.pod_capacity().saturating_add(1).min(subnets.saturating_sub(1));
-        if spec.nodes.len() as u128 > capacity {
-            return Err(PlanError::TooManyNodes {
-                nodes: spec.nodes.len(),
-                link,
-                supernet,
-                prefix_len: addressing.pod_prefix_len,
-                capacity,
-            });
+        for a in &families {
+            let (link, supernet) = (a.node_link, a.pod_supernet);
+            let subnets =
+                1u128.checked_shl(u32::from(a.pod_prefix_len - supernet.prefix_len)).unwrap_or(u128::MAX);
+            let capacity = link.pod_capacity().saturating_add(1).min(subnets.saturating_sub(1));
+            if spec.nodes.len() as u128 > capacity {
+                return Err(PlanError::TooManyNodes {
+                    nodes: spec.nodes.len(),
+                    link,
+                    supernet,
+                    prefix_len: a.pod_prefix_len,
+                    capacity,
+                });
+            }
         }
         let mut nodes = Vec::with_capacity(spec.nodes.len());
         let mut seen = BTreeSet::new();
@@ -356,8 +396,16 @@ impl Plan {
                 name: name.clone(),
                 netns: checked_netns(format!("{prefix}{name}"))?,
                 uplink: UPLINK.to_string(),
-                link_addr: link.nth_with_len(i + 1).ok_or_else(too_many)?,
-                pod_cidrs: vec![supernet.subnet(addressing.pod_prefix_len, i + 1).ok_or_else(too_many)?],
+                link_addrs: families
+                    .iter()
+                    .map(|a| a.node_link.nth_with_len(i + 1))
+                    .collect::<Option<_>>()
+                    .ok_or_else(too_many)?,
+                pod_cidrs: families
+                    .iter()
+                    .map(|a| a.pod_supernet.subnet(a.pod_prefix_len, i + 1))
+                    .collect::<Option<_>>()
+                    .ok_or_else(too_many)?,
             });
         }
 
@@ -441,7 +489,7 @@ impl Plan {
         Ok(Plan {
             cluster: spec.name.clone(),
             netns_prefix: prefix,
-            gateway: addressing.gateway,
+            gateways: families.iter().map(|a| a.gateway).collect(),
             nodes,
             pods,
             fabric,
@@ -472,12 +520,30 @@ impl Plan {
     }
 }
 
+impl NodePlan {
+    /// The uplink's IPv4 address.
+    pub fn link_ipv4(&self) -> Option<Ipv4Addr> {
+        self.link_addrs.iter().find_map(|c| match c.addr {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        })
+    }
+}
+
 impl PodPlan {
-    /// The pod's IPv4 address (every pod has one today).
+    /// The pod's IPv4 address (every pod has one).
     pub fn ipv4(&self) -> Option<Ipv4Addr> {
         self.ips.iter().find_map(|ip| match ip {
             IpAddr::V4(a) => Some(*a),
             IpAddr::V6(_) => None,
+        })
+    }
+
+    /// The pod's IPv6 address, when the cluster is dual stack.
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
         })
     }
 }
@@ -525,6 +591,11 @@ fn check_addressing(a: &Addressing) -> Result<(), PlanError> {
             "pod prefix length /{} does not fit in the pod supernet {}",
             a.pod_prefix_len, a.pod_supernet
         )));
+    }
+    if let IpAddr::V6(gw) = a.gateway {
+        if !gw.is_unicast_link_local() {
+            return Err(PlanError::Addressing(format!("IPv6 gateway {gw} must be link-local (fe80::/10)")));
+        }
     }
     if a.pod_supernet.contains(a.gateway) || a.node_link.contains(a.gateway) {
         return Err(PlanError::Addressing(format!(

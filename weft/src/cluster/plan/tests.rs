@@ -23,11 +23,11 @@ fn default_two_nodes_share_one_veth_and_pods_get_addresses_from_their_node() {
     let b = plan.node("node-b").unwrap();
     assert_eq!(a.netns, "weft-dev-node-a");
     assert_eq!(a.uplink, "eth0");
-    assert_eq!(a.link_addr.to_string(), "172.30.0.1/24");
-    assert_eq!(b.link_addr.to_string(), "172.30.0.2/24");
+    assert_eq!(a.link_addrs[0].to_string(), "172.30.0.1/24");
+    assert_eq!(b.link_addrs[0].to_string(), "172.30.0.2/24");
     assert_eq!(a.pod_cidrs[0].to_string(), "10.10.1.0/24");
     assert_eq!(b.pod_cidrs[0].to_string(), "10.10.2.0/24");
-    assert_eq!(plan.gateway.to_string(), "169.254.1.1");
+    assert_eq!(plan.gateways, vec!["169.254.1.1".parse::<IpAddr>().unwrap()]);
 
     let client = plan.pod("default", "client").unwrap();
     assert_eq!(client.netns, "weft-dev-pod-default-client");
@@ -69,7 +69,7 @@ fn one_or_three_nodes_use_a_fabric_bridge() {
     assert_eq!(fabric.netns, "weft-big-fabric");
     assert_eq!(fabric.bridge, "br0");
     assert_eq!(fabric.ports.len(), 3);
-    assert_eq!(plan.node("n3").unwrap().link_addr.to_string(), "172.30.0.3/24");
+    assert_eq!(plan.node("n3").unwrap().link_addrs[0].to_string(), "172.30.0.3/24");
     assert_eq!(plan.pod("default", "x").unwrap().ips[0].to_string(), "10.10.3.2");
     assert_eq!(plan.netns_names()[0], "weft-big-fabric");
 
@@ -154,6 +154,38 @@ fn cidr_arithmetic_works_for_both_families() {
     let json = serde_json::to_string(&v6).unwrap();
     assert_eq!(json, "\"fd00:10::/48\"");
     assert_eq!(serde_json::from_str::<Cidr>(&json).unwrap(), v6);
+}
+
+#[test]
+fn dual_stack_gives_every_node_and_pod_an_ipv6_address_too() {
+    let plan = two_by_two().dual_stack().plan().unwrap();
+    let b = plan.node("node-b").unwrap();
+    assert_eq!(
+        b.link_addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["172.30.0.2/24", "fd30::2/64"]
+    );
+    assert_eq!(
+        b.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["10.10.2.0/24", "fd10:10:0:2::/64"]
+    );
+    assert_eq!(plan.gateways.iter().map(ToString::to_string).collect::<Vec<_>>(), ["169.254.1.1", "fe80::1"]);
+    let pay = plan.pod("shop", "pay").unwrap();
+    assert_eq!(pay.ips.iter().map(ToString::to_string).collect::<Vec<_>>(), ["10.10.2.3", "fd10:10:0:2::3"]);
+    assert_eq!(pay.ipv6().unwrap().to_string(), "fd10:10:0:2::3");
+    // The IPv4 half is the same plan as without IPv6.
+    let v4 = two_by_two().plan().unwrap();
+    assert_eq!(
+        v4.pods.iter().map(|p| p.ips[0]).collect::<Vec<_>>(),
+        plan.pods.iter().map(|p| p.ips[0]).collect::<Vec<_>>()
+    );
+    assert_eq!(v4.pod("shop", "pay").unwrap().ipv6(), None);
+
+    let mut spec = two_by_two().dual_stack();
+    spec.ipv6.as_mut().unwrap().gateway = "fd00::1".parse().unwrap();
+    assert!(err(&spec).contains("must be link-local"), "{}", err(&spec));
+    let mut spec = two_by_two();
+    spec.ipv6 = Some(Addressing::default());
+    assert!(err(&spec).contains("must be IPv4 and `ipv6` IPv6"), "{}", err(&spec));
 }
 
 #[test]
