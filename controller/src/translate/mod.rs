@@ -13,9 +13,7 @@ use std::net::IpAddr;
 use tracing::warn;
 use weft_core::config::kube::{Pod, Service as KubeService};
 use weft_core::config::meta::Labels;
-use weft_core::config::security::{
-    AuthorizationAction, AuthorizationPolicy, MtlsMode, PeerAuthentication, Rule,
-};
+use weft_core::config::security::{AuthorizationAction, AuthorizationPolicy, Rule};
 use weft_core::config::types::IntOrString;
 use weft_core::config::Object;
 use weft_core::proto::istio::security::{
@@ -26,6 +24,7 @@ use weft_core::proto::istio::workload::{
     PortList, Service, TunnelProtocol, Workload, WorkloadStatus, WorkloadType,
 };
 
+pub mod mtls;
 pub mod waypoint;
 
 use crate::model::{Model, WaypointRef, NONE, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
@@ -86,16 +85,18 @@ pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot
                 Some(a) => XdsResource::authorization(&a),
                 None => continue,
             },
-            Object::PeerAuthentication(pa) => match peer_authentication(pa) {
-                Some(a) => XdsResource::authorization(&a),
-                None => continue,
-            },
             Object::KubeGateway(gw) if gw.is_waypoint() => {
                 Ok(XdsResource::waypoint(&waypoint::waypoint(model, gw, trust_domain)))
             }
             _ => continue,
         };
         match resource {
+            Ok(resource) => resources.push(resource),
+            Err(e) => warn!(error = %e, "resource left out of the xDS snapshot"),
+        }
+    }
+    for policy in index.mtls.authorizations(model) {
+        match XdsResource::authorization(&policy) {
             Ok(resource) => resources.push(resource),
             Err(e) => warn!(error = %e, "resource left out of the xDS snapshot"),
         }
@@ -204,35 +205,6 @@ pub fn service(model: &Model, svc: &KubeService) -> Option<Service> {
         subject_alt_names: Vec::new(),
         waypoint: service_waypoint(model, svc).map(|wp| gateway(&wp)),
         ..Default::default()
-    })
-}
-
-/// A mesh-wide (root namespace) or namespace-wide STRICT PeerAuthentication as ztunnel receives
-/// it in Istio: a DENY `Authorization` named `converted_peer_authentication_<name>` refusing
-/// callers without a peer identity (plaintext). Not yet converted: workload-selector policies
-/// and port-level modes; and a narrower PERMISSIVE does not relax a broader STRICT (stricter
-/// than Istio, never looser).
-pub fn peer_authentication(pa: &PeerAuthentication) -> Option<Authorization> {
-    let meta = &pa.metadata;
-    if pa.spec.selector.is_some() {
-        warn!(policy = %meta.name, namespace = %meta.namespace, "workload-selector PeerAuthentication is not converted for ztunnels yet");
-        return None;
-    }
-    if pa.spec.mtls.as_ref().map(|m| m.mode) != Some(MtlsMode::Strict) {
-        return None;
-    }
-    let scope =
-        if meta.namespace == ROOT_NAMESPACE { security::Scope::Global } else { security::Scope::Namespace };
-    let unauthenticated = Match {
-        not_principals: vec![StringMatch { match_type: Some(MatchType::Presence(())) }],
-        ..Default::default()
-    };
-    Some(Authorization {
-        name: format!("converted_peer_authentication_{}", meta.name),
-        namespace: meta.namespace.clone(),
-        scope: scope as i32,
-        action: security::Action::Deny as i32,
-        groups: vec![Group { rules: vec![Rules { matches: vec![unauthenticated] }] }],
     })
 }
 
@@ -438,11 +410,16 @@ fn ports(values: &[String]) -> Result<Vec<u32>, String> {
 struct Index<'m> {
     services: HashMap<&'m str, Vec<&'m KubeService>>,
     policies: HashMap<&'m str, Vec<&'m AuthorizationPolicy>>,
+    mtls: mtls::PeerAuthentications<'m>,
 }
 
 impl<'m> Index<'m> {
     fn of(model: &'m Model) -> Index<'m> {
-        let mut index = Index { services: HashMap::new(), policies: HashMap::new() };
+        let mut index = Index {
+            services: HashMap::new(),
+            policies: HashMap::new(),
+            mtls: mtls::PeerAuthentications::of(model),
+        };
         for object in model.objects() {
             match object {
                 Object::Service(svc) if svc.spec.selector.as_ref().is_some_and(|sel| !sel.is_empty()) => {
@@ -482,7 +459,8 @@ fn services_of(index: &Index<'_>, pod: &Pod) -> BTreeMap<String, PortList> {
 
 /// `namespace/name` of the policies ztunnel enforces on `pod`: those selecting it (in its
 /// namespace, or in the root namespace for every namespace), its namespace's and the mesh-wide
-/// ones, in the model's order (by namespace, then name). Istio lists only the selector policies
+/// ones, in the model's order (by namespace, then name); then its PeerAuthentication's
+/// ([`mtls`]). Istio lists only the selector policies
 /// and ztunnel finds the others by scope; listing them as well changes nothing, as a policy's
 /// verdict does not depend on how often it is found.
 fn policies_of(index: &Index<'_>, pod: &Pod) -> Vec<String> {
@@ -497,6 +475,7 @@ fn policies_of(index: &Index<'_>, pod: &Pod) -> Vec<String> {
         .flat_map(|ns| Index::in_namespace(&index.policies, ns))
         .filter(|p| p.spec.selector.as_ref().is_none_or(|sel| sel.matches(&pod.metadata.labels)))
         .map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name))
+        .chain(index.mtls.policies_of(pod))
         .collect()
 }
 

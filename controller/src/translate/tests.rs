@@ -180,16 +180,17 @@ fn workloads_list_their_services_and_policies() {
     );
     let mut names = web.authorization_policies.clone();
     names.sort();
-    assert_eq!(names, ["istio-system/mesh-deny", "shop/l7", "shop/ns-wide", "shop/web-only"]);
+    let strict = "istio-system/istio_converted_static_strict";
+    assert_eq!(names, [strict, "istio-system/mesh-deny", "shop/l7", "shop/ns-wide", "shop/web-only"]);
 
     let batch = workload(&m, pod(&m, "shop", "batch"), TD, CLUSTER).unwrap();
     assert!(batch.services.is_empty());
     let mut names = batch.authorization_policies.clone();
     names.sort();
-    assert_eq!(names, ["istio-system/mesh-deny", "shop/l7", "shop/ns-wide"]);
+    assert_eq!(names, [strict, "istio-system/mesh-deny", "shop/l7", "shop/ns-wide"]);
 
     let old = workload(&m, pod(&m, "legacy", "old"), TD, CLUSTER).unwrap();
-    assert_eq!(old.authorization_policies, ["istio-system/mesh-deny"]);
+    assert_eq!(old.authorization_policies, ["istio-system/mesh-deny", strict]);
 }
 
 #[test]
@@ -235,7 +236,7 @@ fn snapshot_holds_addresses_and_policies() {
     assert_eq!(
         names(AUTHORIZATION_TYPE_URL),
         [
-            "istio-system/converted_peer_authentication_strict",
+            "istio-system/istio_converted_static_strict",
             "istio-system/mesh-deny",
             "shop/l7",
             "shop/ns-wide",
@@ -436,8 +437,11 @@ spec:
     assert_eq!(v1, v1beta1);
 }
 
+/// Mesh STRICT, `shop` PERMISSIVE (overrides the mesh), `web` pods STRICT with port 8080
+/// PERMISSIVE, `db` pods UNSET with port 5432 STRICT (inherit PERMISSIVE from the namespace),
+/// `legacy` inherits the mesh's STRICT; an older workload policy wins over a newer one.
 #[test]
-fn strict_peer_authentication_becomes_a_deny_for_callers_without_identity() {
+fn peer_authentication_precedence_and_port_levels() {
     let yaml = r#"
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -446,52 +450,93 @@ spec: {mtls: {mode: STRICT}}
 ---
 apiVersion: security.istio.io/v1beta1
 kind: PeerAuthentication
-metadata: {name: shop-strict, namespace: shop}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: lax, namespace: legacy}
+metadata: {name: lax, namespace: shop}
 spec: {mtls: {mode: PERMISSIVE}}
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
-metadata: {name: one, namespace: shop}
-spec: {selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}
+metadata: {name: web, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec: {selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}, portLevelMtls: {"8080": {mode: PERMISSIVE}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web-newer, namespace: shop, creationTimestamp: "2026-02-01T00:00:00Z"}
+spec: {selector: {matchLabels: {app: web}}, mtls: {mode: DISABLE}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: db, namespace: shop}
+spec: {selector: {matchLabels: {app: db}}, portLevelMtls: {"5432": {mode: STRICT}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: cache, namespace: shop}
+spec: {selector: {matchLabels: {app: cache}}, mtls: {mode: STRICT}}
 "#;
-    let mut m = Model::default();
-    let mut got = Vec::new();
-    for doc in load_yaml(yaml, "pa.yaml") {
-        let object = doc.result.unwrap().object;
-        if let Object::PeerAuthentication(pa) = &object {
-            got.push(peer_authentication(pa));
-        }
-        m.apply(Change::Upsert(Box::new(object)));
-    }
-    let deny_plaintext = vec![Group {
-        rules: vec![Rules {
-            matches: vec![Match {
-                not_principals: vec![StringMatch { match_type: Some(MatchType::Presence(())) }],
-                ..Default::default()
-            }],
-        }],
-    }];
-    let mesh = got[0].as_ref().unwrap();
-    assert_eq!(mesh.name, "converted_peer_authentication_default");
-    assert_eq!((mesh.scope, mesh.action), (security::Scope::Global as i32, security::Action::Deny as i32));
-    assert_eq!(mesh.groups, deny_plaintext);
-    let ns = got[1].as_ref().unwrap();
-    assert_eq!((ns.namespace.as_str(), ns.scope), ("shop", security::Scope::Namespace as i32));
-    assert_eq!(ns.groups, deny_plaintext);
-    assert!(got[2].is_none(), "PERMISSIVE adds nothing");
-    assert!(got[3].is_none(), "workload-selector PeerAuthentication is not converted yet");
+    let pods = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+status: {podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+status: {podIP: 10.0.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cache, namespace: shop, labels: {app: cache}}
+status: {podIP: 10.0.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: shop}
+status: {podIP: 10.0.1.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: old, namespace: legacy}
+status: {podIP: 10.0.2.1}
+"#;
+    let m = model(&format!("{yaml}---{pods}"));
+    let listed =
+        |ns: &str, name: &str| workload(&m, pod(&m, ns, name), TD, CLUSTER).unwrap().authorization_policies;
+    let strict = "istio-system/istio_converted_static_strict";
+    assert_eq!(listed("shop", "web"), ["shop/converted_peer_authentication_web"]);
+    assert_eq!(listed("shop", "db"), ["shop/converted_peer_authentication_db"]);
+    assert_eq!(listed("shop", "cache"), [strict]);
+    assert!(listed("shop", "other").is_empty(), "the namespace's PERMISSIVE overrides the mesh");
+    assert_eq!(listed("legacy", "old"), [strict]);
+
     let snap = snapshot(&m, TD, CLUSTER);
-    let names: Vec<_> = snap.resources(AUTHORIZATION_TYPE_URL).map(|r| r.name().to_owned()).collect();
+    let policy = |name: &str| {
+        let r = snap.get(AUTHORIZATION_TYPE_URL, name).unwrap_or_else(|| panic!("no {name}"));
+        <Authorization as prost::Message>::decode(r.body().value.as_slice()).unwrap()
+    };
+    let no_identity = || Match {
+        not_principals: vec![StringMatch { match_type: Some(MatchType::Presence(())) }],
+        ..Default::default()
+    };
+    let deny =
+        |rules: Vec<Rules>| (security::Scope::WorkloadSelector as i32, security::Action::Deny as i32, rules);
+    let shape = |a: Authorization| {
+        (a.scope, a.action, a.groups.into_iter().flat_map(|g| g.rules).collect::<Vec<_>>())
+    };
+    assert_eq!(shape(policy(strict)), deny(vec![Rules { matches: vec![no_identity()] }]));
+    // STRICT except 8080: plaintext AND not to 8080.
     assert_eq!(
-        names,
-        [
-            "istio-system/converted_peer_authentication_default",
-            "shop/converted_peer_authentication_shop-strict"
-        ]
+        shape(policy("shop/converted_peer_authentication_web")),
+        deny(vec![
+            Rules { matches: vec![no_identity()] },
+            Rules { matches: vec![Match { not_destination_ports: vec![8080], ..Default::default() }] },
+        ])
     );
+    // PERMISSIVE except 5432: plaintext to 5432.
+    assert_eq!(
+        shape(policy("shop/converted_peer_authentication_db")),
+        deny(vec![Rules { matches: vec![Match { destination_ports: vec![5432], ..no_identity() }] }])
+    );
+    let names: Vec<_> = snap.resources(AUTHORIZATION_TYPE_URL).map(|r| r.name().to_owned()).collect();
+    assert_eq!(names.len(), 3, "only listed policies are sent: {names:?}");
 }
