@@ -13,6 +13,7 @@
 //!   `<ns>/converted_peer_authentication_<name>`, listed on the workloads it selects: when the
 //!   workload is STRICT it refuses plaintext except on its PERMISSIVE/DISABLE ports; otherwise it
 //!   refuses plaintext on its STRICT ports only.
+//!
 //! DISABLE is treated as PERMISSIVE: ztunnel always accepts mTLS.
 
 use std::collections::{BTreeMap, HashMap};
