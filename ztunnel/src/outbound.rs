@@ -227,7 +227,8 @@ fn to_waypoint(
     };
     let unavailable =
         || OutboundError::WaypointUnavailable { waypoint: name.clone(), destination: destination.to_owned() };
-    let workload = match (&waypoint.destination, service) {
+    // The waypoint's pod, and the address to reach it at.
+    let (workload, ip) = match (&waypoint.destination, service) {
         (_, Some(service)) => {
             let candidates: Vec<&Arc<Workload>> = state
                 .endpoints(&service.key())
@@ -237,14 +238,14 @@ fn to_waypoint(
             if candidates.is_empty() {
                 return Err(unavailable());
             }
-            candidates[rr.pick(&service.key(), candidates.len())]
+            let workload = candidates[rr.pick(&service.key(), candidates.len())];
+            (workload, workload.address_like(original_dst.ip()).ok_or_else(unavailable)?)
         }
         (WaypointDestination::Address(addr), None) => {
-            state.workload_by_address(&addr.network, addr.ip).ok_or_else(unavailable)?
+            (state.workload_by_address(&addr.network, addr.ip).ok_or_else(unavailable)?, addr.ip)
         }
         (WaypointDestination::Service(_), None) => return Err(unavailable()),
     };
-    let ip = workload.address_like(original_dst.ip()).ok_or_else(unavailable)?;
     Ok(Tunnel {
         connect_to: SocketAddr::new(ip, waypoint.port),
         authority: original_dst,

@@ -11,13 +11,19 @@
 //! - A policy matches when any of its groups (Istio's rules) matches; a policy without groups
 //!   matches nothing (so an ALLOW without rules, "allow-nothing", denies everything). A group
 //!   matches when all of its clauses do (none: it matches everything); a clause when any of its
-//!   matches does; a match when each of its non-empty fields does. A positive field matches when
+//!   matches does (none: it matches everything); a match when each of its non-empty fields does
+//!   (a match without fields matches nothing). A positive field matches when
 //!   the connection has the attribute and one entry matches it; a `not_` field when the
 //!   connection lacks the attribute or no entry matches it. Hence a plaintext connection (no
 //!   peer identity) matches `not_principals: [presence]` — how a STRICT PeerAuthentication,
 //!   converted by the controller into a DENY policy, refuses plaintext — but never `principals`.
 //! - Principals are compared without the `spiffe://` scheme (`cluster.local/ns/a/sa/b`), the
 //!   form the controller sends; source namespaces and service accounts come from the identity.
+//!   Unlike Istio's ztunnel, an exact or prefix principal written *with* the scheme is accepted
+//!   too (Istio's never matches it, which would make such a DENY deny nothing).
+//! - A policy with a malformed part (a CIDR longer than its family, a port above 65535, a string
+//!   match without type) is refused whole, and the previous version, if any, stays. Istio's
+//!   ztunnel drops the malformed entry instead, which can make a DENY deny less.
 //! - A destination that is not a known workload is denied.
 
 use std::fmt;
@@ -177,7 +183,15 @@ impl Policy {
 
     /// Whether the connection matches any group (a policy without groups matches nothing).
     pub fn matches(&self, conn: &Connection) -> bool {
-        self.groups.iter().any(|g| g.clauses.iter().all(|c| c.matches.iter().any(|m| m.matches(conn))))
+        self.groups.iter().any(|g| g.clauses.iter().all(|c| c.matches(conn)))
+    }
+}
+
+impl Clause {
+    /// Any of its matches matches; a clause without matches matches everything, while a match
+    /// without fields matches nothing (both as in Istio's ztunnel).
+    fn matches(&self, conn: &Connection) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| !m.is_empty() && m.matches(conn))
     }
 }
 
@@ -230,6 +244,10 @@ impl Match {
             destination_ports: ports("destination_ports", &m.destination_ports)?,
             not_destination_ports: ports("not_destination_ports", &m.not_destination_ports)?,
         })
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Match::default()
     }
 
     fn matches(&self, conn: &Connection) -> bool {

@@ -114,6 +114,9 @@ pub enum StateError {
 
 /// The workloads, services and policies pushed by the controller, with the indexes the data
 /// path looks them up by.
+///
+/// The xDS client owns the writes; the listeners share it behind a lock (an `RwLock`: decisions
+/// only read, through `&ProxyState`). Lookups are in this proxy's network.
 #[derive(Debug, Default)]
 pub struct ProxyState {
     /// The network this proxy's node is on: sources and destinations are looked up in it.

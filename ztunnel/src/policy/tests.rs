@@ -116,6 +116,18 @@ fn istio_authorization_semantics() {
             allow(),
         ),
         (
+            "a clause without matches matches everything",
+            vec![policy("shop", "empty-clause", S::Namespace, A::Deny, vec![vec![vec![]]])],
+            conn(None, "10.0.2.1", 80),
+            denied_by("shop/empty-clause"),
+        ),
+        (
+            "a match without fields matches nothing",
+            vec![one_rule("empty-match", S::Namespace, A::Deny, vec![M::default()])],
+            conn(None, "10.0.2.1", 80),
+            allow(),
+        ),
+        (
             "DENY without rules denies nothing",
             vec![policy("shop", "deny-nothing", S::Namespace, A::Deny, vec![])],
             conn(None, "10.0.2.1", 80),
