@@ -292,7 +292,8 @@ async fn ztunnel(
     events: mpsc::UnboundedSender<Event>,
 ) -> anyhow::Result<()> {
     let channel = Channel::from_shared(endpoint)?.connect().await?;
-    let mut ads = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(usize::MAX);
+    // gRPC's default 4 MiB message limit: the first push (~6 MiB) must come in several responses.
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel);
     let string = |s: &str| Value { kind: Some(Kind::StringValue(s.to_owned())) };
     let node = Node {
         id: format!("ztunnel~10.0.0.{client}~ztunnel-{client}.istio-system~istio-system.svc.cluster.local"),

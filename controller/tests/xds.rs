@@ -906,3 +906,43 @@ fn protos_use_istio_and_envoy_field_numbers() -> anyhow::Result<()> {
     assert_eq!(field(&resource, 4)?, (2, b"a".to_vec()));
     Ok(())
 }
+
+/// A first push bigger than gRPC's default 4 MiB message limit arrives in several responses that
+/// a client with default limits reads, each ACKed; the next change is one small delta.
+#[tokio::test]
+async fn a_push_larger_than_a_grpc_message_is_split_into_responses() -> anyhow::Result<()> {
+    let mut snapshot = Snapshot::new("big");
+    for i in 0..20_000u32 {
+        let [_, _, hi, lo] = i.to_be_bytes();
+        let mut w = workload(&format!("c1//Pod/shop/web-{i}"), "node-a", [10, 2, hi, lo]);
+        // ~300 bytes each, as a pod with labels and a few services: ~6 MiB in all.
+        w.canonical_name = "x".repeat(200);
+        snapshot.insert(address_of(w));
+    }
+    let total: usize = snapshot.resources(ADDRESS_TYPE_URL).map(|r| r.body().value.len()).sum();
+    assert!(total > 5 << 20, "the test needs more than 4 MiB, has {total}");
+    let server = Running::start(Everything, snapshot).await?;
+    let mut ads = server.open(subscribe(Some(node(ZTUNNEL_A, "node-a")), ADDRESS_TYPE_URL)).await?;
+    let mut received = BTreeSet::new();
+    let mut responses = 0;
+    while received.len() < 20_000 {
+        let response = ads.recv_and_ack().await?;
+        assert!(response.encoded_len() < 4 << 20, "response of {} bytes", response.encoded_len());
+        let before = received.len();
+        received.extend(names(&response));
+        assert_eq!(received.len(), before + response.resources.len(), "no resource twice");
+        responses += 1;
+    }
+    assert!(responses >= 6, "{responses} responses");
+    let status =
+        server.client_where(|c| c.types.get(ADDRESS_TYPE_URL).is_some_and(|t| t.acks == responses)).await?;
+    assert_eq!(status.types[ADDRESS_TYPE_URL].acked.len(), 20_000);
+
+    let mut next = server.xds.snapshot().as_ref().clone().with_version("big-2");
+    next.remove(ADDRESS_TYPE_URL, "c1//Pod/shop/web-7");
+    server.xds.update(next);
+    let response = ads.recv_and_ack().await?;
+    assert!(response.resources.is_empty());
+    assert_eq!(response.removed_resources, ["c1//Pod/shop/web-7"]);
+    server.stop().await
+}

@@ -24,6 +24,9 @@ use super::subscription::{Delta, Subscription};
 
 /// Responses awaiting an (N)ACK per type; older ones are forgotten (a late ACK of one is ignored).
 const MAX_PENDING: usize = 64;
+/// The most resource bytes one response carries: a quarter of gRPC's usual 4 MiB message limit,
+/// leaving room for names, versions and framing.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 const SHUTTING_DOWN: &str = "the controller is shutting down; reconnect";
 
@@ -302,27 +305,57 @@ impl Connection {
         if delta.is_empty() && !always {
             return Ok(());
         }
-        let nonce = self.shared.nonce();
-        let response = response(type_url, snapshot.version(), &delta, &nonce);
         state.sub.sent(&delta);
-        if state.pending.len() == MAX_PENDING {
-            state.pending.pop_front();
+        // Large deltas (a first push to a ztunnel of a big mesh) go in several responses, each
+        // small enough for a gRPC client's default 4 MiB message limit; the client ACKs each.
+        for chunk in chunks(&delta) {
+            let nonce = self.shared.nonce();
+            let response = response(type_url, snapshot.version(), &chunk, &nonce);
+            if state.pending.len() == MAX_PENDING {
+                state.pending.pop_front();
+            }
+            state.pending.push_back(Pending {
+                nonce: nonce.clone(),
+                upserts: chunk
+                    .upserts
+                    .iter()
+                    .map(|r| (r.name().to_owned(), r.version().to_owned()))
+                    .collect(),
+                removed: chunk.removed.clone(),
+            });
+            self.shared.update_type(self.id, type_url, |t| t.responses += 1);
+            tracing::debug!(
+                type_url,
+                nonce,
+                resources = chunk.upserts.len(),
+                removed = chunk.removed.len(),
+                "push"
+            );
+            self.tx.send(Ok(response)).await.map_err(|_| Gone)?;
         }
-        state.pending.push_back(Pending {
-            nonce: nonce.clone(),
-            upserts: delta.upserts.iter().map(|r| (r.name().to_owned(), r.version().to_owned())).collect(),
-            removed: delta.removed.clone(),
-        });
-        self.shared.update_type(self.id, type_url, |t| t.responses += 1);
-        tracing::debug!(
-            type_url,
-            nonce,
-            resources = delta.upserts.len(),
-            removed = delta.removed.len(),
-            "push"
-        );
-        self.tx.send(Ok(response)).await.map_err(|_| Gone)
+        Ok(())
     }
+}
+
+/// `delta` split so that each response's resources take at most [`MAX_RESPONSE_BYTES`] (a
+/// single larger resource goes alone); removals go with the first. Never empty: an empty delta
+/// is one empty response.
+fn chunks<'s>(delta: &Delta<'s>) -> Vec<Delta<'s>> {
+    let mut out = vec![Delta { upserts: Vec::new(), removed: delta.removed.clone() }];
+    let mut size = 0;
+    for resource in &delta.upserts {
+        let len = resource.body().value.len() + resource.name().len() + resource.version().len();
+        let current = out.last().map_or(0, |c| c.upserts.len());
+        if current > 0 && size + len > MAX_RESPONSE_BYTES {
+            out.push(Delta { upserts: Vec::new(), removed: Vec::new() });
+            size = 0;
+        }
+        size += len;
+        if let Some(last) = out.last_mut() {
+            last.upserts.push(resource);
+        }
+    }
+    out
 }
 
 impl Drop for Registration {
