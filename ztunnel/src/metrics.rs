@@ -13,9 +13,11 @@
 //!   only: the opened counter is recorded when the connection arrives, before any outcome, so
 //!   it carries `-`. A policy refusal ([`Metrics::denied`]) therefore counts one connection
 //!   opened with `-` and one closed with `DENY`.
-//! - `connection_security_policy` is `mutual_tls` for HBONE; `none` for plaintext the proxy
-//!   knows to be plaintext (Istio's Envoy-based proxies use `none`; ztunnel writes `unknown`
-//!   where it did not check, which [`SecurityPolicy::Unknown`] covers).
+//! - `connection_security_policy` is `mutual_tls` for HBONE. Istio's ztunnel writes `unknown`
+//!   for everything else, including inbound plaintext ([`SecurityPolicy::Unknown`]: use it to
+//!   match ztunnel's series); `none` ([`SecurityPolicy::None`]) is what Istio's Envoy proxies
+//!   write for plaintext, available for callers that want it.
+//! - Help texts are Istio ztunnel's.
 
 use std::fmt::Write;
 
@@ -136,20 +138,21 @@ impl ConnectionLabels {
         }
     }
 
-    /// The source workload's labels, its principal being its identity.
+    /// The source workload's labels. Not its principal: as in Istio's ztunnel, that comes only
+    /// from the certificate identity actually used ([`ConnectionLabels::with_source_principal`]).
     pub fn with_source(mut self, w: &Workload) -> Self {
         self.source_workload = known(if w.workload_name.is_empty() { &w.name } else { &w.workload_name });
         self.source_canonical_service = known(&w.canonical_name);
         self.source_canonical_revision = known(&w.canonical_revision);
         self.source_workload_namespace = known(&w.namespace);
-        self.source_principal = w.identity.to_string();
         self.source_app = known(&w.canonical_name);
         self.source_version = known(&w.canonical_revision);
         self.source_cluster = known(&w.cluster_id);
         self
     }
 
-    /// The peer identity a destination saw (for a source the mesh does not know as a workload).
+    /// The source's identity from the mTLS handshake (the peer's certificate at the destination,
+    /// the source workload's own certificate at the source); stays `unknown` for plaintext.
     pub fn with_source_principal(mut self, identity: &Identity) -> Self {
         self.source_principal = identity.to_string();
         self
@@ -189,12 +192,24 @@ impl Metrics {
     /// `_total` to counters: `istio_tcp_connections_opened_total`, ...).
     pub fn register(&self, registry: &mut Registry) {
         let istio = registry.sub_registry_with_prefix("istio");
-        istio.register("tcp_connections_opened", "Total TCP connections opened", self.opened.clone());
-        istio.register("tcp_connections_closed", "Total TCP connections closed", self.closed.clone());
-        istio.register("tcp_sent_bytes", "Bytes sent during response on TCP connections", self.sent.clone());
+        istio.register(
+            "tcp_connections_opened",
+            "The total number of TCP connections opened",
+            self.opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "The total number of TCP connections closed",
+            self.closed.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection",
+            self.sent.clone(),
+        );
         istio.register(
             "tcp_received_bytes",
-            "Bytes received during request on TCP connections",
+            "The size of total bytes received during request in case of a TCP connection",
             self.received.clone(),
         );
     }

@@ -24,6 +24,7 @@ fn inbound_labels() -> ConnectionLabels {
     let svc = state.service_by_vip(ip("10.96.0.10")).unwrap();
     ConnectionLabels::new(Reporter::Destination, SecurityPolicy::MutualTls)
         .with_source(client)
+        .with_source_principal(&client.identity)
         .with_destination(web)
         .with_destination_service(svc)
 }
@@ -45,7 +46,10 @@ fn exposes_istio_metric_names_with_help_and_type() {
     for name in ["tcp_connections_opened", "tcp_connections_closed", "tcp_sent_bytes", "tcp_received_bytes"] {
         assert!(text.contains(&format!("# TYPE istio_{name} counter\n")), "{name}: {text}");
     }
-    assert!(text.contains("# HELP istio_tcp_connections_opened Total TCP connections opened.\n"), "{text}");
+    assert!(
+        text.contains("# HELP istio_tcp_connections_opened The total number of TCP connections opened.\n"),
+        "{text}"
+    );
     assert!(text.ends_with("# EOF\n"), "{text}");
 }
 
@@ -118,4 +122,13 @@ fn a_plaintext_source_principal_stays_unknown_and_a_peer_identity_is_written() {
     assert_eq!(labels.source_principal, "unknown");
     let id = weft_core::Identity::new("cluster.local", "other", "x").unwrap();
     assert_eq!(labels.with_source_principal(&id).source_principal, "spiffe://cluster.local/ns/other/sa/x");
+}
+
+#[test]
+fn a_source_workload_does_not_set_the_principal() {
+    let mut state = ProxyState::new("");
+    add_workload(&mut state, workload("shop", "client", "10.0.1.1"));
+    let client = state.workload_by_ip(ip("10.0.1.1")).unwrap();
+    let labels = ConnectionLabels::new(Reporter::Destination, SecurityPolicy::Unknown).with_source(client);
+    assert_eq!((labels.source_workload.as_str(), labels.source_principal.as_str()), ("client", "unknown"));
 }
