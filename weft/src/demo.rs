@@ -1,197 +1,224 @@
-//! The foundation demo: the controller (CA) as a process, two workloads' certificates from it,
-//! and a TCP echo carried through an HBONE tunnel between them on loopback.
+//! `weft demo`: brings up the shipped example (`examples/demo`) as a local two-node mesh, drives
+//! traffic between its pods with the real `curl` inside their network namespaces, shows what a
+//! user should see (identities, an allowed call that keeps the caller's address, a service call,
+//! a call refused by an L4 AuthorizationPolicy, a pod outside the mesh, the ztunnels' metrics),
+//! and removes the mesh, also on failure. Every check it prints is also an expectation: one that
+//! does not hold makes the command fail.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
 
-use anyhow::{bail, Context};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use weft_core::cert_manager::{CaClient, CertManager, CertificateSource, Token};
-use weft_core::hbone::{
-    ClientSettings, ConnectInfo, ConnectRequest, Inbound, Pool, Refusal, Server, ServerSettings,
-};
-use weft_core::tls::{WorkloadCertificate, DEFAULT_CERT_LIFETIME};
-use weft_core::{drain, Identity};
+use anyhow::Context;
+use serde_json::Value;
 
-const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/sleep";
-const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/echo";
-const MESSAGE: &[u8] = b"hello through HBONE";
+use crate::up::{self, Mesh, UpOptions};
 
-pub async fn run(bin_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let client_id: Identity = CLIENT.parse()?;
-    let server_id: Identity = SERVER.parse()?;
-    let state = tempfile::tempdir()?;
+/// The cluster name the demo uses, apart from a `weft up` cluster (`weft`).
+pub const DEMO_CLUSTER: &str = "demo";
+/// The example, embedded so that an installed binary runs the demo without the repository.
+const EMBEDDED: &str = include_str!("../../examples/demo/mesh.yaml");
+/// The example in the repository this binary was built from.
+const REPO_EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo");
+/// The echo service's address in the example.
+const SERVICE: &str = "10.96.0.10:80";
 
-    println!("Weft foundation demo");
-    let ca = start_controller(bin_dir, &state.path().join("ca")).await?;
-    println!("  controller (CA) pid {} listening on {}", ca.child.id().unwrap_or_default(), ca.addr);
-    println!("  root written to {} (mode 0600)", state.path().join("ca/root-key.pem").display());
-
-    let endpoint = format!("http://{}", ca.addr);
-    let node_a = CertManager::new(CaClient::new(
-        &endpoint,
-        Token::Static("token-node-a".into()),
-        DEFAULT_CERT_LIFETIME,
-    )?);
-    let node_b = CertManager::new(CaClient::new(
-        &endpoint,
-        Token::Static("token-node-b".into()),
-        DEFAULT_CERT_LIFETIME,
-    )?);
-    let client_cert = node_a.get(&client_id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let server_cert = node_b.get(&server_id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (node, cert) in [("node-a", &client_cert), ("node-b", &server_cert)] {
-        println!("  {node}: certificate for {} valid until {}", cert.identity(), httpdate(cert.not_after()));
-    }
-
-    // node-a's token may not obtain node-b's workload identity.
-    let refused = CaClient::new(&endpoint, Token::Static("token-node-a".into()), DEFAULT_CERT_LIFETIME)?
-        .fetch(&server_id)
-        .await;
-    match refused {
-        Err(e) => println!("  node-a asking for {server_id}: refused ({e})"),
-        Ok(_) => bail!("the CA signed an identity node-a may not hold"),
-    }
-
-    let echo = echo_server().await?;
-    let inbound = Arc::new(DemoInbound { cert: server_cert.clone(), seen: Mutex::default() });
-    let server =
-        Server::new(TcpListener::bind("127.0.0.1:0").await?, ServerSettings::default(), inbound.clone());
-    let hbone_addr = server.local_addr()?;
-    let (stop, watch) = drain::channel();
-    let serving = tokio::spawn(server.run(watch));
-    println!("  HBONE server on {hbone_addr} presents {server_id}");
-
-    let pool = Pool::new(ClientSettings::default());
-    let mut stream = pool
-        .connect(ConnectRequest {
-            certificate: client_cert.clone(),
-            expected: vec![server_id.clone()],
-            source_ip: None,
-            hbone_addr,
-            authority: echo,
-            forwarded_for: None,
-            baggage: Some("k8s.namespace.name=demo,k8s.deployment.name=sleep".into()),
-            traceparent: None,
-        })
-        .await?;
-    stream.write_all(MESSAGE).await?;
-    stream.shutdown().await?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).await?;
-    if reply != MESSAGE {
-        bail!("echo came back as {:?}", String::from_utf8_lossy(&reply));
-    }
-    let seen = inbound.seen.lock().map_err(|_| anyhow::anyhow!("lock poisoned"))?.clone();
-    let Some(peer) = seen else { bail!("the server saw no CONNECT") };
-    println!(
-        "  client sent {:?} through CONNECT {} over mutual TLS 1.3",
-        String::from_utf8_lossy(MESSAGE),
-        peer
-    );
-    println!("    the server verified the client as  {}", client_cert.identity());
-    println!("    the client verified the server as  {server_id}");
-    println!("    echo came back: {:?}", String::from_utf8_lossy(&reply));
-
-    drop(stream);
-    stop.drain();
-    let _ = tokio::time::timeout(Duration::from_secs(6), serving).await;
-    ca.stop().await;
-    println!("Demo finished.");
-    Ok(())
+/// What the demo found wrong, printed at the end.
+#[derive(Default)]
+struct Checks {
+    failed: Vec<String>,
 }
 
-struct Controller {
-    child: tokio::process::Child,
-    addr: SocketAddr,
-}
-
-impl Controller {
-    async fn stop(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
+impl Checks {
+    fn expect(&mut self, ok: bool, what: impl Into<String>) {
+        let what = what.into();
+        if ok {
+            println!("    ok: {what}");
+        } else {
+            println!("    FAILED: {what}");
+            self.failed.push(what);
+        }
     }
 }
 
-async fn start_controller(bin_dir: Option<PathBuf>, ca_dir: &std::path::Path) -> anyhow::Result<Controller> {
-    let dir = match bin_dir {
+pub fn run(bin_dir: &Path, dir: Option<PathBuf>, keep: bool) -> anyhow::Result<ExitCode> {
+    let embedded_copy;
+    let dir = match dir {
         Some(dir) => dir,
-        None => std::env::current_exe()?.parent().context("weft has no parent directory")?.to_path_buf(),
+        None if Path::new(REPO_EXAMPLE).join("mesh.yaml").exists() => PathBuf::from(REPO_EXAMPLE),
+        None => {
+            embedded_copy = tempfile::tempdir()?;
+            std::fs::write(embedded_copy.path().join("mesh.yaml"), EMBEDDED)?;
+            embedded_copy.path().to_path_buf()
+        }
     };
-    let binary = dir.join("controller");
-    if !binary.exists() {
-        bail!("{} not found; build it with `cargo build --release --workspace`", binary.display());
+    println!("Weft demo: a local two-node ambient mesh from {}", dir.display());
+    let mesh = up::up(&UpOptions::new(&dir, DEMO_CLUSTER, bin_dir))
+        .with_context(|| format!("bringing up {}", dir.display()))?;
+    print!("{}", mesh.summary());
+    let result = scenario(&mesh);
+    if keep {
+        println!("The mesh keeps running (--keep); remove it with `weft down --name {DEMO_CLUSTER}`.");
+    } else {
+        let name = mesh.name().to_string();
+        mesh.down().with_context(|| format!("removing the demo mesh (try `weft down --name {name}`)"))?;
+        println!("Mesh removed: namespaces, processes, eBPF programs and state are gone.");
     }
-    // A free loopback port for the controller.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let child = tokio::process::Command::new(&binary)
-        .arg("--ca-dir")
-        .arg(ca_dir)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .args([
-            "--node-identity",
-            &format!("node-a={CLIENT}"),
-            "--node-identity",
-            &format!("node-b={SERVER}"),
-        ])
-        .env("WEFT_NODE_TOKENS", "node-a=token-node-a,node-b=token-node-b")
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).await.is_err() {
-        if Instant::now() > deadline {
-            bail!("controller did not listen on {addr} within 10 s");
+    let checks = result?;
+    if checks.failed.is_empty() {
+        println!("Demo finished: everything behaved as expected.");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("Demo finished with {} unexpected result(s):", checks.failed.len());
+        for f in &checks.failed {
+            println!("  - {f}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(ExitCode::FAILURE)
     }
-    Ok(Controller { child, addr })
 }
 
-/// Presents the echo workload's certificate and forwards each CONNECT to its authority.
-struct DemoInbound {
-    cert: Arc<WorkloadCertificate>,
-    seen: Mutex<Option<String>>,
-}
+fn scenario(mesh: &Mesh) -> anyhow::Result<Checks> {
+    let mut checks = Checks::default();
+    let cluster = mesh.cluster();
+    let client_ns = cluster.pod_netns("demo", "client")?.to_string();
+    let client_ip = cluster.pod_ip("demo", "client")?;
+    let intruder_ns = cluster.pod_netns("demo", "intruder")?.to_string();
+    let outsider_ns = cluster.pod_netns("legacy", "outsider")?.to_string();
+    let outsider_ip = cluster.pod_ip("legacy", "outsider")?;
+    let echo_ip = cluster.pod_ip("demo", "echo")?;
+    let echo = SocketAddr::new(echo_ip, 8080);
 
-impl Inbound for DemoInbound {
-    type Upstream = TcpStream;
-
-    async fn tls_config(&self, _local: SocketAddr) -> Result<Arc<rustls::ServerConfig>, String> {
-        Ok(self.cert.server_config())
-    }
-
-    async fn connect(&self, info: ConnectInfo) -> Result<TcpStream, Refusal> {
-        if let Ok(mut seen) = self.seen.lock() {
-            *seen = Some(format!("{} from {}", info.authority, info.peer_identity));
+    println!();
+    println!("1. Identities: each ztunnel's view of the workloads (GET :15000/config_dump)");
+    for node in ["node-a", "node-b"] {
+        match mesh.ztunnel_get(node, up::ADMIN_PORT, "/config_dump") {
+            Ok((200, body)) => match serde_json::from_str::<Value>(&body) {
+                Ok(dump) => {
+                    let workloads =
+                        dump.get("workloads").and_then(Value::as_array).cloned().unwrap_or_default();
+                    println!("  {node}'s ztunnel knows {} workloads:", workloads.len());
+                    for w in &workloads {
+                        let s = |k: &str| w.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+                        let addrs = w.get("addresses").map(Value::to_string).unwrap_or_default();
+                        println!(
+                            "    {:<18} {:<16} {:<6} {}",
+                            format!("{}/{}", s("namespace"), s("name")),
+                            addrs,
+                            s("protocol"),
+                            s("identity")
+                        );
+                    }
+                    let has = |name: &str| {
+                        workloads.iter().any(|w| w.get("name").and_then(Value::as_str) == Some(name))
+                    };
+                    checks.expect(
+                        has("client") && has("echo"),
+                        format!("{node}'s ztunnel knows demo/client and demo/echo"),
+                    );
+                }
+                Err(e) => checks.expect(false, format!("{node} /config_dump is JSON ({e})")),
+            },
+            Ok((status, _)) => checks.expect(false, format!("{node} /config_dump answered {status}")),
+            Err(e) => checks.expect(false, format!("{node} /config_dump: {e}")),
         }
-        TcpStream::connect(info.authority).await.map_err(|e| Refusal::unavailable(e.to_string()))
+    }
+    for pod in mesh.pods.iter().filter(|p| p.ambient) {
+        println!("  {}/{} runs as {}", pod.namespace, pod.name, pod.identity());
+    }
+
+    println!();
+    println!("2. demo/client (node-a, {client_ip}) -> demo/echo (node-b) at http://{echo}/hello");
+    println!(
+        "   captured by node-a's ztunnel, carried in mutual TLS to {echo_ip}:15008, delivered by node-b's"
+    );
+    let reply = curl(&client_ns, &format!("http://{echo}/hello"));
+    show_reply(&mut checks, &reply, "echo", client_ip);
+
+    println!();
+    println!("3. demo/client -> the echo Service at http://{SERVICE}/ (a virtual IP only ztunnel knows)");
+    let reply = curl(&client_ns, &format!("http://{SERVICE}/"));
+    show_reply(&mut checks, &reply, "echo", client_ip);
+
+    println!();
+    println!("4. demo/intruder -> demo/echo: AuthorizationPolicy demo/deny-intruder denies");
+    println!("   principal cluster.local/ns/demo/sa/intruder");
+    match curl(&intruder_ns, &format!("http://{echo}/hello")) {
+        Ok(body) => checks.expect(false, format!("the intruder was refused, but it got: {}", body.trim())),
+        Err(e) => {
+            println!("    curl: {}", e.trim());
+            checks.expect(true, "the intruder's connection was refused by node-b's ztunnel");
+        }
+    }
+
+    println!();
+    println!("5. legacy/outsider ({outsider_ip}, namespace not in the mesh) -> demo/echo");
+    println!("   plain TCP from outside the mesh; PeerAuthentication is PERMISSIVE (the default)");
+    let reply = curl(&outsider_ns, &format!("http://{echo}/hello"));
+    show_reply(&mut checks, &reply, "echo", outsider_ip);
+
+    println!();
+    println!("6. Metrics of node-b's ztunnel (GET :15020/metrics), Istio's names:");
+    match mesh.ztunnel_get("node-b", up::METRICS_PORT, "/metrics") {
+        Ok((200, text)) => {
+            let mut opened = 0.0;
+            let mut denied = 0.0;
+            for line in text.lines().filter(|l| l.starts_with("istio_tcp_connections_")) {
+                println!("    {line}");
+                let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                if line.starts_with("istio_tcp_connections_opened_total") {
+                    opened += value;
+                }
+                if line.starts_with("istio_tcp_connections_closed_total")
+                    && line.contains("response_flags=\"DENY\"")
+                {
+                    denied += value;
+                }
+            }
+            checks.expect(
+                opened >= 2.0,
+                format!("istio_tcp_connections_opened_total counts the calls ({opened})"),
+            );
+            checks.expect(
+                denied >= 1.0,
+                format!("a closed connection carries response_flags=\"DENY\" ({denied})"),
+            );
+        }
+        Ok((status, _)) => checks.expect(false, format!("node-b /metrics answered {status}")),
+        Err(e) => checks.expect(false, format!("node-b /metrics: {e}")),
+    }
+    println!();
+    Ok(checks)
+}
+
+fn show_reply(checks: &mut Checks, reply: &Result<String, String>, pod: &str, caller: IpAddr) {
+    match reply {
+        Ok(body) => {
+            println!("    {}", body.trim());
+            let json: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+            let peer = json
+                .get("peer")
+                .and_then(Value::as_str)
+                .and_then(|p| p.parse::<SocketAddr>().ok())
+                .map(|p| p.ip());
+            checks.expect(json.get("pod").and_then(Value::as_str) == Some(pod), format!("answered by {pod}"));
+            checks.expect(
+                peer == Some(caller),
+                format!("the server saw the caller's own address {caller} as `peer`"),
+            );
+        }
+        Err(e) => checks.expect(false, format!("the call succeeds (curl: {})", e.trim())),
     }
 }
 
-async fn echo_server() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-                let _ = write.shutdown().await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
-fn httpdate(t: std::time::SystemTime) -> String {
-    let secs = t.duration_since(std::time::SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    weft_core::tls::Timestamp(secs).to_string()
+/// `curl` inside `netns`: the body, or curl's error.
+fn curl(netns: &str, url: &str) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-sS", "--max-time", "5", url])
+        .output()
+        .map_err(|e| format!("running curl: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{} ({})", String::from_utf8_lossy(&out.stderr).trim(), out.status))
+    }
 }

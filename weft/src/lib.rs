@@ -1,12 +1,13 @@
 //! Weft's command line. It starts Weft's binaries as processes and talks to them over their
-//! APIs; it links no binary's library. Today it has the foundation demo, `analyze`, the local
-//! cluster's namespaces ([`cluster`], `weft down`) and the pods' sample workload ([`app`]);
-//! `up` and the `waypoint` commands come with their issues.
+//! APIs; it links no binary's library. It has the local mesh ([`up`]: `weft up`, `weft down`),
+//! its demo (`weft demo`), `analyze`, the local cluster's namespaces ([`cluster`]) and the pods'
+//! sample workload ([`app`]); the `waypoint` commands come with their issue.
 
 mod analyze;
 pub mod app;
 pub mod cluster;
-mod demo;
+pub mod demo;
+pub mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,10 +22,36 @@ pub struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Starts the CA, gets certificates for two workloads from it, and sends a TCP echo through
-    /// an HBONE tunnel between them on loopback, printing both peers' identities.
+    /// Brings up the shipped example (examples/demo) as a local two-node mesh, sends traffic
+    /// between its pods with curl (allowed, denied, through a service), prints the identities,
+    /// replies and metrics it saw, and tears the mesh down. Exits 1 when something is not as
+    /// expected.
     Demo {
-        /// Directory holding the controller binary (default: next to this one).
+        /// Directory holding controller, ztunnel and weft-app (default: next to this one).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// The example's YAML directory (default: examples/demo of the repository).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Leave the mesh running at the end instead of removing it (`weft down` removes it).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Brings up a local mesh as root: network namespaces for nodes and pods (as the Pods'
+    /// spec.nodeName place them), the controller watching a copy of DIR (with pod IPs filled in)
+    /// under /run/weft/NAME/config, a ztunnel per node, and each Pod's command. The processes
+    /// keep running after this returns; `weft down` removes everything.
+    Up {
+        /// Directory of Kubernetes and Istio YAML (Namespaces, Pods, Services, policies).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// The cluster's name (a-z, 0-9).
+        #[arg(long, default_value = "weft")]
+        name: String,
+        /// Number of nodes (node-a, node-b, ...).
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Directory holding controller, ztunnel and weft-app (default: next to this binary).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
     },
@@ -59,9 +86,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Demo { bin_dir } => {
-            let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(demo::run(bin_dir))?;
+        Command::Demo { bin_dir, dir, keep } => {
+            let bin_dir = match bin_dir {
+                Some(dir) => dir,
+                None => up::default_bin_dir()?,
+            };
+            demo::run(&bin_dir, dir, keep)
+        }
+        Command::Up { dir, name, nodes, bin_dir } => {
+            let bin_dir = match bin_dir {
+                Some(dir) => dir,
+                None => up::default_bin_dir()?,
+            };
+            let mut options = up::UpOptions::new(dir, name, bin_dir);
+            options.nodes = nodes;
+            let mesh = up::up(&options)?;
+            print!("{}", mesh.summary());
             Ok(ExitCode::SUCCESS)
         }
         Command::Analyze { paths, namespace } => {
