@@ -1,0 +1,300 @@
+//! The data path: ztunnel's three listeners and the proxying behind them. Owns the sockets, the
+//! per-connection tasks, the HBONE client pool and the metrics of each connection; the routing
+//! and policy decisions are the pure functions of [`crate::outbound`], [`crate::policy`] and the
+//! `route`/`check` functions here; configuration is only read from the shared [`ProxyState`].
+//!
+//! With the eBPF capture, the kernel hands ztunnel connections whose *local* address is the
+//! original destination and whose peer is the real client:
+//! - `:15001` outbound: a pod of this node calls anything; the connection goes in HBONE to the
+//!   destination's node (or its waypoint), in-process to the destination when it is a mesh pod
+//!   of this node, or in plain TCP from the pod's own address (passthrough).
+//! - `:15008` HBONE inbound: another ztunnel (or a waypoint) tunnels to a pod of this node;
+//!   ztunnel presents the pod's certificate, authorizes the caller, and connects to the pod from
+//!   the caller's address (IP_TRANSPARENT) so the application sees who called.
+//! - `:15006` plaintext inbound: a caller outside the mesh reaches a pod of this node; the same
+//!   authorization applies, without a peer identity (STRICT mTLS refuses it).
+//!
+//! A failure is logged with its reason and closes only its own connection (with a reset when
+//! the client is still waiting for an answer); nothing a peer sends can panic the proxy.
+
+mod inbound;
+mod outbound;
+mod socket;
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{info, warn, Instrument};
+use weft_core::cert_manager::{CertManager, CertificateSource};
+use weft_core::drain;
+use weft_core::hbone::{ClientSettings, Pool, Server, ServerSettings};
+
+use crate::metrics::Metrics;
+use crate::outbound::RoundRobin;
+use crate::state::ProxyState;
+
+pub use inbound::{check as check_inbound, InboundRefusal};
+pub use outbound::{route as route_outbound, Plan, RouteError};
+
+/// What the proxy works from; built by `main` (or a test).
+pub struct ProxyInputs<S> {
+    /// The mesh as the xDS client last received it.
+    pub state: Arc<RwLock<ProxyState>>,
+    /// Certificates of this node's workloads, fetched on first use.
+    pub certs: Arc<CertManager<S>>,
+    pub metrics: Arc<Metrics>,
+    /// The Kubernetes node this ztunnel serves: only its workloads are proxied.
+    pub node_name: String,
+}
+
+/// The listening ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ports {
+    /// Captured outbound connections (Istio: 15001).
+    pub outbound: u16,
+    /// Captured plaintext inbound connections (Istio: 15006).
+    pub inbound_plain: u16,
+    /// HBONE (Istio: 15008).
+    pub hbone: u16,
+}
+
+/// The addresses the listeners are bound to (with the actual ports when 0 was asked for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenAddrs {
+    pub outbound: SocketAddr,
+    pub inbound_plain: SocketAddr,
+    pub hbone: SocketAddr,
+}
+
+/// Tuning of the data path; [`Default`] is what production uses.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// Listeners and upstream sockets use IP_TRANSPARENT (needs CAP_NET_ADMIN). Only tests
+    /// without that capability turn it off: capture does not work without it.
+    pub transparent: bool,
+    /// Deadline for every upstream connect (TCP, or HBONE handshake plus CONNECT response),
+    /// and for obtaining a certificate.
+    pub connect_timeout: Duration,
+    /// Concurrent connections per listener; further accepts wait.
+    pub max_connections: usize,
+    /// After a drain begins, how long connections may take to finish before they are cut.
+    pub drain_deadline: Duration,
+}
+
+/// The bound listeners, ready to [`Proxy::run`].
+pub struct Proxy<S> {
+    ctx: Arc<Ctx<S>>,
+    outbound: TcpListener,
+    inbound_plain: TcpListener,
+    hbone: TcpListener,
+    addrs: ListenAddrs,
+}
+
+/// What every connection task shares.
+struct Ctx<S> {
+    state: Arc<RwLock<ProxyState>>,
+    certs: Arc<CertManager<S>>,
+    metrics: Arc<Metrics>,
+    node: String,
+    pool: Pool,
+    rr: RoundRobin,
+    options: ProxyOptions,
+    /// The ports bound, to refuse connections that would loop back into a listener.
+    ports: Ports,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports { outbound: 15001, inbound_plain: 15006, hbone: weft_core::hbone::HBONE_PORT }
+    }
+}
+
+impl ListenAddrs {
+    pub fn ports(&self) -> Ports {
+        Ports {
+            outbound: self.outbound.port(),
+            inbound_plain: self.inbound_plain.port(),
+            hbone: self.hbone.port(),
+        }
+    }
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            transparent: true,
+            connect_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+            drain_deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+impl<S: CertificateSource> Proxy<S> {
+    /// Binds the three listeners on `bind` (`::` for dual stack, or `0.0.0.0`) with
+    /// IP_TRANSPARENT. Must be called inside a tokio runtime.
+    pub async fn bind(inputs: ProxyInputs<S>, bind: IpAddr, ports: Ports) -> std::io::Result<Proxy<S>> {
+        Self::bind_with(inputs, bind, ports, ProxyOptions::default()).await
+    }
+
+    /// [`Proxy::bind`] with explicit options.
+    pub async fn bind_with(
+        inputs: ProxyInputs<S>,
+        bind: IpAddr,
+        ports: Ports,
+        options: ProxyOptions,
+    ) -> std::io::Result<Proxy<S>> {
+        let listen = |port: u16, what: &str| {
+            socket::listen(SocketAddr::new(bind, port), options.transparent).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot listen for {what} on {}: {e}{}",
+                        SocketAddr::new(bind, port),
+                        if options.transparent { " (IP_TRANSPARENT needs CAP_NET_ADMIN)" } else { "" }
+                    ),
+                )
+            })
+        };
+        let outbound = listen(ports.outbound, "outbound")?;
+        let inbound_plain = listen(ports.inbound_plain, "plaintext inbound")?;
+        let hbone = listen(ports.hbone, "HBONE")?;
+        let addrs = ListenAddrs {
+            outbound: outbound.local_addr()?,
+            inbound_plain: inbound_plain.local_addr()?,
+            hbone: hbone.local_addr()?,
+        };
+        let pool = Pool::new(ClientSettings {
+            connect_timeout: options.connect_timeout,
+            response_timeout: options.connect_timeout,
+            ..ClientSettings::default()
+        });
+        let ctx = Arc::new(Ctx {
+            state: inputs.state,
+            certs: inputs.certs,
+            metrics: inputs.metrics,
+            node: inputs.node_name,
+            pool,
+            rr: RoundRobin::default(),
+            options,
+            ports: addrs.ports(),
+        });
+        Ok(Proxy { ctx, outbound, inbound_plain, hbone, addrs })
+    }
+
+    pub fn local_addrs(&self) -> ListenAddrs {
+        self.addrs
+    }
+
+    /// Serves until `drain` fires, then stops accepting and gives open connections the drain
+    /// deadline to finish.
+    pub async fn run(self, drain: drain::Watch) {
+        let Proxy { ctx, outbound, inbound_plain, hbone, addrs } = self;
+        info!(outbound = %addrs.outbound, inbound_plain = %addrs.inbound_plain, hbone = %addrs.hbone,
+            node = %ctx.node, transparent = ctx.options.transparent, "ztunnel listening");
+        let settings = ServerSettings {
+            max_connections: ctx.options.max_connections,
+            drain_deadline: ctx.options.drain_deadline,
+            ..ServerSettings::default()
+        };
+        let hbone = Server::new(hbone, settings, Arc::new(inbound::Hbone { ctx: ctx.clone() }));
+        tokio::join!(
+            hbone.run(drain.clone()),
+            serve(outbound, "outbound", ctx.clone(), drain.clone(), outbound::handle),
+            serve(inbound_plain, "inbound_plain", ctx, drain, inbound::handle_plain),
+        );
+        info!("ztunnel listeners drained");
+    }
+}
+
+impl<S> Ctx<S> {
+    /// Whether connecting to `to` would reach one of this proxy's own listeners (a direct
+    /// connection to the node's :15006, or a pod calling the node's :15001): refused, or each
+    /// proxied leg would be accepted again, without end.
+    fn loops_back(&self, to: SocketAddr) -> bool {
+        let Ports { outbound, inbound_plain, hbone } = self.ports;
+        [outbound, inbound_plain, hbone].contains(&to.port()) && socket::is_local(to.ip())
+    }
+
+    /// The state, for reading. A writer that panicked cannot leave the maps inconsistent (each
+    /// update is applied whole before the lock is released), so a poisoned lock is still used.
+    fn state(&self) -> RwLockReadGuard<'_, ProxyState> {
+        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Accepts on `listener` until drained, one task per connection.
+async fn serve<S, F, Fut>(
+    listener: TcpListener,
+    name: &'static str,
+    ctx: Arc<Ctx<S>>,
+    mut drain: drain::Watch,
+    handler: F,
+) where
+    S: CertificateSource,
+    F: Fn(Arc<Ctx<S>>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(ctx.options.max_connections));
+    let mut connections = JoinSet::new();
+    let mut next_id: u64 = 0;
+    loop {
+        let permit = tokio::select! {
+            _ = drain.signaled() => break,
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break, // never closed
+            },
+        };
+        let accepted = tokio::select! {
+            _ = drain.signaled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        while connections.try_join_next().is_some() {}
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // E.g. out of file descriptors: keep the listener, let connections finish.
+                warn!(listener = name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        next_id += 1;
+        let peer = canonical(peer);
+        let span = tracing::info_span!("conn", listener = name, id = next_id, %peer);
+        let task = handler(ctx.clone(), stream, peer);
+        connections.spawn(
+            async move {
+                task.await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    info!(listener = name, open = connections.len(), "listener draining");
+    let deadline = ctx.options.drain_deadline;
+    let finished =
+        tokio::time::timeout(deadline, async { while connections.join_next().await.is_some() {} }).await;
+    if finished.is_err() {
+        warn!(
+            listener = name,
+            cut = connections.len(),
+            "drain deadline passed; closing remaining connections"
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (as a dual-stack socket reports IPv4) made IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests;
