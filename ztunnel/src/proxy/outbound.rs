@@ -54,15 +54,15 @@ enum Step {
     Refuse {
         reason: String,
         /// The source-side metric, with the flag it closes with (none for an unknown source).
-        source: Option<(ConnectionLabels, ResponseFlags)>,
+        source: Option<Box<(ConnectionLabels, ResponseFlags)>>,
         /// The destination-side metric of a same-node policy refusal.
-        denied: Option<ConnectionLabels>,
+        denied: Option<Box<ConnectionLabels>>,
     },
     Tunnel {
         identity: weft_core::identity::Identity,
         tunnel: Tunnel,
         baggage: String,
-        labels: ConnectionLabels,
+        labels: Box<ConnectionLabels>,
     },
     Connect {
         to: SocketAddr,
@@ -118,11 +118,11 @@ pub(super) async fn handle<S: CertificateSource>(ctx: Arc<Ctx<S>>, client: TcpSt
     match step {
         Step::Refuse { reason, source, denied } => {
             info!(%dst, %reason, "outbound connection refused");
-            if let Some((labels, flags)) = source {
+            if let Some((labels, flags)) = source.map(|b| *b) {
                 ctx.metrics.connection_opened(labels).set_response_flags(flags);
             }
             if let Some(labels) = denied {
-                ctx.metrics.denied(labels);
+                ctx.metrics.denied(*labels);
             }
             socket::reset(client);
         }
@@ -148,7 +148,7 @@ pub(super) async fn handle<S: CertificateSource>(ctx: Arc<Ctx<S>>, client: TcpSt
             }
         }
         Step::Tunnel { identity, tunnel, baggage, labels } => {
-            let mut guard = ctx.metrics.connection_opened(labels);
+            let mut guard = ctx.metrics.connection_opened(*labels);
             let timeout = ctx.options.connect_timeout;
             let certificate = match tokio::time::timeout(timeout, ctx.certs.get(&identity)).await {
                 Ok(Ok(cert)) => cert,
@@ -214,7 +214,7 @@ fn prepare(state: &ProxyState, node: &str, rr: &RoundRobin, peer: SocketAddr, ds
             }
             return Step::Refuse {
                 reason: e.to_string(),
-                source: Some((labels, ResponseFlags::Connect)),
+                source: Some(Box::new((labels, ResponseFlags::Connect))),
                 denied: None,
             };
         }
@@ -230,7 +230,12 @@ fn prepare(state: &ProxyState, node: &str, rr: &RoundRobin, peer: SocketAddr, ds
             if let Some(service) = &tunnel.service {
                 labels = labels.with_destination_service(service);
             }
-            Step::Tunnel { identity: source.identity.clone(), baggage: baggage(&source), tunnel, labels }
+            Step::Tunnel {
+                identity: source.identity.clone(),
+                baggage: baggage(&source),
+                tunnel,
+                labels: Box::new(labels),
+            }
         }
         Plan::SameNode { source, to, destination, service } => {
             let mut outbound = ConnectionLabels::new(Reporter::Source, SecurityPolicy::MutualTls)
@@ -252,12 +257,12 @@ fn prepare(state: &ProxyState, node: &str, rr: &RoundRobin, peer: SocketAddr, ds
                 Ok(_) => Step::Connect { to, labels: vec![outbound, inbound] },
                 Err(refusal @ InboundRefusal::Denied { .. }) => Step::Refuse {
                     reason: refusal.to_string(),
-                    source: Some((outbound, ResponseFlags::Deny)),
-                    denied: Some(inbound),
+                    source: Some(Box::new((outbound, ResponseFlags::Deny))),
+                    denied: Some(Box::new(inbound)),
                 },
                 Err(refusal) => Step::Refuse {
                     reason: refusal.to_string(),
-                    source: Some((outbound, ResponseFlags::Connect)),
+                    source: Some(Box::new((outbound, ResponseFlags::Connect))),
                     denied: None,
                 },
             }
