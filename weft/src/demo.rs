@@ -145,7 +145,7 @@ fn scenario(mesh: &Mesh) -> anyhow::Result<Checks> {
     match curl(&intruder_ns, &format!("http://{echo}/hello")) {
         Ok(body) => checks.expect(false, format!("the intruder was refused, but it got: {}", body.trim())),
         Err(e) => {
-            println!("    curl: {}", e.trim());
+            println!("    {}", e.trim());
             checks.expect(true, "the intruder's connection was refused by node-b's ztunnel");
         }
     }
@@ -162,8 +162,9 @@ fn scenario(mesh: &Mesh) -> anyhow::Result<Checks> {
         Ok((200, text)) => {
             let mut opened = 0.0;
             let mut denied = 0.0;
+            println!("    (labels shortened; the series carry all of Istio's labels)");
             for line in text.lines().filter(|l| l.starts_with("istio_tcp_connections_")) {
-                println!("    {line}");
+                println!("    {}", short_series(line));
                 let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
                 if line.starts_with("istio_tcp_connections_opened_total") {
                     opened += value;
@@ -208,6 +209,26 @@ fn show_reply(checks: &mut Checks, reply: &Result<String, String>, pod: &str, ca
         }
         Err(e) => checks.expect(false, format!("the call succeeds (curl: {})", e.trim())),
     }
+}
+
+/// A series with only the labels that tell the story: who called whom, and how it ended.
+fn short_series(line: &str) -> String {
+    const KEEP: [&str; 5] = [
+        "reporter",
+        "source_principal",
+        "destination_workload",
+        "response_flags",
+        "connection_security_policy",
+    ];
+    let Some((name, rest)) = line.split_once('{') else { return line.to_string() };
+    let Some((labels, value)) = rest.rsplit_once("} ") else { return line.to_string() };
+    let kept: Vec<String> = labels
+        .split("\",")
+        .map(|l| l.trim_end_matches('"'))
+        .filter(|l| KEEP.iter().any(|k| l.starts_with(&format!("{k}=\""))))
+        .map(|l| format!("{l}\""))
+        .collect();
+    format!("{name}{{{}}} {value}", kept.join(","))
 }
 
 /// `curl` inside `netns`: the body, or curl's error.

@@ -512,7 +512,7 @@ impl Mesh {
             .args(["--trust-domain", TRUST_DOMAIN])
             // In the environment, not on the command line where `ps` shows it.
             .env("WEFT_NODE_TOKENS", tokens.join(","));
-        self.spawn("controller", &netns, cmd)?;
+        self.spawn("controller", &netns, cmd, false)?;
         let addr = self.controller_addr()?;
         let deadline = Instant::now() + self.ready_timeout;
         loop {
@@ -547,7 +547,7 @@ impl Mesh {
             .arg("--pin-dir")
             .arg(cluster::node_bpf_pin_dir(self.name(), node))
             .args(["--uplink", &uplink]);
-        self.spawn(&ztunnel_process(node), &netns, cmd)
+        self.spawn(&ztunnel_process(node), &netns, cmd, true)
     }
 
     /// Waits until `node`'s ztunnel answers 200 on `/healthz/ready`.
@@ -591,7 +591,7 @@ impl Mesh {
             cmd.env(k, v);
         }
         cmd.env("POD_NAME", &pod.name).env("POD_NAMESPACE", &pod.namespace);
-        self.spawn(&pod.process_name(), &netns, cmd)
+        self.spawn(&pod.process_name(), &netns, cmd, false)
     }
 
     /// Waits for `weft-app`'s `ready` line in its log (other programs are not waited for).
@@ -628,7 +628,7 @@ impl Mesh {
 
     /// Starts `cmd` inside `netns` as a process of its own group (so it outlives `weft up` and
     /// a Ctrl-C of it), output appended to `logs/<process>.log`.
-    fn spawn(&mut self, process: &str, netns: &str, cmd: Command) -> Result<(), UpError> {
+    fn spawn(&mut self, process: &str, netns: &str, cmd: Command, keep_mounts: bool) -> Result<(), UpError> {
         let log_path = self.log_path(process);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -636,8 +636,20 @@ impl Mesh {
             .open(&log_path)
             .map_err(io(format!("opening {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io(format!("opening {}", log_path.display())))?;
-        let mut outer = Command::new("ip");
-        outer.args(["netns", "exec", netns]).arg(cmd.get_program()).args(cmd.get_args());
+        let mut outer = if keep_mounts {
+            // Only the network namespace: `ip netns exec` would also give the process a mount
+            // namespace with a fresh /sys, hiding the host's bpffs (/sys/fs/bpf). ztunnel's pins
+            // would then live in a private bpffs that dies with the process, and the capture
+            // with them (failing open); `weft down` could not see them either.
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", cluster::netns_path(netns).display())).arg("--");
+            c
+        } else {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", netns]);
+            c
+        };
+        outer.arg(cmd.get_program()).args(cmd.get_args());
         for (key, value) in cmd.get_envs() {
             match value {
                 Some(value) => outer.env(key, value),
@@ -651,7 +663,8 @@ impl Mesh {
         outer.env("NO_COLOR", "1");
         outer.stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
         let shown = format!(
-            "ip netns exec {netns} {} {}",
+            "{} {netns} {} {}",
+            if keep_mounts { "nsenter --net" } else { "ip netns exec" },
             cmd.get_program().to_string_lossy(),
             cmd.get_args().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
         );

@@ -1,0 +1,489 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! End to end: the local mesh as `weft up` runs it (controller, a ztunnel per node, weft-app
+//! pods, real eBPF capture, real mutual TLS), checked from outside with curl, iperf3, tcpdump
+//! on the link between the nodes, the ztunnels' metrics and a real Prometheus server.
+//!
+//! Needs root, `ip netns`, tcpdump, curl, iperf3, prometheus and bpftool; without them the
+//! tests print why and pass, unless `CI=true`: then they fail. Each test has its own cluster
+//! (`<tag><pid>`), removed when the test ends, also on panic.
+
+mod e2e_support;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use e2e_support::*;
+use weft::cluster;
+use weft::up;
+
+/// The secret a client sends; it must never cross the link in clear text.
+const SECRET: &str = "weft-e2e-secret-payload-4f1c";
+
+#[test]
+fn hbone_carries_pod_and_service_traffic_between_nodes_encrypted_with_the_source_ip() {
+    if !usable("hbone") {
+        return;
+    }
+    let yaml = namespace("shop", true)
+        + &pod("shop", "client", "node-a")
+        + &pod("shop", "server", "node-b")
+        + &service("shop", "server", "10.96.0.20", "server");
+    let t = TestMesh::up("hbone", &[("mesh.yaml", yaml)]);
+    let (client_ns, client_ip, server_ip) =
+        (t.netns("shop", "client"), t.ip("shop", "client"), t.ip("shop", "server"));
+
+    let capture = Capture::start(&t.node_netns("node-a"), "eth0");
+    // Pod to pod: the secret in a header (echoed back in the body) and through the TCP echo.
+    let reply = get_json(&client_ns, &format!("http://{server_ip}:8080/pod?q={SECRET}"));
+    assert_eq!(reply["pod"], "server", "{reply}");
+    assert_eq!(peer_ip(&reply), client_ip, "the server did not see the client's own address: {reply}");
+    // Pod to service (virtual IP, port 80 → 8080).
+    let reply = get_json(&client_ns, &format!("http://10.96.0.20/service?q={SECRET}"));
+    assert_eq!(reply["pod"], "server", "{reply}");
+    assert_eq!(peer_ip(&reply), client_ip, "{reply}");
+    let echoed = cluster::in_netns(&client_ns, || -> std::io::Result<Vec<u8>> {
+        let addr = std::net::SocketAddr::new(server_ip, 9000);
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(SECRET.as_bytes())?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back)?;
+        Ok(back)
+    })
+    .unwrap();
+    let (segments, bytes) = capture.stop();
+
+    let ports = pod_dports(&segments);
+    assert!(ports.contains_key(&15008), "no HBONE (port 15008) on the link: {ports:?}\n{}", t.logs());
+    assert_eq!(
+        ports.keys().copied().collect::<Vec<_>>(),
+        vec![15008],
+        "pod traffic crossed the link to ports other than 15008: {ports:?}"
+    );
+    assert!(!contains(&bytes, SECRET.as_bytes()), "the client's payload crossed the link in clear text");
+    assert!(!contains(&bytes, b"\"pod\":\"server\""), "the server's reply crossed the link in clear text");
+    assert_eq!(echoed.unwrap(), SECRET.as_bytes(), "TCP echo through HBONE");
+}
+
+#[test]
+fn a_namespace_without_the_label_is_untouched_and_labeling_it_enrolls_within_two_seconds() {
+    if !usable("label") {
+        return;
+    }
+    let pods = pod("plain", "a", "node-a") + &pod("plain", "b", "node-b");
+    let t = TestMesh::up("label", &[("ns.yaml", namespace("plain", false)), ("pods.yaml", pods)]);
+    let (a_ns, a_ip, b_ip) = (t.netns("plain", "a"), t.ip("plain", "a"), t.ip("plain", "b"));
+    let url = format!("http://{b_ip}:8080/");
+
+    let capture = Capture::start(&t.node_netns("node-a"), "eth0");
+    let reply = get_json(&a_ns, &url);
+    assert_eq!(peer_ip(&reply), a_ip);
+    let ports = pod_dports(&capture.segments());
+    assert!(ports.contains_key(&8080) && !ports.contains_key(&15008), "not direct: {ports:?}");
+
+    // Label it: the next calls go through HBONE.
+    let seen = capture.segments().len();
+    let labeled = Instant::now();
+    t.write_config("ns.yaml", &namespace("plain", true));
+    let enrolled = poll(Duration::from_secs(10), || {
+        let ok = curl(&a_ns, 1, &[&url]).is_ok();
+        let hbone = capture.segments()[seen..].iter().any(|s| s.dst == to_v4(b_ip) && s.dport == 15008);
+        (ok && hbone).then(|| labeled.elapsed())
+    });
+    let enrolled =
+        enrolled.unwrap_or_else(|| panic!("labeling did not enroll the pods in 10 s\n{}", t.logs()));
+    eprintln!("enrolled {enrolled:?} after the label was written");
+    assert!(enrolled <= Duration::from_secs(2), "enrolling took {enrolled:?} (more than 2 s)");
+    let reply = get_json(&a_ns, &url);
+    assert_eq!(peer_ip(&reply), a_ip, "{reply}");
+
+    // Remove the label: direct again.
+    let seen = capture.segments().len();
+    let unlabeled = Instant::now();
+    t.write_config("ns.yaml", &namespace("plain", false));
+    let left = poll(Duration::from_secs(10), || {
+        let ok = curl(&a_ns, 1, &[&url]).is_ok();
+        let direct = capture.segments()[seen..].iter().any(|s| s.dst == to_v4(b_ip) && s.dport == 8080);
+        (ok && direct).then(|| unlabeled.elapsed())
+    });
+    let left =
+        left.unwrap_or_else(|| panic!("removing the label did not unenroll the pods in 10 s\n{}", t.logs()));
+    eprintln!("unenrolled {left:?} after the label was removed");
+    assert!(left <= Duration::from_secs(2), "unenrolling took {left:?}");
+    // And stays direct: a last call with a fresh look at the link.
+    let seen = capture.segments().len();
+    get_json(&a_ns, &url);
+    let ports = pod_dports(&capture.segments()[seen..]);
+    assert!(!ports.contains_key(&15008), "still HBONE after unlabeling: {ports:?}");
+}
+
+#[test]
+fn strict_peer_authentication_refuses_plaintext_and_permissive_admits_it() {
+    if !usable("mtls") {
+        return;
+    }
+    let pods = namespace("mesh", true)
+        + &namespace("legacy", false)
+        + &pod("mesh", "server", "node-b")
+        + &pod("mesh", "client", "node-a")
+        + &pod("legacy", "outsider", "node-a");
+    let pa = |mode: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: mesh\n\
+             spec:\n  mtls:\n    mode: {mode}\n"
+        )
+    };
+    let t = TestMesh::up("mtls", &[("pods.yaml", pods), ("pa.yaml", pa("PERMISSIVE"))]);
+    let (outsider_ns, outsider_ip, client_ns) =
+        (t.netns("legacy", "outsider"), t.ip("legacy", "outsider"), t.netns("mesh", "client"));
+    let url = format!("http://{}:8080/", t.ip("mesh", "server"));
+
+    let reply = get_json(&outsider_ns, &url);
+    assert_eq!(peer_ip(&reply), outsider_ip, "PERMISSIVE: {reply}");
+
+    t.write_config("pa.yaml", &pa("STRICT"));
+    let refused = poll(Duration::from_secs(10), || curl(&outsider_ns, 2, &[&url]).err());
+    let refused = refused.unwrap_or_else(|| panic!("STRICT still admits plaintext after 10 s\n{}", t.logs()));
+    eprintln!("STRICT refused the outsider: {refused}");
+    get_json(&client_ns, &url); // a mesh client still gets in
+
+    t.write_config("pa.yaml", &pa("PERMISSIVE"));
+    let back = poll(Duration::from_secs(10), || curl(&outsider_ns, 2, &[&url]).ok());
+    assert!(back.is_some(), "PERMISSIVE again did not admit the outsider\n{}", t.logs());
+}
+
+#[test]
+fn l4_authorization_deny_for_a_principal_and_allow_for_one_namespace() {
+    if !usable("authz") {
+        return;
+    }
+    let pods = namespace("shop", true)
+        + &namespace("other", true)
+        + &pod("shop", "server", "node-b")
+        + &pod("shop", "good", "node-a")
+        + &pod("shop", "bad", "node-a")
+        + &pod("other", "stranger", "node-a");
+    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: policy\n  namespace: shop\n\
+                spec:\n  selector:\n    matchLabels:\n      app: server\n  action: DENY\n  rules:\n  - from:\n    - source:\n        \
+                principals: [cluster.local/ns/shop/sa/bad]\n";
+    let allow = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: policy\n  namespace: shop\n\
+                 spec:\n  selector:\n    matchLabels:\n      app: server\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        \
+                 namespaces: [shop]\n";
+    let t = TestMesh::up("authz", &[("pods.yaml", pods), ("policy.yaml", deny.to_string())]);
+    let url = format!("http://{}:8080/", t.ip("shop", "server"));
+    let (good, bad, stranger) =
+        (t.netns("shop", "good"), t.netns("shop", "bad"), t.netns("other", "stranger"));
+
+    assert_eq!(peer_ip(&get_json(&good, &url)), t.ip("shop", "good"));
+    let refused = curl(&bad, 3, &[&url]);
+    assert!(refused.is_err(), "DENY let shop/bad in: {refused:?}\n{}", t.logs());
+    assert_eq!(peer_ip(&get_json(&stranger, &url)), t.ip("other", "stranger"), "no ALLOW yet: others get in");
+    // The refusal shows in node-b's metrics, against the caller's principal.
+    let denied = poll(Duration::from_secs(5), || {
+        let m = t.metrics("node-b");
+        let n = counter(
+            &m,
+            "istio_tcp_connections_closed_total",
+            &["response_flags=\"DENY\"", "source_principal=\"spiffe://cluster.local/ns/shop/sa/bad\""],
+        );
+        (n >= 1.0).then_some(n)
+    });
+    assert!(
+        denied.is_some(),
+        "no closed connection with response_flags=\"DENY\" from shop/bad:\n{}",
+        t.metrics("node-b").lines().filter(|l| l.starts_with("istio_tcp")).collect::<Vec<_>>().join("\n")
+    );
+
+    // ALLOW only namespace shop: the stranger from `other` is shut out, shop's pods get in.
+    t.write_config("policy.yaml", allow);
+    let shut = poll(Duration::from_secs(10), || curl(&stranger, 2, &[&url]).err());
+    assert!(shut.is_some(), "ALLOW for namespace shop still admits other/stranger\n{}", t.logs());
+    assert_eq!(peer_ip(&get_json(&good, &url)), t.ip("shop", "good"));
+    assert_eq!(peer_ip(&get_json(&bad, &url)), t.ip("shop", "bad"), "the DENY is gone; shop/bad is in shop");
+}
+
+#[test]
+fn prometheus_scrapes_both_ztunnels() {
+    if !usable("prom") {
+        return;
+    }
+    let yaml = namespace("shop", true) + &pod("shop", "client", "node-a") + &pod("shop", "server", "node-b");
+    let t = TestMesh::up("prom", &[("mesh.yaml", yaml)]);
+    let client_ns = t.netns("shop", "client");
+    let url = format!("http://{}:8080/", t.ip("shop", "server"));
+    for _ in 0..3 {
+        get_json(&client_ns, &url);
+    }
+
+    let node_a = t.node_netns("node-a");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    let targets: Vec<String> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| format!("'{}:{}'", t.mesh.node_ip(n).unwrap(), up::METRICS_PORT))
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n- job_name: ztunnel\n  \
+             static_configs:\n  - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let mut prometheus = Command::new("ip")
+        .args(["netns", "exec", &node_a, "prometheus"])
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .args(["--web.listen-address=127.0.0.1:9090"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut prometheus);
+
+    let query = "http://127.0.0.1:9090/api/v1/query?query=istio_tcp_connections_opened_total";
+    let found = poll(Duration::from_secs(30), || {
+        let body = curl(&node_a, 2, &[query]).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let result = json["data"]["result"].as_array()?.clone();
+        let instances: BTreeSet<String> = result
+            .iter()
+            .filter(|r| r["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0))
+            .filter_map(|r| r["metric"]["instance"].as_str().map(String::from))
+            .collect();
+        (instances.len() == 2).then_some((instances, result.len()))
+    });
+    let prom_log = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
+    let (instances, series) = found.unwrap_or_else(|| {
+        panic!(
+            "Prometheus never had non-zero istio_tcp_connections_opened_total from both ztunnels; \
+             last answer: {:?}\nprometheus log tail: {}",
+            curl(&node_a, 2, &[query]),
+            prom_log.lines().rev().take(10).collect::<Vec<_>>().join("\n")
+        )
+    });
+    eprintln!("Prometheus has {series} series from {instances:?}");
+    let up = curl(&node_a, 2, &["http://127.0.0.1:9090/api/v1/query?query=up"]).unwrap();
+    assert_eq!(up.matches("\"1\"]").count(), 2, "both targets up: {up}");
+}
+
+#[test]
+fn controller_and_ztunnel_crashes() {
+    if !usable("crash") {
+        return;
+    }
+    let yaml = namespace("shop", true)
+        + &pod("shop", "client", "node-a")
+        + &pod("shop", "server", "node-b")
+        + &pod_running("shop", "iperf", "node-b", "[iperf3, -s, -p, \"5201\"]");
+    let mut t = TestMesh::up("crash", &[("mesh.yaml", yaml)]);
+    let (client_ns, server_ip, iperf_ip) =
+        (t.netns("shop", "client"), t.ip("shop", "server"), t.ip("shop", "iperf"));
+    let url = format!("http://{server_ip}:8080/");
+    get_json(&client_ns, &url);
+    // iperf3 -s needs a moment to listen (it prints no readiness line weft up waits for).
+    assert!(poll(Duration::from_secs(10), || {
+        Command::new("ip")
+            .args(["netns", "exec", &t.netns("shop", "iperf"), "sh", "-c", "ss -ltn | grep -q :5201"])
+            .status()
+            .ok()?
+            .success()
+            .then_some(())
+    })
+    .is_some());
+
+    // 1. The controller dies while curl and iperf3 run: nothing fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(std::sync::Mutex::new(Vec::new())));
+    let looper = {
+        let (stop, ok, failed, ns, url) =
+            (stop.clone(), ok.clone(), failed.clone(), client_ns.clone(), url.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match curl(&ns, 5, &[&url]) {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        failed.lock().unwrap().push(e);
+                        0
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let iperf = {
+        let (ns, ip) = (client_ns.clone(), iperf_ip.to_string());
+        std::thread::spawn(move || {
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "iperf3", "-c", &ip, "-p", "5201", "-t", "5", "-J"])
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    t.mesh.kill("controller").unwrap();
+    let iperf = iperf.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    looper.join().unwrap();
+    let failed = failed.lock().unwrap().clone();
+    assert!(failed.is_empty(), "requests failed while the controller was down: {failed:?}");
+    assert!(ok.load(Ordering::Relaxed) >= 10, "too few requests ran: {}", ok.load(Ordering::Relaxed));
+    let report: serde_json::Value = serde_json::from_slice(&iperf.stdout).unwrap_or_default();
+    assert!(
+        iperf.status.success() && report.get("error").is_none(),
+        "iperf3 failed while the controller was down: {}{}",
+        String::from_utf8_lossy(&iperf.stdout),
+        String::from_utf8_lossy(&iperf.stderr)
+    );
+    let bits = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+    eprintln!("iperf3 through HBONE with the controller down: {:.0} Mbit/s", bits / 1e6);
+    assert!(bits > 0.0);
+    t.mesh.start_controller().unwrap();
+
+    // 2. node-a's ztunnel dies: new connections from its enrolled pods fail, none in clear text.
+    t.mesh.kill(&up::ztunnel_process("node-a")).unwrap();
+    let capture = Capture::start(&t.node_netns("node-a"), "eth0");
+    for _ in 0..3 {
+        let r = curl(&client_ns, 2, &[&url]);
+        assert!(r.is_err(), "a new connection got through with node-a's ztunnel down: {r:?}");
+    }
+    let (segments, _) = capture.stop();
+    let ports = pod_dports(&segments);
+    assert!(!ports.contains_key(&8080), "pod traffic leaked to the app port in clear text: {ports:?}");
+
+    // 3. Restarted, it takes the capture over and traffic resumes.
+    t.mesh.start_ztunnel("node-a").unwrap();
+    t.mesh.wait_ztunnel_ready("node-a").unwrap();
+    let resumed = poll(Duration::from_secs(15), || curl(&client_ns, 2, &[&url]).ok());
+    assert!(resumed.is_some(), "traffic did not resume after ztunnel restarted\n{}", t.logs());
+    assert_eq!(peer_ip(&get_json(&client_ns, &url)), t.ip("shop", "client"));
+}
+
+#[test]
+fn weft_down_leaves_the_host_as_before_weft_up() {
+    if !usable("down") {
+        return;
+    }
+    let name = cluster_name("down");
+    let prefix = format!("weft-{name}-");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = namespace("shop", true) + &pod("shop", "client", "node-a") + &pod("shop", "server", "node-b");
+    std::fs::write(dir.path().join("mesh.yaml"), yaml).unwrap();
+    struct Guard(String);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = cluster::destroy(&self.0);
+        }
+    }
+    let _guard = Guard(name.clone());
+    let weft = env!("CARGO_BIN_EXE_weft");
+    let bin_dir = bin_dir();
+
+    let host_before = host_snapshot();
+    let netns_before = other_netns(&prefix);
+    let progs_before = bpf_programs();
+
+    let out = Command::new(weft)
+        .args(["up", dir.path().to_str().unwrap(), "--name", &name, "--bin-dir", bin_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "weft up: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("shop/client") && summary.contains("weft down --name"), "{summary}");
+    // It runs after `weft up` returned: the processes were detached.
+    let client_ns = format!("{prefix}pod-shop-client");
+    let reply = get_json(&client_ns, "http://10.10.2.2:8080/");
+    assert_eq!(reply["pod"], "server");
+    let ours: BTreeSet<u64> = ["node-a", "node-b"]
+        .iter()
+        .flat_map(|node| {
+            let dir = cluster::node_bpf_pin_dir(&name, node);
+            ["prog_pod", "prog_uplink"].map(|p| dir.join(p))
+        })
+        .filter_map(|pin| {
+            let out =
+                Command::new("bpftool").args(["prog", "show", "pinned"]).arg(&pin).arg("-j").output().ok()?;
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["id"].as_u64()
+        })
+        .collect();
+    assert!(
+        !ours.is_empty(),
+        "the ztunnels pinned no programs under {}",
+        cluster::bpf_pin_dir(&name).display()
+    );
+
+    let out = Command::new(weft).args(["down", "--name", &name]).output().unwrap();
+    assert!(out.status.success(), "weft down: {}", String::from_utf8_lossy(&out.stderr));
+
+    assert_eq!(host_snapshot(), host_before, "weft down did not restore the root namespace");
+    assert!(cluster::list_netns().unwrap().iter().all(|n| !n.starts_with(&prefix)), "namespaces left");
+    assert_eq!(other_netns(&prefix), netns_before, "ip netns list changed");
+    let progs_after = bpf_programs();
+    let left: Vec<_> = progs_after.iter().filter(|(id, _)| ours.contains(id)).collect();
+    assert!(left.is_empty(), "eBPF programs of the cluster are still loaded: {left:?}");
+    let names = |p: &BTreeSet<(u64, String)>| -> Vec<String> {
+        let mut v: Vec<String> =
+            p.iter().map(|(_, n)| n.clone()).filter(|n| !n.starts_with("weft_")).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&progs_after), names(&progs_before), "bpftool prog show names changed");
+    assert!(!cluster::bpf_pin_dir(&name).exists() && !cluster::state_dir(&name).exists());
+}
+
+/// The root namespace's interfaces, rules and routes, both families.
+fn host_snapshot() -> Vec<(String, String)> {
+    [vec!["link"], vec!["rule"], vec!["route"], vec!["-6", "rule"], vec!["-6", "route"]]
+        .into_iter()
+        .map(|args| (args.join(" "), cluster::ip(&args).unwrap()))
+        .collect()
+}
+
+/// `ip netns list` but the namespaces of other local clusters (other tests running beside this
+/// one make and remove theirs) and of this one.
+fn other_netns(prefix: &str) -> BTreeSet<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .filter(|n| !n.starts_with(prefix) && !n.starts_with("weft-"))
+        .collect()
+}
+
+/// (id, name) of every loaded eBPF program.
+fn bpf_programs() -> BTreeSet<(u64, String)> {
+    let out = Command::new("bpftool").args(["prog", "show", "-j"]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str().unwrap_or("").to_string())))
+        .collect()
+}
+
+fn to_v4(ip: IpAddr) -> std::net::Ipv4Addr {
+    match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => panic!("IPv4 expected"),
+    }
+}

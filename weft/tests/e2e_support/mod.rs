@@ -1,0 +1,379 @@
+//! What the end-to-end tests share: the local mesh brought up from YAML written by the test
+//! (`weft::up`), a guard that removes it even when the test panics, curl inside pods, tcpdump on
+//! a node's link with a small pcap reader, and YAML builders.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weft::cluster;
+use weft::up::{self, Mesh, UpOptions};
+
+/// Whether the local cluster can run here; under CI=true a "no" is a failure.
+pub fn usable(test: &str) -> bool {
+    let missing: Vec<&str> = ["tcpdump", "curl", "iperf3", "prometheus", "bpftool"]
+        .into_iter()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    let problem = match cluster::check_environment() {
+        Err(e) => Some(e.to_string()),
+        Ok(()) if !missing.is_empty() => Some(format!("missing tools: {}", missing.join(", "))),
+        Ok(()) => None,
+    };
+    match problem {
+        None => true,
+        Some(reason) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: the end-to-end tests cannot run here: {reason}")
+        }
+        Some(reason) => {
+            eprintln!("skipping {test}: {reason}");
+            false
+        }
+    }
+}
+
+/// Where the workspace's binaries are: `$WEFT_E2E_BIN_DIR` (e.g. a release build), else beside
+/// `weft`, where cargo puts them.
+pub fn bin_dir() -> PathBuf {
+    let dir = match std::env::var_os("WEFT_E2E_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_BIN_EXE_weft")).parent().unwrap().to_path_buf(),
+    };
+    for binary in ["controller", "ztunnel", "weft-app"] {
+        assert!(
+            dir.join(binary).exists(),
+            "{} is missing: the end-to-end tests need every binary of the workspace; build them \
+             with `cargo build --workspace --bins` or run `cargo nextest run --workspace`",
+            dir.join(binary).display()
+        );
+    }
+    dir
+}
+
+/// A cluster name unique to this test and process (a-z0-9, at most 16 characters).
+pub fn cluster_name(tag: &str) -> String {
+    assert!(tag.len() <= 9);
+    format!("{tag}{}", std::process::id() % 1_000_000)
+}
+
+/// A mesh for one test; removed on drop, also on panic.
+pub struct TestMesh {
+    pub mesh: Mesh,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestMesh {
+    /// Writes `files` (name → YAML) to a directory and brings the mesh up from it.
+    pub fn up(tag: &str, files: &[(&str, String)]) -> TestMesh {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let name = cluster_name(tag);
+        let started = Instant::now();
+        let mesh = match up::up(&UpOptions::new(dir.path(), &name, bin_dir())) {
+            Ok(mesh) => mesh,
+            Err(e) => panic!("weft up {name}: {e}"),
+        };
+        eprintln!("[{name}] up in {:?}", started.elapsed());
+        TestMesh { mesh, dir }
+    }
+
+    pub fn netns(&self, namespace: &str, pod: &str) -> String {
+        self.mesh.cluster().pod_netns(namespace, pod).unwrap().to_string()
+    }
+
+    pub fn ip(&self, namespace: &str, pod: &str) -> IpAddr {
+        self.mesh.cluster().pod_ip(namespace, pod).unwrap()
+    }
+
+    pub fn node_netns(&self, node: &str) -> String {
+        self.mesh.cluster().node_netns(node).unwrap().to_string()
+    }
+
+    /// Replaces a file of the controller's watched directory (as an operator editing it).
+    pub fn write_config(&self, file: &str, text: &str) {
+        let path = self.mesh.config_dir().join(file);
+        let tmp = self.mesh.config_dir().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
+    /// The logs of every process, for a failing assertion's message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.mesh.logs_dir()).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("ztunnel") || name.starts_with("controller") {
+                out.push_str(&format!("--- {name}\n{}\n", up::log_tail(&entry.path())));
+            }
+        }
+        out
+    }
+
+    /// The ztunnel's Prometheus text from :15020/metrics.
+    pub fn metrics(&self, node: &str) -> String {
+        let (status, body) = self.mesh.ztunnel_get(node, up::METRICS_PORT, "/metrics").unwrap();
+        assert_eq!(status, 200, "{node} /metrics: {body}");
+        body
+    }
+}
+
+impl Drop for TestMesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("logs of {}:\n{}", self.mesh.name(), self.logs());
+        }
+        if let Err(e) = cluster::destroy(self.mesh.name()) {
+            eprintln!("removing cluster {}: {e}", self.mesh.name());
+        }
+    }
+}
+
+/// `curl -sS --max-time <secs> <args>` inside `netns`: the body, or curl's error.
+pub fn curl(netns: &str, secs: u32, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-sS", "--max-time", &secs.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{} ({})", String::from_utf8_lossy(&out.stderr).trim(), out.status))
+    }
+}
+
+/// A GET that must succeed; the JSON weft-app answered.
+pub fn get_json(netns: &str, url: &str) -> serde_json::Value {
+    let body = curl(netns, 5, &[url]).unwrap_or_else(|e| panic!("GET {url} from {netns}: {e}"));
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {body}"))
+}
+
+/// The caller's address as weft-app saw it.
+pub fn peer_ip(reply: &serde_json::Value) -> IpAddr {
+    reply["peer"].as_str().unwrap().parse::<std::net::SocketAddr>().unwrap().ip()
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, for at most `limit`.
+pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `tcpdump -i <iface> -U -w <file>` inside a node's namespace.
+pub struct Capture {
+    child: Child,
+    pub file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// One captured TCP/IPv4 segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub payload_len: usize,
+}
+
+impl Capture {
+    pub fn start(netns: &str, iface: &str) -> Capture {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("link.pcap");
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "tcpdump",
+                "-i",
+                iface,
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-s",
+                "0",
+                "-w",
+            ])
+            .arg(&file)
+            .arg("tcp")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // tcpdump says "listening on ..." once the socket is capturing.
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = stderr.read_line(&mut line).unwrap();
+            assert!(n > 0, "tcpdump exited before listening");
+            if line.contains("listening on") {
+                break;
+            }
+        }
+        // Keep draining stderr so tcpdump never blocks on it.
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        Capture { child, file, _dir: dir }
+    }
+
+    /// The bytes captured so far (tcpdump -U writes each packet as it comes).
+    pub fn bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.file).unwrap_or_default()
+    }
+
+    pub fn segments(&self) -> Vec<Segment> {
+        parse_pcap(&self.bytes())
+    }
+
+    /// Stops tcpdump (SIGINT flushes the file) and returns the segments.
+    pub fn stop(mut self) -> (Vec<Segment>, Vec<u8>) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let _ = self.child.wait();
+        let bytes = self.bytes();
+        (parse_pcap(&bytes), bytes)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The TCP/IPv4 segments of a pcap file of Ethernet frames (what tcpdump writes on a veth); a
+/// truncated last record is ignored.
+pub fn parse_pcap(bytes: &[u8]) -> Vec<Segment> {
+    let mut out = Vec::new();
+    if bytes.len() < 24 {
+        return out;
+    }
+    let le = match &bytes[0..4] {
+        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => true,
+        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => false,
+        _ => panic!("not a pcap file"),
+    };
+    let u32_at = |b: &[u8], i: usize| {
+        let a = [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
+    };
+    let link_type = u32_at(bytes, 20);
+    assert_eq!(link_type, 1, "expected Ethernet frames");
+    let mut at = 24;
+    while at + 16 <= bytes.len() {
+        let incl = u32_at(bytes, at + 8) as usize;
+        let start = at + 16;
+        if start + incl > bytes.len() {
+            break;
+        }
+        let frame = &bytes[start..start + incl];
+        at = start + incl;
+        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        let ip = &frame[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        if ip[9] != 6 || ip.len() < ihl + 20 {
+            continue;
+        }
+        let tcp = &ip[ihl..];
+        let data_offset = usize::from(tcp[12] >> 4) * 4;
+        out.push(Segment {
+            src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+            dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+            payload_len: total.saturating_sub(ihl + data_offset),
+        });
+    }
+    out
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Pod addresses are 10.10.x.y: traffic of pods (not the ztunnels' xDS or the scrapes).
+pub fn is_pod_ip(ip: Ipv4Addr) -> bool {
+    ip.octets()[0..2] == [10, 10]
+}
+
+/// Segments between pods (either end a pod address).
+pub fn pod_segments(segments: &[Segment]) -> Vec<Segment> {
+    segments.iter().filter(|s| is_pod_ip(s.src) || is_pod_ip(s.dst)).cloned().collect()
+}
+
+/// The ports pod traffic was sent to on the link.
+pub fn pod_dports(segments: &[Segment]) -> BTreeMap<u16, usize> {
+    let mut ports = BTreeMap::new();
+    for s in pod_segments(segments).iter().filter(|s| is_pod_ip(s.dst)) {
+        *ports.entry(s.dport).or_insert(0) += 1;
+    }
+    ports
+}
+
+/// A Namespace, in the ambient mesh or not.
+pub fn namespace(name: &str, ambient: bool) -> String {
+    let labels = if ambient { "\n  labels:\n    istio.io/dataplane-mode: ambient" } else { "" };
+    format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n---\n")
+}
+
+/// A Pod running weft-app (HTTP 8080, TCP echo 9000) with label app=<name> and service account
+/// <name>.
+pub fn pod(namespace: &str, name: &str, node: &str) -> String {
+    pod_running(namespace, name, node, r#"[weft-app, --http, "8080", --tcp-echo, "9000"]"#)
+}
+
+/// A Pod running `command` (a YAML flow sequence).
+pub fn pod_running(namespace: &str, name: &str, node: &str, command: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    app: {name}\n\
+         spec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers:\n  - name: main\n    command: {command}\n---\n"
+    )
+}
+
+/// A Service `name` (cluster IP `ip`, port 80 → 8080 and 9000) selecting app=<app>.
+pub fn service(namespace: &str, name: &str, ip: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {ip}\n  \
+         selector:\n    app: {app}\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n  - name: echo\n    port: 9000\n---\n"
+    )
+}
+
+/// A counter's summed value over the series whose labels contain every `needles` entry.
+pub fn counter(metrics: &str, name: &str, needles: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
