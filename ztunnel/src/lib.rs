@@ -5,11 +5,19 @@
 //! - [`outbound`]: where a captured outbound connection goes (HBONE, waypoint, passthrough).
 //! - [`policy`]: whether an inbound connection is allowed (Istio's L4 AuthorizationPolicy).
 //! - [`metrics`]: Istio's L4 connection metrics and their exposition.
+//! - [`proxy`]: the listeners (:15001 outbound, :15006 plaintext inbound, :15008 HBONE) and the
+//!   proxying between them and the pods.
+//! - [`xds`]: the delta ADS client that fills the state; [`capture`]: the eBPF capture and the
+//!   certificates kept in step with this node's pods; [`admin`]: config dump, metrics, readiness.
 
+pub mod admin;
+pub mod capture;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
+pub mod proxy;
 pub mod state;
+pub mod xds;
 
 pub use outbound::{decide, Outbound, OutboundError, RoundRobin, Tunnel};
 pub use policy::{authorize, Connection, Verdict};

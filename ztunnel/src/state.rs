@@ -265,6 +265,11 @@ impl ProxyState {
         true
     }
 
+    /// Every workload, in no particular order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.workloads.get(uid)
     }

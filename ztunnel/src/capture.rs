@@ -1,0 +1,160 @@
+//! Keeps the node's eBPF capture and certificates in step with the controller's view of this
+//! node: after every xDS update, each local pod's host-side veth carries the capture program
+//! (every local pod, so replies to ztunnel's transparent sockets are matched), pods in the mesh
+//! are enrolled and others not, and a certificate is fetched ahead of time for each identity of a
+//! local mesh pod (so the first connection does not wait for the CA).
+//!
+//! A pod's host-side interface is found from the node's route to the pod's IP (`ip route get`),
+//! as a CNI plugin would have installed it; a pod without such a route is skipped with a warning.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::process::Command;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::watch;
+use weft_core::cert_manager::{CertManager, CertificateSource};
+use weft_core::Identity;
+
+use crate::state::{Protocol, ProxyState};
+use crate::xds::Synced;
+
+/// What this node runs, as the controller sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalPods {
+    /// Every local pod IP, in the mesh or not.
+    pub all: BTreeSet<IpAddr>,
+    /// Local pod IPs in the ambient mesh.
+    pub in_mesh: BTreeSet<IpAddr>,
+    /// Identities of local pods in the mesh.
+    pub identities: BTreeSet<Identity>,
+}
+
+impl LocalPods {
+    pub fn of(state: &ProxyState, node: &str) -> LocalPods {
+        let mut out = LocalPods::default();
+        for w in state.workloads().filter(|w| w.node == node) {
+            out.all.extend(w.addresses.iter().copied());
+            if w.protocol == Protocol::Hbone {
+                out.in_mesh.extend(w.addresses.iter().copied());
+                out.identities.insert(w.identity.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Applies [`LocalPods`] to the capture after each xDS update, until the channel closes.
+pub async fn sync<S: CertificateSource>(
+    node: String,
+    state: Arc<RwLock<ProxyState>>,
+    mut updates: watch::Receiver<Synced>,
+    capture: Option<Arc<Mutex<ebpf::Capture>>>,
+    certs: Arc<CertManager<S>>,
+    local: watch::Sender<LocalPods>,
+) {
+    let mut attached: BTreeMap<IpAddr, String> = BTreeMap::new();
+    loop {
+        let pods = {
+            let state = state.read().unwrap_or_else(|p| p.into_inner());
+            LocalPods::of(&state, &node)
+        };
+        if let Some(capture) = &capture {
+            let capture = Arc::clone(capture);
+            let wanted = pods.clone();
+            let before = attached.clone();
+            match tokio::task::spawn_blocking(move || apply(&capture, &wanted, before)).await {
+                Ok(now) => attached = now,
+                Err(e) => tracing::error!(error = %e, "capture update panicked"),
+            }
+        }
+        for identity in &pods.identities {
+            if certs.current(identity).is_none() {
+                let certs = Arc::clone(&certs);
+                let identity = identity.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = certs.get(&identity).await {
+                        tracing::warn!(%identity, error = %e, "cannot fetch a certificate yet");
+                    }
+                });
+            }
+        }
+        local.send_if_modified(|old| {
+            let changed = *old != pods;
+            *old = pods;
+            changed
+        });
+        if updates.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Attaches, enrolls and unenrolls so the capture matches `wanted`; returns the interfaces now
+/// attached by pod IP. Each failure is logged and leaves the rest of the update going.
+fn apply(
+    capture: &Mutex<ebpf::Capture>,
+    wanted: &LocalPods,
+    mut attached: BTreeMap<IpAddr, String>,
+) -> BTreeMap<IpAddr, String> {
+    let mut capture = capture.lock().unwrap_or_else(|p| p.into_inner());
+    for ip in &wanted.all {
+        match host_interface(*ip) {
+            Ok(ifname) => {
+                if attached.get(ip) != Some(&ifname) {
+                    match capture.attach_pod(&ifname) {
+                        Ok(()) => {
+                            tracing::info!(%ip, ifname, "capture attached");
+                            attached.insert(*ip, ifname);
+                        }
+                        Err(e) => tracing::warn!(%ip, ifname, error = %e, "cannot attach capture"),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(%ip, error = %e, "no host interface for local pod; not captured"),
+        }
+    }
+    let enrolled: BTreeSet<IpAddr> = match capture.enrolled() {
+        Ok(list) => list.into_iter().collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the enrolled pods map");
+            BTreeSet::new()
+        }
+    };
+    for ip in wanted.in_mesh.difference(&enrolled) {
+        match capture.enroll(*ip) {
+            Ok(()) => tracing::info!(%ip, "pod enrolled"),
+            Err(e) => tracing::warn!(%ip, error = %e, "cannot enroll pod"),
+        }
+    }
+    for ip in enrolled.difference(&wanted.in_mesh) {
+        match capture.unenroll(*ip) {
+            Ok(()) => tracing::info!(%ip, "pod unenrolled"),
+            Err(e) => tracing::warn!(%ip, error = %e, "cannot unenroll pod"),
+        }
+    }
+    // Pods gone from the node: their veths are gone with them, and so are the links.
+    attached.retain(|ip, _| wanted.all.contains(ip));
+    attached
+}
+
+/// The interface the node routes `ip` through (`ip route get`), which for a pod is its host-side
+/// veth.
+pub fn host_interface(ip: IpAddr) -> Result<String, String> {
+    let family = if ip.is_ipv4() { "-4" } else { "-6" };
+    let out = Command::new("ip")
+        .args([family, "-o", "route", "get", &ip.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run `ip route get`: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("`ip route get {ip}`: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "dev" {
+            return words.next().map(str::to_owned).ok_or_else(|| format!("no device in {text:?}"));
+        }
+    }
+    Err(format!("no device in `ip route get {ip}`: {text:?}"))
+}
