@@ -19,7 +19,7 @@ pub fn usable(test: &str) -> bool {
         .into_iter()
         .filter(|tool| {
             !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
+                .args(["-c", &format!("command -v {tool} >/dev/null")])
                 .status()
                 .is_ok_and(|s| s.success())
         })
