@@ -543,7 +543,8 @@ impl Mesh {
             .arg(format!("http://{}", self.controller_addr()?))
             .arg("--token-file")
             .arg(self.token_path(node))
-            .args(["--trust-domain", TRUST_DOMAIN])
+            // No --trust-domain: the ztunnel binary takes none (it serves the identities the
+            // controller's workloads carry, all in the controller's trust domain).
             .arg("--pin-dir")
             .arg(cluster::node_bpf_pin_dir(self.name(), node))
             .args(["--uplink", &uplink]);
