@@ -1,0 +1,101 @@
+"""The chart renders, its values are checked, and the committed manifests are what it renders."""
+
+import subprocess
+
+import pytest
+
+from conftest import CHART, DAEMONSET, MANIFESTS, MANIFEST_FILES, find, helm_template, need_tool
+
+
+def test_committed_manifests_are_what_the_chart_renders(tmp_path):
+    need_tool("helm")
+    out = subprocess.run([str(DAEMONSET / "render.sh"), str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, f"render.sh failed:\n{out.stderr}"
+    rendered = sorted(p.name for p in tmp_path.iterdir())
+    committed = sorted(p.name for p in MANIFESTS.iterdir())
+    assert rendered == committed == sorted(MANIFEST_FILES)
+    stale = [name for name in rendered if (tmp_path / name).read_text() != (MANIFESTS / name).read_text()]
+    assert not stale, f"daemonset/manifests/{stale} differ from the chart: run daemonset/render.sh and commit"
+
+
+def test_chart_lints_strictly():
+    helm = need_tool("helm")
+    out = subprocess.run([helm, "lint", "--strict", str(CHART)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "setting, complaint",
+    [
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("ztunnel.capabilities={SYS_MODULE}", "/ztunnel/capabilities"),
+        ("ztunnel.pinDir=/tmp/weft", "/ztunnel/pinDir"),
+        ("ztunnel.uplinks={eth0/1}", "/ztunnel/uplinks"),
+        ("trustDomain=Not A Domain", "/trustDomain"),
+        ("controller.resources.limits.memory=lots", "/controller/resources/limits/memory"),
+        ("controller.replcas=2", "replcas"),
+        ("controller.replicas=0", "/controller/replicas"),
+        ("controller.replicas=2", "controller.caSecret"),
+    ],
+)
+def test_bad_values_are_refused(setting, complaint):
+    helm = need_tool("helm")
+    out = subprocess.run([helm, "template", "weft", str(CHART), "--set", setting], capture_output=True, text=True)
+    assert out.returncode != 0, f"--set {setting} was accepted"
+    assert complaint in out.stderr, out.stderr
+
+
+def kinds(objects):
+    return sorted((o["kind"], o["metadata"]["name"]) for o in objects)
+
+
+def test_helm_install_leaves_the_namespace_to_helm_and_keeps_crds():
+    objects = helm_template()
+    assert not [o for o in objects if o["kind"] == "Namespace"]
+    crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
+    assert len(crds) == 9
+    # Uninstalling Weft must not delete every VirtualService, policy, ... in the cluster.
+    assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
+    namespaced = [o for o in objects if o["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding")]
+    assert {o["metadata"]["namespace"] for o in namespaced} == {"weft-system"}
+
+
+def test_crd_toggles():
+    def crds(*args):
+        return sorted(o["metadata"]["name"] for o in helm_template(*args) if o["kind"] == "CustomResourceDefinition")
+
+    everything = crds()
+    assert "gateways.gateway.networking.k8s.io" in everything
+    assert crds("--set", "crds.gatewayAPI=false") == [n for n in everything if n != "gateways.gateway.networking.k8s.io"]
+    assert crds("--set", "crds.istio=false") == ["gateways.gateway.networking.k8s.io"]
+    assert crds("--set", "crds.istio=false", "--set", "crds.gatewayAPI=false") == []
+
+
+def test_values_reach_the_objects():
+    objects = helm_template(
+        "--set", "trustDomain=example.org",
+        "--set", "logLevel=debug",
+        "--set", "image.tag=1.2.3",
+        "--set", "image.pullPolicy=Always",
+        "--set", "ztunnel.image.repository=registry.example/weft/ztunnel",
+        "--set", "ztunnel.image.tag=9.9.9",
+        "--set", "ztunnel.uplinks={ens5,ens6}",
+        "--set", "ztunnel.resources.limits.memory=3Gi",
+        "--set", "controller.caSecret=weft-ca",
+        "--set", "controller.replicas=2",
+    )
+    controller = find(objects, "Deployment", "weft-controller")["spec"]
+    assert controller["replicas"] == 2
+    container = controller["template"]["spec"]["containers"][0]
+    assert container["image"] == "localhost:5000/weft/controller:1.2.3"
+    assert container["imagePullPolicy"] == "Always"
+    assert "--trust-domain=example.org" in container["args"]
+    assert {"name": "RUST_LOG", "value": "debug"} in container["env"]
+    assert container["volumeMounts"][0]["readOnly"] is True
+    assert controller["template"]["spec"]["volumes"][0]["secret"]["secretName"] == "weft-ca"
+
+    ztunnel = find(objects, "DaemonSet", "ztunnel")["spec"]["template"]["spec"]["containers"][0]
+    assert ztunnel["image"] == "registry.example/weft/ztunnel:9.9.9"
+    assert [a for a in ztunnel["args"] if a.startswith("--uplink")] == ["--uplink=ens5", "--uplink=ens6"]
+    assert ztunnel["resources"]["limits"]["memory"] == "3Gi"
+    assert {"name": "RUST_LOG", "value": "debug"} in ztunnel["env"]
