@@ -48,5 +48,11 @@ if [[ -n $kube_built ]]; then
     kube_apiserver_missing "scripts/kube-apiserver/start.sh failed (logs in $kube_state)"
   fi
 fi
+# --- daemonset/: the Helm chart and the manifests rendered from it (pytest, daemonset/tests) ---------
+# The committed manifests equal `helm template` of the chart, pass kubernetes-validate --strict and
+# a server-side dry-run on a private kube-apiserver the tests start and stop themselves (from
+# scripts/kube-apiserver); CI=true fails on a missing tool or apiserver instead of skipping.
+echo "== daemonset tests (chart, manifests, Containerfiles)"
+daemonset/tests/run.sh
 echo "== cargo nextest"
 cargo nextest run --locked --workspace --no-fail-fast
