@@ -100,7 +100,14 @@ impl CaClient {
     }
 
     async fn bearer(&self) -> Result<Option<String>, FetchError> {
-        match &self.token {
+        self.token.value().await
+    }
+}
+
+impl Token {
+    /// The token to send now (a file's is read afresh), or none.
+    pub async fn value(&self) -> Result<Option<String>, FetchError> {
+        match self {
             Token::None => Ok(None),
             Token::Static(token) => Ok(Some(token.clone())),
             Token::File(path) => tokio::fs::read_to_string(path)

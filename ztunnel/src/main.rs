@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
         (None, None) => Token::None,
     };
     let ca_address = args.ca_address.clone().unwrap_or_else(|| args.xds_address.clone());
-    let ca = CaClient::new(&ca_address, token, DEFAULT_CERT_LIFETIME)
+    let ca = CaClient::new(&ca_address, token.clone(), DEFAULT_CERT_LIFETIME)
         .map_err(|e| anyhow::anyhow!("CA client for {ca_address}: {e}"))?;
     let certs = Arc::new(CertManager::new(ca));
     let state = Arc::new(RwLock::new(ProxyState::new("")));
@@ -116,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
             args.node_ip, args.node_name
         ),
         node_name: args.node_name.clone(),
-        token: args.token.clone(),
+        token,
     };
     tokio::spawn(xds::run(xds_config, Arc::clone(&state), synced_tx));
     tokio::spawn(capture::sync(

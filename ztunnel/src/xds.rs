@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
+use weft_core::cert_manager::Token;
 use weft_core::proto::envoy::config::core::v3::Node;
 use weft_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use weft_core::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
@@ -48,8 +49,8 @@ pub struct XdsConfig {
     pub node_id: String,
     /// The Kubernetes node this proxy serves (`NODE_NAME` in the node metadata).
     pub node_name: String,
-    /// Sent as `authorization: Bearer <token>` when set.
-    pub token: Option<String>,
+    /// Sent as `authorization: Bearer <token>` (a file's token is re-read on each connect).
+    pub token: Token,
 }
 
 /// What the client has received so far: a generation bumped on every applied response, and
@@ -115,7 +116,8 @@ async fn stream(
         tx.send(request).await.map_err(|_| tonic::Status::internal("request channel closed"))?;
     }
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(token) = &config.token {
+    let token = config.token.value().await.map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
+    if let Some(token) = token {
         let value = MetadataValue::try_from(format!("Bearer {token}"))
             .map_err(|_| tonic::Status::invalid_argument("the token is not a valid header value"))?;
         request.metadata_mut().insert("authorization", value);

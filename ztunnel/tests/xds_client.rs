@@ -13,6 +13,7 @@ use prost_types::Any;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tonic::service::Routes;
+use weft_core::cert_manager::Token;
 use weft_core::proto::istio::security::{self, Authorization};
 use weft_core::proto::istio::workload::{address, Address, TunnelProtocol, Workload};
 use ztunnel::state::ProxyState;
@@ -104,7 +105,7 @@ async fn the_state_follows_the_controller_and_outlives_it() {
         endpoint: format!("http://{addr}"),
         node_id: "ztunnel~10.0.0.9~ztunnel-a.istio-system~istio-system.svc.cluster.local".into(),
         node_name: "node-a".into(),
-        token: Some("t0ken".into()),
+        token: Token::Static("t0ken".into()),
     };
     let client = tokio::spawn(xds::run(config, Arc::clone(&state), tx));
     let has = |s: &Arc<RwLock<ProxyState>>, a: &str| s.read().unwrap().workload_by_ip(ip(a)).is_some();
