@@ -10,7 +10,8 @@ use std::time::Duration;
 use weft_core::identity::IdentityError;
 use weft_core::Identity;
 
-use crate::ca::{StaticAuthorizer, DEFAULT_MAX_CERT_LIFETIME, MAX_CERT_LIFETIME_CEILING};
+use crate::ca::{ServiceAccountRef, StaticAuthorizer, DEFAULT_MAX_CERT_LIFETIME, MAX_CERT_LIFETIME_CEILING};
+use crate::waypoints::WaypointOptions;
 
 pub const FLAG_CA_DIR: &str = "ca-dir";
 pub const ENV_CA_DIR: &str = "WEFT_CA_DIR";
@@ -40,6 +41,18 @@ pub const FLAG_KUBERNETES: &str = "kubernetes";
 pub const ENV_KUBERNETES: &str = "WEFT_KUBERNETES";
 pub const FLAG_KUBECONFIG: &str = "kubeconfig";
 pub const ENV_KUBECONFIG: &str = "KUBECONFIG";
+
+pub const FLAG_ZTUNNEL_SERVICE_ACCOUNT: &str = "ztunnel-service-account";
+pub const ENV_ZTUNNEL_SERVICE_ACCOUNT: &str = "WEFT_ZTUNNEL_SERVICE_ACCOUNT";
+pub const DEFAULT_ZTUNNEL_SERVICE_ACCOUNT: &str = "weft-system/ztunnel";
+
+pub const FLAG_WAYPOINT_IMAGE: &str = "waypoint-image";
+pub const ENV_WAYPOINT_IMAGE: &str = "WEFT_WAYPOINT_IMAGE";
+pub const DEFAULT_WAYPOINT_IMAGE: &str = "weft/waypoint:latest";
+
+pub const FLAG_WAYPOINT_CONTROLLER_ADDRESS: &str = "waypoint-controller-address";
+pub const ENV_WAYPOINT_CONTROLLER_ADDRESS: &str = "WEFT_WAYPOINT_CONTROLLER_ADDRESS";
+pub const DEFAULT_WAYPOINT_CONTROLLER_ADDRESS: &str = "weft-controller.weft-system.svc:15012";
 
 pub const FLAG_CONFIG_DIR: &str = "config-dir";
 pub const ENV_CONFIG_DIR: &str = "WEFT_CONFIG_DIR";
@@ -89,6 +102,26 @@ pub struct Args {
     /// The kubeconfig to reach the API server with (implies --kubernetes).
     #[arg(long = FLAG_KUBECONFIG, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
+    /// With Kubernetes and no --node-token, the CA accepts only tokens of this service account
+    /// (NAMESPACE/NAME), checked by TokenReview and bound to a pod whose node is the caller's.
+    #[arg(
+        long = FLAG_ZTUNNEL_SERVICE_ACCOUNT,
+        env = ENV_ZTUNNEL_SERVICE_ACCOUNT,
+        value_name = "NAMESPACE/NAME",
+        default_value = DEFAULT_ZTUNNEL_SERVICE_ACCOUNT
+    )]
+    pub ztunnel_service_account: String,
+    /// The image of the waypoint Deployments made for `istio-waypoint` Gateways (Kubernetes only).
+    #[arg(long = FLAG_WAYPOINT_IMAGE, env = ENV_WAYPOINT_IMAGE, default_value = DEFAULT_WAYPOINT_IMAGE)]
+    pub waypoint_image: String,
+    /// Where waypoints reach the controller's xDS and CA (host:port), passed to them.
+    #[arg(
+        long = FLAG_WAYPOINT_CONTROLLER_ADDRESS,
+        env = ENV_WAYPOINT_CONTROLLER_ADDRESS,
+        value_name = "HOST:PORT",
+        default_value = DEFAULT_WAYPOINT_CONTROLLER_ADDRESS
+    )]
+    pub waypoint_controller_address: String,
 }
 
 /// Where the Kubernetes source finds its API server.
@@ -116,6 +149,10 @@ pub struct Config {
     pub config_dir: Option<PathBuf>,
     /// Watch the Kubernetes API instead (never together with `config_dir`).
     pub kubernetes: Option<KubeAccess>,
+    /// With `kubernetes` and no `node_tokens`: whose TokenReview-checked tokens the CA accepts.
+    pub ztunnel_service_account: ServiceAccountRef,
+    /// How waypoints are deployed for `istio-waypoint` Gateways (with `kubernetes` only).
+    pub waypoints: WaypointOptions,
 }
 
 /// One thing wrong with the command line or environment.
@@ -139,6 +176,10 @@ pub enum ConfigError {
     NodeWithoutToken { node: String },
     #[error("--{FLAG_CONFIG_DIR} and --{FLAG_KUBERNETES} are two sources; give one")]
     TwoSources,
+    #[error("--{FLAG_ZTUNNEL_SERVICE_ACCOUNT} {value:?}: {reason}")]
+    ServiceAccount { value: String, reason: String },
+    #[error("--{flag} must not be empty")]
+    Empty { flag: &'static str },
 }
 
 /// Everything wrong with the command line, reported together.
@@ -233,18 +274,43 @@ impl Config {
         if kubernetes.is_some() && args.config_dir.is_some() {
             errors.push(ConfigError::TwoSources);
         }
+        let ztunnel_service_account = args
+            .ztunnel_service_account
+            .parse::<ServiceAccountRef>()
+            .map_err(|reason| {
+                errors
+                    .push(ConfigError::ServiceAccount { value: args.ztunnel_service_account.clone(), reason })
+            })
+            .ok();
+        for (flag, value) in [
+            (FLAG_WAYPOINT_IMAGE, &args.waypoint_image),
+            (FLAG_WAYPOINT_CONTROLLER_ADDRESS, &args.waypoint_controller_address),
+        ] {
+            if value.trim().is_empty() {
+                errors.push(ConfigError::Empty { flag });
+            }
+        }
+        let waypoints = WaypointOptions {
+            image: args.waypoint_image.trim().to_owned(),
+            controller_address: args.waypoint_controller_address.trim().to_owned(),
+            ..WaypointOptions::default()
+        };
 
-        match (listen, max_cert_lifetime) {
-            (Some(listen), Some(max_cert_lifetime)) if errors.is_empty() => Ok(Config {
-                ca_dir: args.ca_dir,
-                trust_domain: args.trust_domain,
-                listen,
-                max_cert_lifetime,
-                node_tokens,
-                node_identities,
-                config_dir: args.config_dir,
-                kubernetes,
-            }),
+        match (listen, max_cert_lifetime, ztunnel_service_account) {
+            (Some(listen), Some(max_cert_lifetime), Some(ztunnel_service_account)) if errors.is_empty() => {
+                Ok(Config {
+                    ca_dir: args.ca_dir,
+                    trust_domain: args.trust_domain,
+                    listen,
+                    max_cert_lifetime,
+                    node_tokens,
+                    node_identities,
+                    config_dir: args.config_dir,
+                    kubernetes,
+                    ztunnel_service_account,
+                    waypoints,
+                })
+            }
             _ => Err(ConfigErrors(errors)),
         }
     }
@@ -275,6 +341,11 @@ impl Default for Config {
             node_identities: BTreeMap::new(),
             config_dir: None,
             kubernetes: None,
+            ztunnel_service_account: ServiceAccountRef {
+                namespace: "weft-system".to_owned(),
+                name: "ztunnel".to_owned(),
+            },
+            waypoints: WaypointOptions::default(),
         }
     }
 }
@@ -295,6 +366,8 @@ impl fmt::Debug for Config {
             .field("node_identities", &self.node_identities)
             .field("config_dir", &self.config_dir)
             .field("kubernetes", &self.kubernetes)
+            .field("ztunnel_service_account", &self.ztunnel_service_account)
+            .field("waypoints", &self.waypoints)
             .finish()
     }
 }
@@ -398,6 +471,16 @@ mod tests {
             Some(KubeAccess::File(PathBuf::from("/k")))
         );
         assert_eq!(parse(&["--kubernetes", "--config-dir=/d"]).unwrap_err().0, vec![ConfigError::TwoSources]);
+        let kube = parse(&[
+            "--kubernetes",
+            "--ztunnel-service-account=istio-system/ztunnel",
+            "--waypoint-image=registry.example/waypoint:1",
+            "--waypoint-controller-address=weft.example:15012",
+        ])
+        .unwrap();
+        assert_eq!(kube.ztunnel_service_account.username(), "system:serviceaccount:istio-system:ztunnel");
+        assert_eq!(kube.waypoints.image, "registry.example/waypoint:1");
+        assert_eq!(kube.waypoints.controller_address, "weft.example:15012");
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret"), "{shown}");
     }
@@ -414,6 +497,8 @@ mod tests {
             "--node-identity=node-a=not-spiffe",
             "--node-identity=node-c",
             "--node-identity=node-z=spiffe://other.org/ns/a/sa/b",
+            "--ztunnel-service-account=ztunnel",
+            "--waypoint-image=",
         ])
         .unwrap_err();
         // The bad trust domain hides the foreign-identity error it would cause; check that one alone.
@@ -432,6 +517,8 @@ mod tests {
             "for node \"node-a\"",
             "--node-identity \"node-c\"",
             "node \"node-z\" has identities but no --node-token",
+            "--ztunnel-service-account \"ztunnel\": expected NAMESPACE/NAME",
+            "--waypoint-image must not be empty",
         ];
         for w in want {
             assert!(msg.contains(w), "missing {w:?} in:\n{msg}");

@@ -1,7 +1,8 @@
 //! Weft's control plane: the CA that signs workload certificates for nodes' ztunnels and, when
-//! given a config directory, the xDS server that tells them Istio's workload API (translated from
-//! the watched model), all on one port. Depends on weft-core only, never on another Weft binary;
-//! `main.rs` only parses flags and waits for a signal.
+//! given a config directory or the Kubernetes API, the xDS server that tells them Istio's workload
+//! API (translated from the watched model), all on one port; on Kubernetes also the waypoint
+//! Deployments of `istio-waypoint` Gateways. Depends on weft-core only, never on another Weft
+//! binary; `main.rs` only parses flags and waits for a signal.
 
 pub mod ca;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod grpc;
 pub mod model;
 pub mod sources;
 pub mod translate;
+pub mod waypoints;
 pub mod xds;
 
 use std::future::Future;
@@ -21,7 +23,9 @@ use tokio::sync::watch;
 use tonic::service::Routes;
 use weft_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 
-use crate::ca::{CaError, CaService, ModelAuthorizer, StaticAuthorizer};
+use crate::ca::{
+    CaError, CaService, ModelAuthorizer, NodeAuthorizer, StaticAuthorizer, TokenReviewAuthorizer,
+};
 use crate::config::{Config, KubeAccess};
 use crate::model::Model;
 use crate::sources::dir::DirError;
@@ -58,10 +62,12 @@ enum Mode {
 }
 
 struct Mesh {
-    ca: CaService<ModelAuthorizer>,
+    ca: CaService<NodeAuthorizer>,
     xds: XdsServer,
     model: watch::Receiver<Arc<Model>>,
     trust_domain: String,
+    /// With Kubernetes: the client and options of the waypoint manager.
+    waypoints: Option<(kube::Client, waypoints::WaypointOptions)>,
 }
 
 /// A client for the API server `access` names.
@@ -84,12 +90,16 @@ impl Controller {
     /// there is one, then binds the port.
     pub async fn bind(config: &Config) -> Result<Controller, ControllerError> {
         let ca = ca::load_or_create_root(&config.ca_dir, &config.trust_domain)?;
-        let model = match (&config.config_dir, &config.kubernetes) {
+        let client = match (&config.config_dir, &config.kubernetes) {
+            (None, Some(access)) => Some(kube_client(access).await?),
+            _ => None,
+        };
+        let model = match (&config.config_dir, &client) {
             (Some(dir), _) => Some(
                 sources::dir_model::watch_model(dir)
                     .map_err(|source| ControllerError::ConfigDir { path: dir.clone(), source })?,
             ),
-            (None, Some(access)) => Some(sources::kube::watch_model(kube_client(access).await?)),
+            (None, Some(client)) => Some(sources::kube::watch_model(client.clone())),
             (None, None) => None,
         };
         let mode = match model {
@@ -99,8 +109,27 @@ impl Controller {
                 Mode::Ca(service)
             }
             Some(model) => {
-                let authorizer =
-                    ModelAuthorizer::new(config.authorizer(), &config.trust_domain, model.clone());
+                // On Kubernetes, ztunnels present service-account tokens unless a static table
+                // of node tokens is given.
+                let authorizer = match &client {
+                    Some(client) if config.node_tokens.is_empty() => {
+                        tracing::info!(
+                            ztunnel_service_account = %config.ztunnel_service_account,
+                            "CA authenticates nodes by TokenReview"
+                        );
+                        NodeAuthorizer::TokenReview(TokenReviewAuthorizer::new(
+                            client.clone(),
+                            config.ztunnel_service_account.clone(),
+                            &config.trust_domain,
+                            model.clone(),
+                        ))
+                    }
+                    _ => NodeAuthorizer::Static(ModelAuthorizer::new(
+                        config.authorizer(),
+                        &config.trust_domain,
+                        model.clone(),
+                    )),
+                };
                 let service = CaService::new(ca, authorizer).with_max_lifetime(config.max_cert_lifetime);
                 let xds = XdsServer::new(translate::view(), XdsOptions::default());
                 xds.update(translate::snapshot(
@@ -113,6 +142,7 @@ impl Controller {
                     xds,
                     model,
                     trust_domain: config.trust_domain.clone(),
+                    waypoints: client.map(|client| (client, config.waypoints.clone())),
                 }))
             }
         };
@@ -151,11 +181,16 @@ impl Controller {
         match self.mode {
             Mode::Ca(service) => Ok(ca::serve(self.listener, service, shutdown).await?),
             Mode::Mesh(mesh) => {
-                let Mesh { ca, xds, model, trust_domain } = *mesh;
+                let Mesh { ca, xds, model, trust_domain, waypoints } = *mesh;
                 let updater = tokio::spawn(publish_snapshots(model, xds.clone(), trust_domain));
+                let waypoints =
+                    waypoints.map(|(client, options)| tokio::spawn(waypoints::run(client, options)));
                 let routes = Routes::new(IstioCertificateServiceServer::new(ca));
                 let result = xds::serve(self.listener, xds, routes, shutdown).await;
                 updater.abort();
+                if let Some(waypoints) = waypoints {
+                    waypoints.abort();
+                }
                 Ok(result?)
             }
         }

@@ -25,6 +25,27 @@ pub enum AuthError {
     UnknownToken,
     #[error("node {node} may not hold identity {identity}: no pod with that service account runs there")]
     NotAllowed { node: String, identity: Identity },
+    #[error(
+        "the API server did not authenticate the token: {reason} (expired, revoked, bound to a pod \
+         that is gone, signed by another key, or not issued for audience {audience:?}?)"
+    )]
+    TokenNotAuthenticated { reason: String, audience: String },
+    #[error("the token belongs to {user}, not to the ztunnel service account {want}")]
+    WrongServiceAccount { user: String, want: String },
+    #[error(
+        "the token of {user} is not bound to a pod: ztunnel must present its projected \
+         service-account token, which names its pod"
+    )]
+    NotBoundToPod { user: String },
+    #[error("the token's pod {namespace}/{pod} no longer exists (it was deleted or replaced)")]
+    PodGone { namespace: String, pod: String },
+    #[error("the token's pod {namespace}/{pod} is not scheduled on a node (spec.nodeName is empty)")]
+    PodWithoutNode { namespace: String, pod: String },
+    #[error(
+        "cannot check the token with the API server: {0} (is it reachable, and may the controller \
+         create tokenreviews and get pods?)"
+    )]
+    ReviewFailed(String),
 }
 
 /// Decides who may have which identity. Used generically (not as `dyn`); implementations may
@@ -95,31 +116,32 @@ impl Authorizer for StaticAuthorizer {
     }
 }
 
-/// Tokens from a fixed table (until the API server's TokenReview takes over); identities from
-/// the model: a node may hold the service accounts of the pods the model places on it.
+/// Tokens from a fixed table (the API server's TokenReview is
+/// [`TokenReviewAuthorizer`](super::TokenReviewAuthorizer)); identities from the model: a node may
+/// hold the service accounts of the pods the model places on it.
 pub struct ModelAuthorizer {
     tokens: StaticAuthorizer,
+    identities: ModelIdentities,
+}
+
+/// The identities a node may hold according to the model: the service accounts of the pods it
+/// places on that node. Shared by the authorizers that consult the model.
+#[derive(Clone)]
+pub(crate) struct ModelIdentities {
     trust_domain: String,
     model: tokio::sync::watch::Receiver<std::sync::Arc<crate::model::Model>>,
 }
 
-impl ModelAuthorizer {
-    /// `tokens` authenticates callers (its identity table is not consulted).
-    pub fn new(
-        tokens: StaticAuthorizer,
+impl ModelIdentities {
+    pub(crate) fn new(
         trust_domain: &str,
         model: tokio::sync::watch::Receiver<std::sync::Arc<crate::model::Model>>,
     ) -> Self {
-        ModelAuthorizer { tokens, trust_domain: trust_domain.to_owned(), model }
-    }
-}
-
-impl Authorizer for ModelAuthorizer {
-    async fn authenticate(&self, bearer_token: Option<&str>) -> Result<Caller, AuthError> {
-        self.tokens.authenticate(bearer_token).await
+        ModelIdentities { trust_domain: trust_domain.to_owned(), model }
     }
 
-    async fn authorize(&self, caller: &Caller, identity: &Identity) -> Result<(), AuthError> {
+    /// Whether a pod running as `identity` is on `caller`'s node.
+    pub(crate) fn check(&self, caller: &Caller, identity: &Identity) -> Result<(), AuthError> {
         let model = self.model.borrow().clone();
         if model.identities_on_node(&self.trust_domain, &caller.node).contains(identity) {
             Ok(())
@@ -129,12 +151,42 @@ impl Authorizer for ModelAuthorizer {
     }
 }
 
+impl ModelAuthorizer {
+    /// `tokens` authenticates callers (its identity table is not consulted).
+    pub fn new(
+        tokens: StaticAuthorizer,
+        trust_domain: &str,
+        model: tokio::sync::watch::Receiver<std::sync::Arc<crate::model::Model>>,
+    ) -> Self {
+        ModelAuthorizer { tokens, identities: ModelIdentities::new(trust_domain, model) }
+    }
+}
+
+impl fmt::Debug for ModelAuthorizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelAuthorizer")
+            .field("tokens", &self.tokens.tokens.len())
+            .field("trust_domain", &self.identities.trust_domain)
+            .finish()
+    }
+}
+
+impl Authorizer for ModelAuthorizer {
+    async fn authenticate(&self, bearer_token: Option<&str>) -> Result<Caller, AuthError> {
+        self.tokens.authenticate(bearer_token).await
+    }
+
+    async fn authorize(&self, caller: &Caller, identity: &Identity) -> Result<(), AuthError> {
+        self.identities.check(caller, identity)
+    }
+}
+
 /// SHA-256 of a token: lookups compare digests, so their timing says nothing about the token.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct TokenDigest([u8; 32]);
+pub(crate) struct TokenDigest([u8; 32]);
 
 impl TokenDigest {
-    fn of(token: &str) -> Self {
+    pub(crate) fn of(token: &str) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         let mut bytes = [0u8; 32];
         bytes.copy_from_slice(digest.as_ref());

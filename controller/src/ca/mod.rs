@@ -6,6 +6,7 @@
 mod authz;
 mod service;
 mod store;
+mod tokenreview;
 
 use std::future::Future;
 use std::io;
@@ -22,6 +23,9 @@ pub use service::{
     DEFAULT_MAX_CERT_LIFETIME, IMPERSONATED_IDENTITY_KEY, MAX_CERT_LIFETIME_CEILING,
 };
 pub use store::{load_or_create_root, ROOT_CERT_FILE, ROOT_KEY_FILE};
+pub use tokenreview::{
+    ServiceAccountRef, TokenReviewAuthorizer, POD_NAME_EXTRA, POD_UID_EXTRA, REVIEW_CACHE_TTL, TOKEN_AUDIENCE,
+};
 
 pub use crate::grpc::DRAIN_DEADLINE;
 
@@ -53,6 +57,31 @@ pub enum CaError {
     Bind { addr: std::net::SocketAddr, source: io::Error },
     #[error("the CA's gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+}
+
+/// How the CA of a controller with a model authenticates nodes: a static token table
+/// (`--node-token`) or the API server's TokenReview (Kubernetes without `--node-token`).
+/// Either way a node may hold only the identities of the pods the model places on it.
+#[derive(Debug)]
+pub enum NodeAuthorizer {
+    Static(ModelAuthorizer),
+    TokenReview(TokenReviewAuthorizer),
+}
+
+impl Authorizer for NodeAuthorizer {
+    async fn authenticate(&self, bearer_token: Option<&str>) -> Result<Caller, AuthError> {
+        match self {
+            NodeAuthorizer::Static(a) => a.authenticate(bearer_token).await,
+            NodeAuthorizer::TokenReview(a) => a.authenticate(bearer_token).await,
+        }
+    }
+
+    async fn authorize(&self, caller: &Caller, identity: &weft_core::Identity) -> Result<(), AuthError> {
+        match self {
+            NodeAuthorizer::Static(a) => a.authorize(caller, identity).await,
+            NodeAuthorizer::TokenReview(a) => a.authorize(caller, identity).await,
+        }
+    }
 }
 
 /// Serves `service` on `listener` until `shutdown` completes, then lets in-flight requests finish

@@ -52,6 +52,8 @@ impl Refusal {
     /// The gRPC status code this refusal is answered with.
     pub fn code(&self) -> Code {
         match self {
+            // The API server could not be asked: the caller may retry, its token was not judged.
+            Refusal::Unauthenticated(AuthError::ReviewFailed(_)) => Code::Unavailable,
             Refusal::Unauthenticated(_) => Code::Unauthenticated,
             Refusal::Csr(_)
             | Refusal::ImpersonationNotString(_)
