@@ -41,7 +41,7 @@ impl Checks {
     }
 }
 
-pub fn run(bin_dir: &Path, dir: Option<PathBuf>, keep: bool) -> anyhow::Result<ExitCode> {
+pub fn run(bin_dir: &Path, dir: Option<PathBuf>, keep: bool, name: &str) -> anyhow::Result<ExitCode> {
     let embedded_copy;
     let dir = match dir {
         Some(dir) => dir,
@@ -53,12 +53,12 @@ pub fn run(bin_dir: &Path, dir: Option<PathBuf>, keep: bool) -> anyhow::Result<E
         }
     };
     println!("Weft demo: a local two-node ambient mesh from {}", dir.display());
-    let mesh = up::up(&UpOptions::new(&dir, DEMO_CLUSTER, bin_dir))
+    let mesh = up::up(&UpOptions::new(&dir, name, bin_dir))
         .with_context(|| format!("bringing up {}", dir.display()))?;
     print!("{}", mesh.summary());
     let result = scenario(&mesh);
     if keep {
-        println!("The mesh keeps running (--keep); remove it with `weft down --name {DEMO_CLUSTER}`.");
+        println!("The mesh keeps running (--keep); remove it with `weft down --name {name}`.");
     } else {
         let name = mesh.name().to_string();
         mesh.down().with_context(|| format!("removing the demo mesh (try `weft down --name {name}`)"))?;

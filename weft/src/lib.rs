@@ -36,6 +36,9 @@ pub enum Command {
         /// Leave the mesh running at the end instead of removing it (`weft down` removes it).
         #[arg(long)]
         keep: bool,
+        /// The cluster's name (a-z, 0-9).
+        #[arg(long, default_value = demo::DEMO_CLUSTER)]
+        name: String,
     },
     /// Brings up a local mesh as root: network namespaces for nodes and pods (as the Pods'
     /// spec.nodeName place them), the controller watching a copy of DIR (with pod IPs filled in)
@@ -86,12 +89,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Demo { bin_dir, dir, keep } => {
+        Command::Demo { bin_dir, dir, keep, name } => {
             let bin_dir = match bin_dir {
                 Some(dir) => dir,
                 None => up::default_bin_dir()?,
             };
-            demo::run(&bin_dir, dir, keep)
+            demo::run(&bin_dir, dir, keep, &name)
         }
         Command::Up { dir, name, nodes, bin_dir } => {
             let bin_dir = match bin_dir {

@@ -451,6 +451,31 @@ fn weft_down_leaves_the_host_as_before_weft_up() {
     assert!(!cluster::bpf_pin_dir(&name).exists() && !cluster::state_dir(&name).exists());
 }
 
+#[test]
+fn weft_demo_shows_what_it_promises() {
+    if !usable("demo") {
+        return;
+    }
+    let name = cluster_name("demo");
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["demo", "--name", &name, "--bin-dir", bin_dir().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = cluster::destroy(&name);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "weft demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for expected in [
+        "spiffe://cluster.local/ns/demo/sa/client",
+        "\"peer\":\"10.10.1.2:",
+        "ok: the intruder's connection was refused",
+        "response_flags=\"DENY\"",
+        "everything behaved as expected",
+    ] {
+        assert!(stdout.contains(expected), "the demo did not show {expected:?}:\n{stdout}");
+    }
+    assert!(!cluster::state_dir(&name).exists(), "the demo left its mesh behind");
+}
+
 /// The root namespace's interfaces, rules and routes, both families.
 fn host_snapshot() -> Vec<(String, String)> {
     [vec!["link"], vec!["rule"], vec!["route"], vec!["-6", "rule"], vec!["-6", "route"]]
