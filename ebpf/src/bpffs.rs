@@ -16,7 +16,14 @@ const DEFAULT_MOUNT: &str = "/sys/fs/bpf";
 /// checks that `pin_dir` (or its nearest existing ancestor) is on bpffs.
 pub(crate) fn ensure(pin_dir: &Path) -> Result<(), Error> {
     if pin_dir.starts_with(DEFAULT_MOUNT) && !mounted(DEFAULT_MOUNT) {
-        tracing::info!("mounting bpffs at {DEFAULT_MOUNT}");
+        // In the host's mount namespace this is the bpffs every later ztunnel finds; in a private
+        // one (e.g. under `ip netns exec`, which remounts /sys) the pins die with this process and
+        // capture fails open when it exits. Say so loudly.
+        tracing::warn!(
+            "no bpffs at {DEFAULT_MOUNT}: mounting one. If this process runs in a private mount namespace \
+             (e.g. `ip netns exec`), pinned capture will not outlive it; run in the host's mount namespace \
+             (`nsenter --net=...`, or mount the host's /sys/fs/bpf)"
+        );
         mount(Some("bpf"), DEFAULT_MOUNT, Some("bpf"), MsFlags::empty(), None::<&str>).map_err(|source| {
             match source {
                 nix::Error::EPERM => {
