@@ -46,9 +46,10 @@ pub fn usable(test: &str) -> bool {
 pub fn bin_dir() -> PathBuf {
     let dir = match std::env::var_os("WEFT_E2E_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_BIN_EXE_weft")).parent().unwrap().to_path_buf(),
+        // target/<profile>/deps/e2e-<hash> -> target/<profile>
+        None => std::env::current_exe().unwrap().parent().and_then(Path::parent).unwrap().to_path_buf(),
     };
-    for binary in ["controller", "ztunnel", "weft-app"] {
+    for binary in ["weft", "controller", "ztunnel", "weft-app"] {
         assert!(
             dir.join(binary).exists(),
             "{} is missing: the end-to-end tests need every binary of the workspace; build them \

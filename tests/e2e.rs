@@ -391,14 +391,14 @@ fn weft_down_leaves_the_host_as_before_weft_up() {
         }
     }
     let _guard = Guard(name.clone());
-    let weft = env!("CARGO_BIN_EXE_weft");
+    let weft = bin_dir().join("weft");
     let bin_dir = bin_dir();
 
     let host_before = host_snapshot();
     let netns_before = other_netns(&prefix);
     let progs_before = bpf_programs();
 
-    let out = Command::new(weft)
+    let out = Command::new(&weft)
         .args(["up", dir.path().to_str().unwrap(), "--name", &name, "--bin-dir", bin_dir.to_str().unwrap()])
         .output()
         .unwrap();
@@ -432,7 +432,7 @@ fn weft_down_leaves_the_host_as_before_weft_up() {
         cluster::bpf_pin_dir(&name).display()
     );
 
-    let out = Command::new(weft).args(["down", "--name", &name]).output().unwrap();
+    let out = Command::new(&weft).args(["down", "--name", &name]).output().unwrap();
     assert!(out.status.success(), "weft down: {}", String::from_utf8_lossy(&out.stderr));
 
     assert_eq!(host_snapshot(), host_before, "weft down did not restore the root namespace");
@@ -457,7 +457,7 @@ fn weft_demo_shows_what_it_promises() {
         return;
     }
     let name = cluster_name("demo");
-    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+    let out = Command::new(bin_dir().join("weft"))
         .args(["demo", "--name", &name, "--bin-dir", bin_dir().to_str().unwrap()])
         .output()
         .unwrap();
