@@ -68,3 +68,10 @@ mod routing;
 
 pub use capture::{remove, Capture, CaptureConfig};
 pub use error::Error;
+
+/// Whether this kernel loads tc (`sched_cls`) programs, the kind the capture is made of (a
+/// pre-flight check; needs the privileges the capture needs, CAP_BPF or root). `Err` says why it
+/// could not be told.
+pub fn tc_programs_supported() -> Result<bool, String> {
+    aya::sys::is_program_supported(aya::programs::ProgramType::SchedClassifier).map_err(|e| e.to_string())
+}

@@ -1,12 +1,14 @@
 //! Weft's command line. It starts Weft's binaries as processes and talks to them over their
 //! APIs; it links no binary's library. It has the local mesh ([`up`]: `weft up`, `weft down`),
 //! its demo (`weft demo`), `analyze`, the local cluster's namespaces ([`cluster`]) and the pods'
-//! sample workload ([`app`]); the `waypoint` commands come with their issue.
+//! sample workload ([`app`]); and, against a Kubernetes cluster ([`k8s`]), `waypoint apply` and
+//! the pre-flight `check`.
 
 mod analyze;
 pub mod app;
 pub mod cluster;
 pub mod demo;
+pub mod k8s;
 pub mod up;
 
 use std::path::PathBuf;
@@ -70,6 +72,22 @@ pub enum Command {
         #[arg(long, short = 'n')]
         namespace: Option<String>,
     },
+    /// Waypoints on a Kubernetes cluster.
+    Waypoint {
+        #[command(subcommand)]
+        command: WaypointCommand,
+    },
+    /// Pre-flight checks before installing Weft: this node's kernel (6.6+ for TCX), bpffs at
+    /// /sys/fs/bpf, the capabilities ztunnel needs, BPF tc support; the API server and the CRDs
+    /// Weft reads. Each failure says how to fix it; exits 1 when any check fails.
+    Check {
+        /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config or in-cluster).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Only the cluster checks (run the node checks on a node).
+        #[arg(long)]
+        cluster_only: bool,
+    },
     /// Removes a local cluster: stops the processes in its network namespaces, deletes every
     /// namespace named `weft-<NAME>-*`, its state (/run/weft/NAME) and its eBPF pins
     /// (/sys/fs/bpf/weft/NAME). Succeeds when there is nothing to remove.
@@ -78,6 +96,29 @@ pub enum Command {
         #[arg(long, default_value = "weft")]
         name: String,
     },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum WaypointCommand {
+    /// Writes a waypoint Gateway (class istio-waypoint, HBONE on 15008) in a namespace and labels
+    /// the namespace `istio.io/use-waypoint=NAME`, like `istioctl waypoint apply
+    /// --enroll-namespace`. The controller then runs the waypoint's Deployment and Service.
+    Apply {
+        /// The namespace.
+        #[arg(long, short = 'n')]
+        namespace: String,
+        /// The waypoint's (Gateway's) name.
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+        /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config or in-cluster).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+/// Runs `future` on a runtime of its own (the commands that talk to Kubernetes).
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(future))
 }
 
 /// Runs the command; the exit code says whether it found problems.
@@ -109,6 +150,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Analyze { paths, namespace } => {
             analyze::run(&paths, namespace, &mut std::io::stdout().lock())
+        }
+        Command::Waypoint { command: WaypointCommand::Apply { namespace, name, kubeconfig } } => {
+            let message = block_on(async {
+                let client = k8s::client(kubeconfig.as_deref()).await?;
+                k8s::waypoint_apply(client, &namespace, &name).await
+            })??;
+            print!("{message}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { kubeconfig, cluster_only } => {
+            let checks = block_on(k8s::run_checks(kubeconfig, cluster_only))?;
+            print!("{}", k8s::report(&checks));
+            Ok(if checks.iter().all(|c| c.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Down { name } => {
             cluster::destroy(&name)?;
