@@ -318,8 +318,8 @@ impl Manager {
         let key = (namespace.to_owned(), name.to_owned());
         let kind = kind_name::<K>();
         let Some(object) = call("reading", kind, &key, api.get_opt(name)).await? else { return Ok(()) };
-        if let Some(uid) = stray_uid(object.meta(), live) {
-            delete(&api, kind, &key, uid).await?;
+        if let Some(stray) = stray(object.meta(), live) {
+            self.delete_unless_owner_lives(&api, kind, &key, stray).await?;
         }
         Ok(())
     }
@@ -350,20 +350,56 @@ impl Manager {
             .map_err(|source| WaypointError::List { kind, source })?;
         for object in list.items {
             let meta = object.meta();
-            if let Some(uid) = stray_uid(meta, live) {
+            if let Some(stray) = stray(meta, live) {
                 let namespace = meta.namespace.clone().unwrap_or_default();
                 let key = (namespace.clone(), meta.name.clone().unwrap_or_default());
                 let api = Api::<K>::namespaced(self.client.clone(), &namespace);
-                delete(&api, kind, &key, uid).await?;
+                self.delete_unless_owner_lives(&api, kind, &key, stray).await?;
             }
         }
         Ok(())
     }
+
+    /// Deletes a stray after asking the API server whether its Gateway is really gone: this
+    /// watcher may not have seen a Gateway created a moment ago (or another controller instance
+    /// may be the one that made the object), and a live waypoint must never lose its objects.
+    async fn delete_unless_owner_lives<K>(
+        &self,
+        api: &Api<K>,
+        kind: &'static str,
+        key: &Key,
+        stray: Stray,
+    ) -> Result<(), WaypointError>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        let gateways =
+            Api::<DynamicObject>::namespaced_with(self.client.clone(), &key.0, &self.gateway_resource);
+        let owner_key = (key.0.clone(), stray.owner_name.clone());
+        let owner = call("reading", "Gateway", &owner_key, gateways.get_opt(&stray.owner_name)).await?;
+        let owner_lives = owner
+            .as_ref()
+            .and_then(GatewayInfo::from_object)
+            .is_some_and(|g| g.uid == stray.owner_uid && g.is_waypoint() && !g.deleting);
+        if owner_lives {
+            return Ok(());
+        }
+        delete(api, kind, key, stray.uid).await
+    }
 }
 
-/// The object's own uid when it is controlled by a Gateway whose uid is not in `live` (so it must
-/// go); `None` for objects Weft does not control or whose Gateway is live.
-fn stray_uid(meta: &kube::api::ObjectMeta, live: &BTreeSet<String>) -> Option<String> {
+/// An object Weft made whose Gateway this manager does not know as a live waypoint.
+#[derive(Debug, PartialEq, Eq)]
+struct Stray {
+    /// The object's own uid (the delete's precondition).
+    uid: String,
+    owner_name: String,
+    owner_uid: String,
+}
+
+/// The object as a [`Stray`] when Weft made it and it is controlled by a Gateway whose uid is not
+/// in `live`; `None` for objects Weft does not control or whose Gateway is live.
+fn stray(meta: &kube::api::ObjectMeta, live: &BTreeSet<String>) -> Option<Stray> {
     let labels = meta.labels.as_ref()?;
     if labels.get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY_VALUE) {
         return None;
@@ -376,7 +412,7 @@ fn stray_uid(meta: &kube::api::ObjectMeta, live: &BTreeSet<String>) -> Option<St
     if live.contains(&owner.uid) {
         return None;
     }
-    meta.uid.clone()
+    Some(Stray { uid: meta.uid.clone()?, owner_name: owner.name.clone(), owner_uid: owner.uid.clone() })
 }
 
 /// Deletes one object, only if it is still the one seen (`uid`); gone already is fine.

@@ -166,6 +166,8 @@ fn strays_are_objects_weft_made_for_a_gateway_that_is_not_live() {
         ),
     ];
     for (i, (meta, stray)) in cases.iter().enumerate() {
-        assert_eq!(stray_uid(meta, &live).is_some(), *stray, "case {i}: {meta:?}");
+        assert_eq!(super::stray(meta, &live).is_some(), *stray, "case {i}: {meta:?}");
     }
+    let want = Stray { uid: "object-uid".into(), owner_name: "waypoint".into(), owner_uid: "gone".into() };
+    assert_eq!(super::stray(&cases[0].0, &live), Some(want));
 }

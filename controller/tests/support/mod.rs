@@ -131,3 +131,271 @@ pub fn pod(name: &str, node: &str, service_account: &str) -> Pod {
         ..Pod::default()
     }
 }
+
+/// The audience of the tokens ztunnel presents to the CA (Istio's).
+pub const ISTIO_CA_AUDIENCE: &str = "istio-ca";
+
+/// Creates `object` unless one of that name exists (another test of the run made it); either way
+/// the object is there afterwards.
+pub async fn create_if_absent<K>(api: &Api<K>, object: &K) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), object).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(e).context("creating a shared object"),
+    }
+}
+
+/// Makes sure namespace `name` exists (not ambient unless a test labels it).
+pub async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
+    let namespace = Namespace {
+        metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+        ..Namespace::default()
+    };
+    create_if_absent(&Api::<Namespace>::all(client.clone()), &namespace).await
+}
+
+/// Makes sure service account `ns/name` exists (no controller creates them on the test apiserver).
+pub async fn ensure_service_account(client: &Client, ns: &str, name: &str) -> anyhow::Result<()> {
+    let account = k8s_openapi::api::core::v1::ServiceAccount {
+        metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+        ..Default::default()
+    };
+    create_if_absent(&Api::namespaced(client.clone(), ns), &account).await
+}
+
+/// A token for service account `ns/account` from the TokenRequest API (the test apiserver has no
+/// token controller), for `audience`, bound to `pod` when given (as a projected volume's token is).
+pub async fn request_token(
+    client: &Client,
+    ns: &str,
+    account: &str,
+    audience: &str,
+    pod: Option<&Pod>,
+    expiration_seconds: i64,
+) -> anyhow::Result<String> {
+    use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(expiration_seconds),
+            bound_object_ref: pod.map(|pod| BoundObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some("Pod".to_owned()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+        },
+        ..TokenRequest::default()
+    };
+    let accounts = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), ns);
+    let issued = accounts
+        .create_token_request(account, &PostParams::default(), &request)
+        .await
+        .with_context(|| format!("TokenRequest for {ns}/{account}"))?;
+    Ok(issued.status.context("TokenRequest has no status")?.token)
+}
+
+/// Creates a pod and, playing the kubelet, reports it running with `ip`; returns it.
+pub async fn create_running_pod(pods: &Api<Pod>, pod: &Pod, ip: &str) -> anyhow::Result<Pod> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    pods.create(&PostParams::default(), pod).await.with_context(|| format!("creating pod {name}"))?;
+    let status =
+        serde_json::json!({ "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] } });
+    pods.patch_status(&name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status))
+        .await
+        .with_context(|| format!("patching the status of pod {name}"))
+}
+
+/// The test apiserver's kubeconfig with `token` as the user's credential: what a component
+/// running out of cluster as that service account uses. Written to `path`.
+pub fn kubeconfig_with_token(path: &std::path::Path, token: &str) -> anyhow::Result<()> {
+    let admin = std::env::var_os(KUBECONFIG_ENV).context("no test apiserver")?;
+    let mut kubeconfig = Kubeconfig::read_from(&admin)?;
+    for named in &mut kubeconfig.auth_infos {
+        if let Some(auth) = named.auth_info.as_mut() {
+            auth.token = Some(token.to_owned().into());
+        }
+    }
+    let text = serde_json::to_string(&kubeconfig)?;
+    anyhow::ensure!(text.contains(token), "the kubeconfig lost the token when written");
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The state directory of the test apiserver (its kubeconfig's directory; start.sh keeps its
+/// keys in `pki/` there).
+pub fn apiserver_state_dir() -> Option<std::path::PathBuf> {
+    let kubeconfig = std::path::PathBuf::from(std::env::var_os(KUBECONFIG_ENV)?);
+    kubeconfig.parent().map(std::path::Path::to_path_buf)
+}
+
+/// build.sh's cache (`bin/kube-apiserver`, `bin/kubectl`), as start.sh finds it.
+pub fn apiserver_cache_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("WEFT_KUBE_APISERVER_DIR") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+    });
+    cache.join("weft/kube-apiserver-1.20.2")
+}
+
+/// The Gateway API's Gateway CRD, reduced to a structural schema of what Weft reads and writes
+/// (the chart ships the real one): `v1` stored and `v1beta1` served, the status subresource.
+pub fn gateway_crd() -> anyhow::Result<
+    k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+> {
+    let any = serde_json::json!({ "type": "object", "x-kubernetes-preserve-unknown-fields": true });
+    let schema = serde_json::json!({
+        "openAPIV3Schema": {
+            "type": "object",
+            "properties": {
+                "spec": {
+                    "type": "object",
+                    "required": ["gatewayClassName", "listeners"],
+                    "properties": {
+                        "gatewayClassName": { "type": "string", "minLength": 1 },
+                        "listeners": { "type": "array", "minItems": 1, "items": any },
+                        "addresses": { "type": "array", "items": any },
+                        "infrastructure": any,
+                    },
+                },
+                "status": {
+                    "type": "object",
+                    "properties": {
+                        "addresses": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["value"],
+                                "properties": { "type": { "type": "string" }, "value": { "type": "string" } },
+                            },
+                        },
+                        "conditions": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["lastTransitionTime", "message", "reason", "status", "type"],
+                                "properties": {
+                                    "type": { "type": "string" },
+                                    "status": { "type": "string", "enum": ["True", "False", "Unknown"] },
+                                    "reason": { "type": "string" },
+                                    "message": { "type": "string" },
+                                    "observedGeneration": { "type": "integer", "format": "int64" },
+                                    "lastTransitionTime": { "type": "string", "format": "date-time" },
+                                },
+                            },
+                        },
+                        "listeners": { "type": "array", "items": any },
+                    },
+                },
+            },
+        }
+    });
+    let version = |name: &str, storage: bool| {
+        serde_json::json!({
+            "name": name, "served": true, "storage": storage,
+            "schema": schema, "subresources": { "status": {} },
+        })
+    };
+    let crd = serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": "gateways.gateway.networking.k8s.io",
+            // *.k8s.io groups need it; the value is the one the Gateway API's own CRDs carry.
+            "annotations": { "api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/2466" },
+        },
+        "spec": {
+            "group": "gateway.networking.k8s.io",
+            "names": { "kind": "Gateway", "listKind": "GatewayList", "plural": "gateways", "singular": "gateway", "shortNames": ["gtw"] },
+            "scope": "Namespaced",
+            "versions": [version("v1", true), version("v1beta1", false)],
+        }
+    });
+    serde_json::from_value(crd).context("the Gateway CRD does not deserialize")
+}
+
+/// Installs the Gateway CRD unless one is there already (the chart's, from another test), and
+/// waits until it is established.
+pub async fn install_gateway_crd(client: &Client) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::runtime::wait::{await_condition, conditions};
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    create_if_absent(&crds, &gateway_crd()?).await?;
+    let name = "gateways.gateway.networking.k8s.io";
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(crds, name, conditions::is_crd_established()),
+    )
+    .await
+    .context("the Gateway CRD did not become Established")??;
+    Ok(())
+}
+
+/// The Istio kinds the controller watches: (group, kind, plural, served versions; v1 stored).
+pub const ISTIO_KINDS: &[(&str, &str, &str, &[&str])] = &[
+    ("networking.istio.io", "VirtualService", "virtualservices", &["v1", "v1beta1", "v1alpha3"]),
+    ("networking.istio.io", "DestinationRule", "destinationrules", &["v1", "v1beta1", "v1alpha3"]),
+    ("networking.istio.io", "Gateway", "gateways", &["v1", "v1beta1", "v1alpha3"]),
+    ("networking.istio.io", "ServiceEntry", "serviceentries", &["v1", "v1beta1", "v1alpha3"]),
+    ("security.istio.io", "AuthorizationPolicy", "authorizationpolicies", &["v1", "v1beta1"]),
+    ("security.istio.io", "PeerAuthentication", "peerauthentications", &["v1", "v1beta1"]),
+    ("security.istio.io", "RequestAuthentication", "requestauthentications", &["v1", "v1beta1"]),
+    ("telemetry.istio.io", "Telemetry", "telemetries", &["v1", "v1alpha1"]),
+];
+
+/// Installs a CRD for every Istio kind the controller watches, unless one is there (as Istio
+/// ships them in shape: every served version, v1 stored, the spec unvalidated).
+pub async fn install_istio_crds(client: &Client) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::runtime::wait::{await_condition, conditions};
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    let schema = serde_json::json!({
+        "openAPIV3Schema": {
+            "type": "object",
+            "properties": {
+                "spec": { "type": "object", "x-kubernetes-preserve-unknown-fields": true },
+                "status": { "type": "object", "x-kubernetes-preserve-unknown-fields": true },
+            },
+        }
+    });
+    for (group, kind, plural, versions) in ISTIO_KINDS {
+        let name = format!("{plural}.{group}");
+        let versions: Vec<serde_json::Value> = versions
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "name": v, "served": true, "storage": *v == "v1",
+                    "schema": schema, "subresources": { "status": {} },
+                })
+            })
+            .collect();
+        let crd = serde_json::json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": { "name": name },
+            "spec": {
+                "group": group,
+                "names": {
+                    "kind": kind,
+                    "listKind": format!("{kind}List"),
+                    "plural": plural,
+                    "singular": kind.to_lowercase(),
+                },
+                "scope": "Namespaced",
+                "versions": versions,
+            }
+        });
+        create_if_absent(&crds, &serde_json::from_value(crd)?).await?;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .with_context(|| format!("the {kind} CRD did not become Established"))??;
+    }
+    Ok(())
+}
