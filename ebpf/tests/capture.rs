@@ -5,7 +5,6 @@
 //! tests print why and pass, unless CI=true, where they fail.
 
 use std::{
-    fs::File,
     io::{self, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
@@ -17,7 +16,7 @@ use std::{
 
 use aya::{maps::MapData, programs::SchedClassifier, programs::TcAttachType};
 use ebpf::{Capture, CaptureConfig};
-use nix::sched::{setns, CloneFlags};
+
 use socket2::{Domain, Socket, Type};
 
 const POD: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 5);
@@ -50,11 +49,7 @@ struct Topology {
 impl Topology {
     /// Builds the topology, or `None` when the test must be skipped.
     fn new() -> Option<Self> {
-        if let Some(why) = unusable() {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("eBPF capture tests cannot run: {why}");
-            }
-            eprintln!("skipping eBPF capture test: {why}");
+        if !weft_core::testing::netns_usable("eBPF capture test") {
             return None;
         }
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -143,28 +138,9 @@ impl Drop for Topology {
 }
 
 /// Why these tests cannot run here, if they cannot.
-fn unusable() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("not root (needs CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)".into());
-    }
-    match Command::new("ip").args(["netns", "list"]).output() {
-        Ok(out) if out.status.success() => None,
-        Ok(out) => Some(format!("`ip netns list` failed: {}", String::from_utf8_lossy(&out.stderr))),
-        Err(err) => Some(format!("cannot run `ip` (install iproute2): {err}")),
-    }
-}
-
 /// Runs `f` on a thread inside network namespace `ns`; sockets it creates stay in `ns`.
 fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    thread::scope(|s| {
-        s.spawn(|| {
-            let file = File::open(format!("/run/netns/{ns}")).unwrap();
-            setns(file, CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
+    weft_core::netns::run_in(ns, f).unwrap()
 }
 
 /// A listener like ztunnel's: wildcard address, IP_TRANSPARENT.

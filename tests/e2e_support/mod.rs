@@ -29,16 +29,7 @@ pub fn usable(test: &str) -> bool {
         Ok(()) if !missing.is_empty() => Some(format!("missing tools: {}", missing.join(", "))),
         Ok(()) => None,
     };
-    match problem {
-        None => true,
-        Some(reason) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("{test}: the end-to-end tests cannot run here: {reason}")
-        }
-        Some(reason) => {
-            eprintln!("skipping {test}: {reason}");
-            false
-        }
-    }
+    weft_core::testing::prerequisites(test, problem)
 }
 
 /// Where the workspace's binaries are: `$WEFT_E2E_BIN_DIR` (e.g. a release build), else beside

@@ -8,6 +8,7 @@ pub mod config;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
+pub mod netns;
 pub mod proto;
 pub mod tls;
 

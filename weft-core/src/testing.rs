@@ -163,3 +163,24 @@ pub async fn read_all(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::
     stream.read_to_end(&mut out).await?;
     Ok(out)
 }
+
+/// Whether a test whose prerequisites are missing (`problem`) may run: yes when nothing is
+/// missing; otherwise it prints why and the test passes without running, except under
+/// `CI=true`, where the machine is supposed to have everything and the test fails.
+pub fn prerequisites(test: &str, problem: Option<String>) -> bool {
+    match problem {
+        None => true,
+        Some(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test} cannot run here: {why}")
+        }
+        Some(why) => {
+            eprintln!("skipping {test}: {why}");
+            false
+        }
+    }
+}
+
+/// [`prerequisites`] for tests that make network namespaces.
+pub fn netns_usable(test: &str) -> bool {
+    prerequisites(test, crate::netns::unavailable())
+}

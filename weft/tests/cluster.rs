@@ -23,19 +23,7 @@ fn unique_name() -> String {
     format!("t{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Whether namespaces can be made here; under CI=true a "no" is a failure.
-fn netns_usable(test: &str) -> bool {
-    match cluster::check_environment() {
-        Ok(()) => true,
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("{test}: the local cluster cannot run here: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping {test}: {e}");
-            false
-        }
-    }
-}
+use weft_core::testing::netns_usable;
 
 /// Destroys the cluster when the test ends, also on panic.
 struct Guard(String);

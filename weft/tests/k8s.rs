@@ -13,16 +13,11 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParam
 /// The test apiserver's kubeconfig, or `None` (the test then passes with a note, except under
 /// CI=true, where it fails).
 fn kubeconfig() -> Option<PathBuf> {
-    match std::env::var_os("WEFT_TEST_KUBECONFIG") {
-        Some(path) => Some(PathBuf::from(path)),
-        None if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("WEFT_TEST_KUBECONFIG is not set: scripts/test.sh starts the kube-apiserver and sets it")
-        }
-        None => {
-            eprintln!("skipped: WEFT_TEST_KUBECONFIG is not set (run scripts/test.sh)");
-            None
-        }
-    }
+    let path = std::env::var_os("WEFT_TEST_KUBECONFIG").map(PathBuf::from);
+    let problem = path.is_none().then(|| {
+        "WEFT_TEST_KUBECONFIG is not set: scripts/test.sh starts the kube-apiserver and sets it".into()
+    });
+    weft_core::testing::prerequisites("weft k8s test", problem).then_some(path).flatten()
 }
 
 fn weft() -> Command {

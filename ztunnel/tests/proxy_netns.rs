@@ -53,11 +53,7 @@ struct Topology {
 
 impl Topology {
     fn new() -> Option<Self> {
-        if let Some(why) = unusable() {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("netns proxy tests cannot run: {why}");
-            }
-            eprintln!("skipping netns proxy test: {why}");
+        if !weft_core::testing::netns_usable("netns proxy test") {
             return None;
         }
         let base = format!("weft-pxy-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
@@ -127,27 +123,8 @@ impl Drop for Topology {
     }
 }
 
-fn unusable() -> Option<String> {
-    if !is_root() {
-        return Some("not root (needs CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN)".into());
-    }
-    match Command::new("ip").args(["netns", "list"]).output() {
-        Ok(out) if out.status.success() => None,
-        Ok(out) => Some(format!("`ip netns list` failed: {}", String::from_utf8_lossy(&out.stderr))),
-        Err(err) => Some(format!("cannot run `ip` (install iproute2): {err}")),
-    }
-}
-
-/// Runs `f` on a thread inside network namespace `ns`; sockets it creates stay in `ns`.
 fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    thread::scope(|s| {
-        s.spawn(|| {
-            setns(File::open(format!("/run/netns/{ns}")).unwrap(), CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
+    weft_core::netns::run_in(ns, f).unwrap()
 }
 
 /// Runs `f` on a tokio runtime on a thread inside `ns` (every thread of the runtime is there).

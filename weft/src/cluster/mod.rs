@@ -58,8 +58,8 @@ pub enum ClusterError {
         #[source]
         source: std::io::Error,
     },
-    #[error("could not enter network namespace {netns:?} (setns; needs CAP_SYS_ADMIN): {errno}")]
-    Setns { netns: String, errno: nix::errno::Errno },
+    #[error(transparent)]
+    Netns(#[from] weft_core::netns::NetnsError),
     #[error("state file {path}: {source}")]
     State {
         path: String,
@@ -70,8 +70,8 @@ pub enum ClusterError {
     NoSuchNode { cluster: String, node: String },
     #[error("cluster {cluster:?} has no pod {namespace}/{name}")]
     NoSuchPod { cluster: String, namespace: String, name: String },
-    #[error("the local cluster needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN); running as uid {0}")]
-    NotRoot(u32),
+    #[error("the local cluster cannot run here: {0}")]
+    Unavailable(String),
 }
 
 /// A cluster whose namespaces exist. Dropping it leaves them in place: call
@@ -226,11 +226,10 @@ pub fn node_bpf_pin_dir(cluster: &str, node: &str) -> PathBuf {
 
 /// Whether this process can build clusters: root, and a working `ip netns`.
 pub fn check_environment() -> Result<(), ClusterError> {
-    let uid = nix::unistd::geteuid();
-    if !uid.is_root() {
-        return Err(ClusterError::NotRoot(uid.as_raw()));
+    match weft_core::netns::unavailable() {
+        None => Ok(()),
+        Some(why) => Err(ClusterError::Unavailable(why)),
     }
-    ip(&["netns", "list"]).map(drop)
 }
 
 fn remove_dir_if_present(dir: &Path) -> Result<(), ClusterError> {

@@ -3,24 +3,15 @@
 //! that entered one. Knows nothing of the cluster's layout.
 
 use std::ffi::OsStr;
-use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::ClusterError;
 
-/// Where `ip netns` keeps its namespaces.
-pub const NETNS_DIR: &str = "/run/netns";
-
-/// The file that names `netns`.
-pub fn netns_path(netns: &str) -> PathBuf {
-    Path::new(NETNS_DIR).join(netns)
-}
+pub use weft_core::netns::{path as netns_path, DIR as NETNS_DIR};
 
 /// Runs `ip <args>` and returns its standard output; a failure names the command and its
 /// standard error.
@@ -120,20 +111,7 @@ pub fn netns_pids(netns: &str) -> Result<Vec<Pid>, ClusterError> {
 /// made here can be handed back and used from any thread or runtime. A panic in `f` is
 /// re-raised here.
 pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Result<T, ClusterError> {
-    let path = netns_path(netns);
-    let file = File::open(&path)
-        .map_err(|source| ClusterError::Io { what: format!("opening {}", path.display()), source })?;
-    std::thread::scope(|scope| {
-        let handle = scope.spawn(move || {
-            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
-                .map_err(|errno| ClusterError::Setns { netns: netns.to_string(), errno })?;
-            Ok(f())
-        });
-        match handle.join() {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
+    Ok(weft_core::netns::run_in(netns, f)?)
 }
 
 /// `ip netns exec <netns> <program>`: a command that runs `program` inside `netns` (the
