@@ -1,7 +1,8 @@
 //! `weft-app`: the workload the local cluster's pods run, like Istio's httpbin/echo samples.
 //! HTTP/1.1 `GET /<anything>` answers JSON saying who answered (pod, namespace) and who called
 //! (`peer`: the caller's address as this socket saw it), `/status/<code>` answers that status,
-//! and TCP echo ports copy bytes back. It listens on every address (`[::]`, dual stack, or
+//! `/bytes/<n>` answers `n` bytes (at most [`MAX_BYTES`]; the benchmarks' fixed-size body), and TCP
+//! echo ports copy bytes back. It listens on every address (`[::]`, dual stack, or
 //! `0.0.0.0` where IPv6 is off) and exits cleanly on SIGTERM or SIGINT. Test tooling only: it
 //! holds no mesh logic.
 
@@ -22,6 +23,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// The HTTP port when no listener is asked for.
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
+
+/// The largest body `/bytes/<n>` sends.
+pub const MAX_BYTES: usize = 1 << 20;
 
 /// `weft-app` flags.
 #[derive(Debug, Clone, clap::Parser)]
@@ -170,7 +174,8 @@ async fn echo(mut stream: TcpStream) {
     let _ = tokio::io::copy(&mut read, &mut write).await;
 }
 
-/// The answer to one request: `/status/<code>` or the JSON description of the request.
+/// The answer to one request: `/status/<code>`, `/bytes/<n>` or the JSON description of the
+/// request.
 fn respond(
     identity: &Identity,
     peer: SocketAddr,
@@ -184,6 +189,15 @@ fn respond(
             None => json(
                 StatusCode::BAD_REQUEST,
                 &serde_json::json!({ "error": format!("{code:?} is not an HTTP status code") }),
+            ),
+        };
+    }
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        return match n.parse::<usize>() {
+            Ok(n) if n <= MAX_BYTES => bytes(n),
+            _ => json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({ "error": format!("{n:?} is not a byte count up to {MAX_BYTES}") }),
             ),
         };
     }
@@ -219,6 +233,16 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     response
 }
 
+/// `n` bytes of `x`, as `application/octet-stream`.
+fn bytes(n: usize) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(vec![b'x'; n])));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/octet-stream"),
+    );
+    response
+}
+
 /// IPv4 callers of a dual-stack socket show up as `::ffff:a.b.c.d`; report them as IPv4.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
@@ -228,4 +252,45 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// One request on a fresh connection to a served `weft-app`: the status line and the body.
+    async fn get(path: &str) -> (String, Vec<u8>) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let identity = Arc::new(Identity { pod: "p".into(), namespace: "n".into() });
+        let server = tokio::spawn(serve_http(listener, identity));
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        server.abort();
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8(response[..split].to_vec()).unwrap();
+        let status = head.lines().next().unwrap().to_string();
+        (status, response[split + 4..].to_vec())
+    }
+
+    #[tokio::test]
+    async fn bytes_answers_that_many_bytes_and_refuses_too_many_or_garbage() {
+        let (status, body) = get("/bytes/1024").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(body, vec![b'x'; 1024]);
+        let (status, body) = get("/bytes/0").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(body.is_empty());
+        for bad in [format!("/bytes/{}", MAX_BYTES + 1), "/bytes/-1".into(), "/bytes/lots".into()] {
+            let (status, body) = get(&bad).await;
+            assert_eq!(status, "HTTP/1.1 400 Bad Request", "{bad}");
+            assert!(String::from_utf8(body).unwrap().contains("not a byte count"), "{bad}");
+        }
+    }
 }
