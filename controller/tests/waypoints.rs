@@ -23,6 +23,7 @@ use kube::{Api, Client, Resource};
 use prost::Message;
 use prost_types::value::Kind;
 use prost_types::{Struct, Value as ProtoValue};
+use serde::Deserialize as _;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -40,9 +41,9 @@ use controller::waypoints::{resources, WaypointOptions, FIELD_MANAGER};
 use controller::xds::ADDRESS_TYPE_URL;
 use controller::Controller;
 use support::{
-    ambient_namespace, apiserver_cache_dir, create_running_pod, ensure_namespace, ensure_service_account,
-    eventually, install_gateway_crd, install_istio_crds, kube_client, kubeconfig_with_token, pod,
-    request_token, unique_name, ISTIO_CA_AUDIENCE, KUBECONFIG_ENV,
+    ambient_namespace, create_running_pod, ensure_namespace, ensure_service_account, eventually,
+    install_gateway_crd, install_istio_crds, kube_client, kubeconfig_with_token, pod, request_token,
+    unique_name, ISTIO_CA_AUDIENCE, KUBECONFIG_ENV,
 };
 
 /// Bound on every wait for the controller or the apiserver.
@@ -61,29 +62,16 @@ const TEST_MANAGER: &str = "weft-tests";
 
 /// Everything the controller needs, cluster-wide (what the chart's ClusterRole must grant):
 /// read what the model watches, write only waypoint objects and Gateway status, review tokens.
+/// The controller's rules as the chart grants them (the ClusterRole `weft-controller` of
+/// daemonset/manifests/weft.yaml): what this file proves is what users install.
 fn controller_rules() -> Value {
-    let read = json!(["get", "list", "watch"]);
-    json!([
-        { "apiGroups": [""], "resources": ["namespaces", "pods"], "verbs": read },
-        // Server-side apply is a PATCH, and one that creates the object is also authorized as create.
-        { "apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch", "delete"] },
-        { "apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "create", "patch", "delete"] },
-        { "apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "create", "patch", "delete"] },
-        {
-            "apiGroups": ["networking.istio.io"],
-            "resources": ["virtualservices", "destinationrules", "gateways", "serviceentries"],
-            "verbs": read,
-        },
-        {
-            "apiGroups": ["security.istio.io"],
-            "resources": ["authorizationpolicies", "peerauthentications", "requestauthentications"],
-            "verbs": read,
-        },
-        { "apiGroups": ["telemetry.istio.io"], "resources": ["telemetries"], "verbs": read },
-        { "apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways"], "verbs": read },
-        { "apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways/status"], "verbs": ["patch"] },
-        { "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] },
-    ])
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../daemonset/manifests/weft.yaml");
+    let text = std::fs::read_to_string(path).expect("the rendered chart");
+    let role = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).expect("a YAML document"))
+        .find(|doc| doc["kind"] == "ClusterRole" && doc["metadata"]["name"] == "weft-controller")
+        .expect("ClusterRole weft-controller in daemonset/manifests/weft.yaml");
+    role["rules"].clone()
 }
 
 /// Applies the ClusterRole, the controller's ServiceAccount and the binding (server-side, so
@@ -465,12 +453,14 @@ fn can_i(kubectl: &std::path::Path, user: &str, verb: &str, resource: &str) -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbac_allows_the_controller_exactly_what_it_needs_and_ztunnel_nothing() -> anyhow::Result<()> {
     let Some(admin) = kube_client().await else { return Ok(()) };
-    let kubectl = apiserver_cache_dir().join("bin/kubectl");
-    if !kubectl.exists() {
-        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-            bail!("no {} in CI: scripts/kube-apiserver/build.sh builds it", kubectl.display());
-        }
-        eprintln!("SKIPPED: no {} (run scripts/kube-apiserver/build.sh)", kubectl.display());
+    // scripts/setup.sh installs kubectl (with helm) into /usr/local/bin.
+    let kubectl = std::path::PathBuf::from("kubectl");
+    let found =
+        Command::new(&kubectl).args(["version", "--client"]).output().is_ok_and(|o| o.status.success());
+    if !weft_core::testing::prerequisites(
+        "RBAC test",
+        (!found).then(|| "no kubectl on PATH (scripts/setup.sh installs it)".into()),
+    ) {
         return Ok(());
     }
     // kubectl resolves resource names through discovery: the CRDs must be there.

@@ -65,11 +65,15 @@ def test_controller_rights_are_exactly_these(manifests):
         for verb in rule["verbs"]
     }
     expected = {(g, r, v) for g, r in watched_kinds() for v in READ}
-    expected |= {("gateway.networking.k8s.io", "gateways/status", v) for v in ("get", "update", "patch")}
+    # What the waypoint manager needs (controller/src/waypoints: server-side apply, delete), and
+    # no more: controller/tests/waypoints.rs applies this same ClusterRole and proves it with
+    # `kubectl auth can-i`, allowed and denied.
+    expected |= {("gateway.networking.k8s.io", "gateways/status", "patch")}
     expected |= {("authentication.k8s.io", "tokenreviews", "create")}
-    writes = ("create", "update", "patch", "delete")
-    expected |= {("apps", "deployments", v) for v in READ + list(writes)}
-    expected |= {("", "services", v) for v in writes}
+    writes = ["create", "patch", "delete"]
+    expected |= {("", "services", v) for v in READ + writes}
+    expected |= {("", "serviceaccounts", v) for v in ["get", "list"] + writes}
+    expected |= {("apps", "deployments", v) for v in ["get", "list"] + writes}
     assert granted == expected
     for rule in rules(manifests):
         assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"]

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Builds the real kube-apiserver (v1.20.2) that Weft's controller tests talk to, and kubectl from
-# the same source tree (for `kubectl auth can-i` in the RBAC tests), and makes etcd available next
-# to them. Everything comes from Debian bookworm: the Go toolchain and etcd from apt,
+# Builds the real kube-apiserver (v1.20.2) that Weft's controller tests talk to, and makes etcd
+# available next to it. Everything comes from Debian bookworm: the Go toolchain and etcd from apt,
 # the Kubernetes source from Debian's `kubernetes` source package, which vendors all its Go
 # dependencies, so the build needs no Go module downloads.
 #
@@ -9,11 +8,9 @@
 #
 # Output, in $WEFT_KUBE_APISERVER_DIR (default ${XDG_CACHE_HOME:-$HOME/.cache}/weft/kube-apiserver-1.20.2):
 #   bin/kube-apiserver   the server, stripped, reporting v1.20.2
-#   bin/kubectl          the client from the same tree, stripped, reporting v1.20.2
 #   bin/etcd             symlink to apt's etcd (package etcd-server)
 #   BUILD_INFO           what was built from what, and how long it took
-# The last stdout line is the cache dir. A second run finds bin/kube-apiserver and bin/kubectl and
-# returns at once (a cache from before kubectl was built is rebuilt whole).
+# The last stdout line is the cache dir. A second run finds bin/kube-apiserver and returns at once.
 # The work tree (source, Go build cache) lives in the cache dir's work/ and is removed on success;
 # after a failure it is left for inspection and the next run starts it afresh.
 #
@@ -34,7 +31,7 @@ fail() {
   exit 1
 }
 
-built() { [[ -x $CACHE_DIR/bin/kube-apiserver && -x $CACHE_DIR/bin/kubectl && -x $CACHE_DIR/bin/etcd ]]; }
+built() { [[ -x $CACHE_DIR/bin/kube-apiserver && -x $CACHE_DIR/bin/etcd ]]; }
 
 if built; then
   echo "$CACHE_DIR"
@@ -171,17 +168,11 @@ go build -ldflags "$ldflags" -o "$WORK/kube-apiserver" ./cmd/kube-apiserver
 "$WORK/kube-apiserver" --version | grep -qx "Kubernetes v$VERSION" ||
   fail "the built binary reports '$("$WORK/kube-apiserver" --version)', not v$VERSION"
 
-say "compiling kubectl (a few minutes)"
-go build -ldflags "$ldflags" -o "$WORK/kubectl" ./cmd/kubectl
-"$WORK/kubectl" version --client --short 2>/dev/null | grep -qx "Client Version: v$VERSION" ||
-  fail "the built kubectl reports '$("$WORK/kubectl" version --client --short 2>&1)', not v$VERSION"
-
 # --- install; the apiserver binary goes last, so its presence means a complete build ------------
 cd "$CACHE_DIR"
 ln -sfn "$etcd_bin" bin/etcd
-mv -f "$WORK/kubectl" bin/kubectl
 cat >BUILD_INFO <<EOF
-kube-apiserver and kubectl v$VERSION from $(basename "$orig") (Debian bookworm source package)
+kube-apiserver v$VERSION from $(basename "$orig") (Debian bookworm source package)
 vendored reflect2 replaced by golang-github-modern-go-reflect2-dev $(dpkg-query -W -f='${Version}' golang-github-modern-go-reflect2-dev)
 $(go version)
 etcd: $etcd_bin, etcd-server $(dpkg-query -W -f='${Version}' etcd-server)

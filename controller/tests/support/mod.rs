@@ -231,17 +231,6 @@ pub fn apiserver_state_dir() -> Option<std::path::PathBuf> {
     kubeconfig.parent().map(std::path::Path::to_path_buf)
 }
 
-/// build.sh's cache (`bin/kube-apiserver`, `bin/kubectl`), as start.sh finds it.
-pub fn apiserver_cache_dir() -> std::path::PathBuf {
-    if let Some(dir) = std::env::var_os("WEFT_KUBE_APISERVER_DIR") {
-        return dir.into();
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME").map(std::path::PathBuf::from).unwrap_or_else(|| {
-        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-    });
-    cache.join("weft/kube-apiserver-1.20.2")
-}
-
 /// The Gateway API's Gateway CRD, reduced to a structural schema of what Weft reads and writes
 /// (the chart ships the real one): `v1` stored and `v1beta1` served, the status subresource.
 pub fn gateway_crd() -> anyhow::Result<
