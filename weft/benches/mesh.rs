@@ -72,6 +72,12 @@ const TARGET_RSS_MB_PER_KRPS: f64 = 8.0;
 const BUSY_LOAD: f64 = 1.0;
 
 fn main() -> anyhow::Result<()> {
+    // `cargo test --all-targets` runs bench targets too, without `--bench`: building a cluster
+    // as root for two and a half minutes is not a test.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("the mesh bench runs only under `cargo bench -p weft --bench mesh`; skipped");
+        return Ok(());
+    }
     let started = Instant::now();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -99,9 +105,9 @@ fn main() -> anyhow::Result<()> {
         manifests.display(),
         bin_dir.display()
     );
+    watch_signals();
     let up_started = Instant::now();
     let guard = Guard::new(up::up(&UpOptions::new(&manifests, CLUSTER, &bin_dir)).context("weft up")?);
-    watch_signals();
     eprintln!("up in {:.1} s", up_started.elapsed().as_secs_f64());
     let report = measure(&guard.mesh)?;
     let load_end = loadavg();
@@ -140,7 +146,7 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
             "latency {}: {RATE} requests/s over {CONNECTIONS} connections, {WARMUP:?} warm-up + {MEASURE:?}...",
             path.ns
         );
-        latency.push(open_loop(path, &ztunnels)?);
+        latency.push(fixed_rate(path, &ztunnels)?);
     }
     let opened = mesh_connections(mesh)?;
     ensure!(
@@ -448,7 +454,7 @@ fn read_response(reader: &mut impl BufRead) -> anyhow::Result<(u16, usize)> {
     Ok((status, length))
 }
 
-/// What one open-loop run measured (the window after the warm-up).
+/// What one fixed-rate run measured (the window after the warm-up).
 #[derive(Debug, Clone, Default)]
 struct LatencyRun {
     /// Scheduled send → last byte of the response, per measured request.
@@ -488,7 +494,7 @@ impl LatencyRun {
 /// reading a socket was not woken by a response that arrived after another thread wrote the
 /// request; it saw the response only when the next request was written on that socket (~4 ms
 /// later here; reproduced with Python on loopback, outside Weft).
-fn open_loop(path: &Pair, ztunnels: &Ztunnels) -> anyhow::Result<LatencyRun> {
+fn fixed_rate(path: &Pair, ztunnels: &Ztunnels) -> anyhow::Result<LatencyRun> {
     let interval = Duration::from_secs(1) / RATE;
     let warmup = (WARMUP.as_secs_f64() * f64::from(RATE)) as usize;
     let total = warmup + (MEASURE.as_secs_f64() * f64::from(RATE)) as usize;
@@ -856,7 +862,7 @@ impl Report {
             median(self.mesh_tput.iter().map(|r| r.client_cpu + r.server_cpu).collect())
         );
         println!("{:<50} {:>12} {:>12} {:>14}", "", "", "", "added (us)");
-        // Latencies are from each request's scheduled send time (see `open_loop`).
+        // Latencies are from each request's scheduled send time (see `fixed_rate`).
         for (what, quant) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)] {
             println!(
                 "{:<50} {:>12.1} {:>12.1} {:>+14.1}",
