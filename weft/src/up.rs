@@ -529,6 +529,12 @@ impl Mesh {
         }
     }
 
+    /// The machine's cores divided among the nodes, at least one.
+    fn worker_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        (cores / self.cluster.plan().nodes.len().max(1)).max(1)
+    }
+
     /// Starts `node`'s ztunnel in the node's namespace (it does not wait for readiness: see
     /// [`Mesh::wait_ztunnel_ready`]).
     pub fn start_ztunnel(&mut self, node: &str) -> Result<(), UpError> {
@@ -547,7 +553,12 @@ impl Mesh {
             // controller's workloads carry, all in the controller's trust domain).
             .arg("--pin-dir")
             .arg(cluster::node_bpf_pin_dir(self.name(), node))
-            .args(["--uplink", &uplink]);
+            .args(["--uplink", &uplink])
+            // The nodes share this machine's cores: each ztunnel gets its share, as it would
+            // have its node's cores on a real cluster (more threads than cores only adds
+            // cross-thread wake-ups: measured in BENCHMARKS.md, L4 mesh).
+            .arg("--worker-threads")
+            .arg(self.worker_threads().to_string());
         self.spawn(&ztunnel_process(node), &netns, cmd, true)
     }
 

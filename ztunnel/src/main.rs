@@ -50,9 +50,15 @@ struct Args {
     /// Do not load the eBPF capture (traffic reaches the listeners only when sent to them).
     #[arg(long)]
     no_capture: bool,
+    /// Load and pin the capture, then exit (what ztunnel runs itself in a child process).
+    #[arg(long, hide = true)]
+    load_capture_only: bool,
     /// Address the capture listeners (15001, 15006, 15008) bind; `::` takes IPv4 too.
     #[arg(long, default_value = "::")]
     bind: IpAddr,
+    /// Threads serving connections (Istio's ztunnel runs 2 by default).
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_address: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15020")]
@@ -61,14 +67,35 @@ struct Args {
     readiness_address: SocketAddr,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Loads the capture in a child process that then exits. Loading parses the kernel's BTF, and
+/// the ~16 MB of heap that takes stays with the process that did it (the allocator keeps it); the
+/// pinned programs and maps are then taken over from bpffs at no such cost.
+fn load_in_child() -> anyhow::Result<()> {
+    let status = std::process::Command::new(std::env::current_exe()?)
+        .args(std::env::args_os().skip(1))
+        .arg("--load-capture-only")
+        .status()
+        .context("starting the capture loader")?;
+    anyhow::ensure!(status.success(), "loading the eBPF capture failed ({status}); see the lines above");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.max(1))
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => Token::Static(t.clone()),
         (None, Some(path)) => Token::File(path.clone()),
@@ -86,6 +113,13 @@ async fn main() -> anyhow::Result<()> {
         None
     } else {
         let config = ebpf::CaptureConfig { pin_dir: args.pin_dir.clone(), ..ebpf::CaptureConfig::default() };
+        if args.load_capture_only {
+            ebpf::Capture::open(config).context("loading the eBPF capture")?;
+            return Ok(());
+        }
+        if !args.pin_dir.exists() {
+            load_in_child()?;
+        }
         let mut capture = ebpf::Capture::open(config).context("loading the eBPF capture")?;
         for uplink in &args.uplinks {
             capture.attach_uplink(uplink).with_context(|| format!("capturing on uplink {uplink}"))?;
