@@ -3,6 +3,7 @@
 //! protobuf types of the wire APIs; also the typed Istio/Kubernetes configuration model with its
 //! offline analysis. Depends on no Weft binary.
 
+pub mod accept;
 pub mod cert_manager;
 pub mod config;
 pub mod drain;

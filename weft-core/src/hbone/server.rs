@@ -12,13 +12,14 @@ use http::{Method, Request, Response, StatusCode};
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, Semaphore};
+use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, Instrument};
 
 use super::stream::H2Stream;
 use super::{parse_forwarded_for, BAGGAGE, FORWARDED, TRACEPARENT};
+use crate::accept::{self, Limits};
 use crate::drain;
 use crate::identity::Identity;
 use crate::tls::CertInfo;
@@ -146,59 +147,24 @@ impl<I: Inbound> Server<I> {
 
     /// Serves until `drain` fires, then stops accepting, lets open connections finish their
     /// streams, and cuts whatever remains after the drain deadline.
-    pub async fn run(self, mut drain: drain::Watch) {
-        let limit = Arc::new(Semaphore::new(self.settings.max_connections));
+    pub async fn run(self, drain: drain::Watch) {
+        let limits = Limits {
+            max_connections: self.settings.max_connections,
+            drain_deadline: self.settings.drain_deadline,
+        };
         let settings = Arc::new(self.settings);
-        let mut connections = JoinSet::new();
-        let mut next_id: u64 = 0;
-        loop {
-            let permit = tokio::select! {
-                _ = drain.signaled() => break,
-                permit = limit.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break, // the semaphore is never closed
-                },
-            };
-            let accepted = tokio::select! {
-                _ = drain.signaled() => break,
-                accepted = self.listener.accept() => accepted,
-            };
-            // Reap finished connection tasks so the set does not grow.
-            while connections.try_join_next().is_some() {}
-            let (tcp, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(error = %e, "HBONE accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            next_id += 1;
-            let span = tracing::debug_span!("hbone_conn", id = next_id, %peer);
+        let (inbound, events, conn_drain) = (self.inbound, self.events, drain.clone());
+        accept::serve(&self.listener, "hbone", limits, drain, |tcp, peer| {
             let conn = Connection {
-                inbound: self.inbound.clone(),
+                inbound: inbound.clone(),
                 settings: settings.clone(),
-                events: self.events.clone(),
-                drain: drain.clone(),
+                events: events.clone(),
+                drain: conn_drain.clone(),
                 peer,
             };
-            connections.spawn(
-                async move {
-                    conn.serve(tcp).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            );
-        }
-        info!(open = connections.len(), "HBONE server draining");
-        let finished = tokio::time::timeout(settings.drain_deadline, async {
-            while connections.join_next().await.is_some() {}
+            conn.serve(tcp)
         })
         .await;
-        if finished.is_err() {
-            warn!(cut = connections.len(), "HBONE drain deadline passed; closing remaining connections");
-            connections.shutdown().await;
-        }
     }
 }
 

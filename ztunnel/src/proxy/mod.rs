@@ -27,9 +27,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
-use tracing::{info, warn, Instrument};
+
+use tracing::info;
+use weft_core::accept::{self, Limits};
 use weft_core::cert_manager::{CertManager, CertificateSource};
 use weft_core::drain;
 use weft_core::hbone::{ClientSettings, Pool, Server, ServerSettings};
@@ -233,62 +233,19 @@ async fn serve<S, F, Fut>(
     listener: TcpListener,
     name: &'static str,
     ctx: Arc<Ctx<S>>,
-    mut drain: drain::Watch,
+    drain: drain::Watch,
     handler: F,
 ) where
     S: CertificateSource,
     F: Fn(Arc<Ctx<S>>, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let limit = Arc::new(Semaphore::new(ctx.options.max_connections));
-    let mut connections = JoinSet::new();
-    let mut next_id: u64 = 0;
-    loop {
-        let permit = tokio::select! {
-            _ = drain.signaled() => break,
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break, // never closed
-            },
-        };
-        let accepted = tokio::select! {
-            _ = drain.signaled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        while connections.try_join_next().is_some() {}
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // E.g. out of file descriptors: keep the listener, let connections finish.
-                warn!(listener = name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        next_id += 1;
-        let peer = canonical(peer);
-        let span = tracing::info_span!("conn", listener = name, id = next_id, %peer);
-        let task = handler(ctx.clone(), stream, peer);
-        connections.spawn(
-            async move {
-                task.await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
-    }
-    info!(listener = name, open = connections.len(), "listener draining");
-    let deadline = ctx.options.drain_deadline;
-    let finished =
-        tokio::time::timeout(deadline, async { while connections.join_next().await.is_some() {} }).await;
-    if finished.is_err() {
-        warn!(
-            listener = name,
-            cut = connections.len(),
-            "drain deadline passed; closing remaining connections"
-        );
-        connections.shutdown().await;
-    }
+    let limits =
+        Limits { max_connections: ctx.options.max_connections, drain_deadline: ctx.options.drain_deadline };
+    accept::serve(&listener, name, limits, drain, |stream, peer| {
+        handler(ctx.clone(), stream, canonical(peer))
+    })
+    .await;
 }
 
 /// `addr` with an IPv4-mapped IPv6 address (as a dual-stack socket reports IPv4) made IPv4.
