@@ -21,29 +21,20 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource};
 use prost::Message;
-use prost_types::value::Kind;
-use prost_types::{Struct, Value as ProtoValue};
 use serde::Deserialize as _;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
-use tonic::Streaming;
+use tokio::sync::oneshot;
 use weft_core::cert_manager::{CaClient, CertificateSource, Token};
-use weft_core::proto::envoy::config::core::v3::Node;
-use weft_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use weft_core::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use weft_core::proto::istio::workload::{address, Address, TunnelProtocol};
 use weft_core::Identity;
 
 use controller::config::{Config, KubeAccess};
 use controller::waypoints::{resources, WaypointOptions, FIELD_MANAGER};
-use controller::xds::ADDRESS_TYPE_URL;
 use controller::Controller;
 use support::{
     ambient_namespace, create_running_pod, ensure_namespace, ensure_service_account, eventually,
     install_gateway_crd, install_istio_crds, kube_client, kubeconfig_with_token, pod, request_token,
-    unique_name, ISTIO_CA_AUDIENCE, KUBECONFIG_ENV,
+    unique_name, Ads, ISTIO_CA_AUDIENCE, KUBECONFIG_ENV,
 };
 
 /// Bound on every wait for the controller or the apiserver.
@@ -285,56 +276,21 @@ async fn objects_of_a_gateway_deleted_while_the_controller_was_down_are_swept() 
 
 // --- the acceptance run -------------------------------------------------------------------------
 
-/// One delta ADS stream as a ztunnel of `node` opens it; every response is ACKed as it is read.
-struct Ads {
-    tx: mpsc::Sender<DeltaDiscoveryRequest>,
-    responses: Streaming<DeltaDiscoveryResponse>,
-}
-
-impl Ads {
-    async fn subscribe(endpoint: String, node: &str) -> anyhow::Result<Ads> {
-        let channel = Channel::from_shared(endpoint)?.connect().await?;
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
-        let string = |s: &str| ProtoValue { kind: Some(Kind::StringValue(s.to_owned())) };
-        let node = Node {
-            id: format!("ztunnel~192.168.0.30~ztunnel-x.{CONTROLLER_NS}~{CONTROLLER_NS}.svc.cluster.local"),
-            metadata: Some(Struct { fields: BTreeMap::from([("NODE_NAME".to_owned(), string(node))]) }),
-            ..Default::default()
-        };
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(DeltaDiscoveryRequest {
-            node: Some(node),
-            type_url: ADDRESS_TYPE_URL.to_owned(),
-            ..Default::default()
-        })
-        .await?;
-        let responses = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
-        Ok(Ads { tx, responses })
-    }
-
-    /// Reads (and ACKs) responses until every name in `want` has been received.
-    async fn until_received(&mut self, want: &[String]) -> anyhow::Result<BTreeMap<String, Address>> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut seen = BTreeMap::new();
-        while !want.iter().all(|w| seen.contains_key(w)) {
-            let Ok(response) = tokio::time::timeout_at(deadline, self.responses.message()).await else {
-                bail!("within {WAIT:?} received {:?}, want {want:?}", seen.keys().collect::<Vec<_>>());
-            };
-            let response = response?.context("stream ended")?;
-            self.tx
-                .send(DeltaDiscoveryRequest {
-                    type_url: response.type_url.clone(),
-                    response_nonce: response.nonce.clone(),
-                    ..Default::default()
-                })
-                .await?;
-            for resource in response.resources {
-                let body = resource.resource.context("resource without a body")?;
-                seen.insert(resource.name, Address::decode(body.value.as_slice())?);
+/// Reads `ads` until every name in `want` has been received.
+async fn until_received(ads: &mut Ads, want: &[String]) -> anyhow::Result<BTreeMap<String, Address>> {
+    let mut seen = BTreeMap::new();
+    ads.until(&format!("{want:?}"), WAIT, |response| {
+        for resource in &response.resources {
+            if let Some(body) = &resource.resource {
+                if let Ok(address) = Address::decode(body.value.as_slice()) {
+                    seen.insert(resource.name.clone(), address);
+                }
             }
         }
-        Ok(seen)
-    }
+        want.iter().all(|w| seen.contains_key(w)).then_some(())
+    })
+    .await?;
+    Ok(seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,10 +338,11 @@ async fn the_controller_with_its_own_service_account_serves_a_node_and_manages_w
     Api::<Service>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &service).await?;
 
     let started = Instant::now();
-    let mut ads = Ads::subscribe(endpoint.clone(), &node).await?;
+    let node_id = format!("ztunnel~192.168.0.30~ztunnel-x.{CONTROLLER_NS}~{CONTROLLER_NS}.svc.cluster.local");
+    let mut ads = Ads::subscribe(endpoint.clone(), &node_id, &node).await?;
     let uid = |name: &str| format!("Kubernetes//Pod/{ns}/{name}");
     let service_name = format!("{ns}/web.{ns}.svc.cluster.local");
-    let received = ads.until_received(&[uid("web-0"), uid("web-1"), service_name.clone()]).await?;
+    let received = until_received(&mut ads, &[uid("web-0"), uid("web-1"), service_name.clone()]).await?;
     eprintln!("the node's workloads and the Service over xDS {:?} after subscribing", started.elapsed());
     for name in ["web-0", "web-1"] {
         let Some(address::Type::Workload(w)) = received[&uid(name)].r#type.clone() else {

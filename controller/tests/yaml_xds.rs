@@ -2,27 +2,20 @@
 //! and deleted reach a real delta ADS client (as Istio's ztunnel connects) as workload upserts and
 //! removals, over the same port the CA serves on.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
 use prost::Message;
-use prost_types::value::Kind;
-use prost_types::{Struct, Value};
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
-use tonic::Streaming;
-use weft_core::proto::envoy::config::core::v3::Node;
-use weft_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use weft_core::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use tokio::sync::oneshot;
 use weft_core::proto::istio::workload::{address, Address, TunnelProtocol, Workload};
 
 use controller::config::Config;
 use controller::translate::DEFAULT_CLUSTER_ID;
-use controller::xds::ADDRESS_TYPE_URL;
 use controller::Controller;
+
+mod support;
+use support::Ads;
 
 /// Every wait is bounded by this.
 const WAIT: Duration = Duration::from_secs(5);
@@ -33,71 +26,18 @@ const AMBIENT_NS: &str =
 const PLAIN_NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
 const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {nodeName: node-a, serviceAccountName: web}\nstatus: {podIP: 10.0.1.5, phase: Running}\n";
 
-/// One delta ADS stream, client side; every response is ACKed as it is read.
-struct Ads {
-    tx: mpsc::Sender<DeltaDiscoveryRequest>,
-    responses: Streaming<DeltaDiscoveryResponse>,
-}
-
-impl Ads {
-    async fn subscribe(endpoint: String) -> anyhow::Result<Ads> {
-        let channel = Channel::from_shared(endpoint)?.connect().await?;
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
-        let string = |s: &str| Value { kind: Some(Kind::StringValue(s.to_owned())) };
-        let node = Node {
-            id: ZTUNNEL.to_owned(),
-            metadata: Some(Struct { fields: BTreeMap::from([("NODE_NAME".to_owned(), string("node-a"))]) }),
-            ..Default::default()
-        };
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(DeltaDiscoveryRequest {
-            node: Some(node),
-            type_url: ADDRESS_TYPE_URL.to_owned(),
-            ..Default::default()
-        })
-        .await?;
-        let responses = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
-        Ok(Ads { tx, responses })
-    }
-
-    /// Reads (and ACKs) responses until one satisfies `check`, for at most [`WAIT`].
-    async fn until<T>(
-        &mut self,
-        what: &str,
-        mut check: impl FnMut(&DeltaDiscoveryResponse) -> Option<T>,
-    ) -> anyhow::Result<T> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let response = tokio::time::timeout_at(deadline, self.responses.message())
-                .await
-                .with_context(|| format!("no response with {what} within {WAIT:?}"))??
-                .context("stream ended")?;
-            self.tx
-                .send(DeltaDiscoveryRequest {
-                    type_url: response.type_url.clone(),
-                    response_nonce: response.nonce.clone(),
-                    ..Default::default()
-                })
-                .await?;
-            if let Some(found) = check(&response) {
-                return Ok(found);
+/// Waits on `ads` for the workload `uid`, sent with the tunnel protocol `want`.
+async fn workload(ads: &mut Ads, uid: &str, want: TunnelProtocol) -> anyhow::Result<Workload> {
+    ads.until(&format!("{uid} as {want:?}"), WAIT, |response| {
+        response.resources.iter().filter(|r| r.name == uid).find_map(|r| {
+            let body = r.resource.as_ref()?;
+            match Address::decode(body.value.as_slice()).ok()?.r#type? {
+                address::Type::Workload(w) if w.tunnel_protocol == want as i32 => Some(w),
+                _ => None,
             }
-        }
-    }
-
-    /// Waits for the workload `uid`, sent with the tunnel protocol `want`.
-    async fn workload(&mut self, uid: &str, want: TunnelProtocol) -> anyhow::Result<Workload> {
-        self.until(&format!("{uid} as {want:?}"), |response| {
-            response.resources.iter().filter(|r| r.name == uid).find_map(|r| {
-                let body = r.resource.as_ref()?;
-                match Address::decode(body.value.as_slice()).ok()?.r#type? {
-                    address::Type::Workload(w) if w.tunnel_protocol == want as i32 => Some(w),
-                    _ => None,
-                }
-            })
         })
-        .await
-    }
+    })
+    .await
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
@@ -123,20 +63,20 @@ async fn yaml_edits_reach_a_ztunnel_as_workload_updates() -> anyhow::Result<()> 
         let _ = stopped.await;
     }));
 
-    let mut ads = Ads::subscribe(endpoint).await?;
+    let mut ads = Ads::subscribe(endpoint, ZTUNNEL, "node-a").await?;
     let uid = format!("{DEFAULT_CLUSTER_ID}//Pod/shop/web");
 
     write(&config_dir, "shop.yaml", &format!("{AMBIENT_NS}---\n{POD}"))?;
-    let web = ads.workload(&uid, TunnelProtocol::Hbone).await?;
+    let web = workload(&mut ads, &uid, TunnelProtocol::Hbone).await?;
     assert_eq!((web.node.as_str(), web.service_account.as_str()), ("node-a", "web"));
     assert_eq!(web.addresses, [vec![10, 0, 1, 5]]);
     assert_eq!(xds.clients().len(), 1, "the ztunnel is connected");
 
     write(&config_dir, "shop.yaml", &format!("{PLAIN_NS}---\n{POD}"))?;
-    ads.workload(&uid, TunnelProtocol::None).await?;
+    workload(&mut ads, &uid, TunnelProtocol::None).await?;
 
     std::fs::remove_file(config_dir.join("shop.yaml"))?;
-    ads.until("the workload's removal", |r| r.removed_resources.contains(&uid).then_some(())).await?;
+    ads.until("the workload's removal", WAIT, |r| r.removed_resources.contains(&uid).then_some(())).await?;
 
     let _ = stop.send(());
     tokio::time::timeout(WAIT, task).await.context("controller did not stop")???;

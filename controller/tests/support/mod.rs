@@ -17,6 +17,9 @@ use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec};
 use kube::api::{ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
+use weft_core::proto::envoy::config::core::v3::Node;
+use weft_core::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use weft_core::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 
 /// The kubeconfig of the test apiserver (written by `scripts/kube-apiserver/start.sh`).
 pub const KUBECONFIG_ENV: &str = "WEFT_TEST_KUBECONFIG";
@@ -387,4 +390,64 @@ pub async fn install_istio_crds(client: &Client) -> anyhow::Result<()> {
         .with_context(|| format!("the {kind} CRD did not become Established"))??;
     }
     Ok(())
+}
+
+/// One delta ADS stream as a ztunnel opens it (Address, wildcard); every response is ACKed as it
+/// is read.
+pub struct Ads {
+    tx: tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
+    responses: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+impl Ads {
+    /// Opens the stream to `endpoint` (`http://ip:port`) as the proxy `node_id` of `node_name`.
+    pub async fn subscribe(endpoint: String, node_id: &str, node_name: &str) -> anyhow::Result<Ads> {
+        use prost_types::value::Kind;
+        let channel = tonic::transport::Channel::from_shared(endpoint)?.connect().await?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let name = prost_types::Value { kind: Some(Kind::StringValue(node_name.to_owned())) };
+        let node = Node {
+            id: node_id.to_owned(),
+            metadata: Some(prost_types::Struct { fields: BTreeMap::from([("NODE_NAME".to_owned(), name)]) }),
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(node),
+            type_url: controller::xds::ADDRESS_TYPE_URL.to_owned(),
+            ..Default::default()
+        })
+        .await?;
+        let responses = client
+            .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Ads { tx, responses })
+    }
+
+    /// Reads (and ACKs) responses until one satisfies `check`, for at most `wait`.
+    pub async fn until<T>(
+        &mut self,
+        what: &str,
+        wait: Duration,
+        mut check: impl FnMut(&DeltaDiscoveryResponse) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let response = tokio::time::timeout_at(deadline, self.responses.message())
+                .await
+                .with_context(|| format!("no response with {what} within {wait:?}"))??
+                .context("stream ended")?;
+            self.tx
+                .send(DeltaDiscoveryRequest {
+                    type_url: response.type_url.clone(),
+                    response_nonce: response.nonce.clone(),
+                    ..Default::default()
+                })
+                .await?;
+            if let Some(found) = check(&response) {
+                return Ok(found);
+            }
+        }
+    }
 }
