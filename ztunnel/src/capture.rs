@@ -98,17 +98,19 @@ fn apply(
     mut attached: BTreeMap<IpAddr, String>,
 ) -> BTreeMap<IpAddr, String> {
     let mut capture = capture.lock().unwrap_or_else(|p| p.into_inner());
-    for ip in &wanted.all {
+    // Pods already attached keep their link (a recreated veth gets a new pod IP from the CNI,
+    // or is re-attached by `attach_pod` noticing the stale link): no `ip route get` per pod per
+    // update.
+    let new: Vec<IpAddr> = wanted.all.iter().filter(|ip| !attached.contains_key(ip)).copied().collect();
+    for ip in &new {
         match host_interface(*ip) {
             Ok(ifname) => {
-                if attached.get(ip) != Some(&ifname) {
-                    match capture.attach_pod(&ifname) {
-                        Ok(()) => {
-                            tracing::info!(%ip, ifname, "capture attached");
-                            attached.insert(*ip, ifname);
-                        }
-                        Err(e) => tracing::warn!(%ip, ifname, error = %e, "cannot attach capture"),
+                match capture.attach_pod(&ifname) {
+                    Ok(()) => {
+                        tracing::info!(%ip, ifname, "capture attached");
+                        attached.insert(*ip, ifname);
                     }
+                    Err(e) => tracing::warn!(%ip, ifname, error = %e, "cannot attach capture"),
                 }
             }
             Err(e) => tracing::warn!(%ip, error = %e, "no host interface for local pod; not captured"),
