@@ -104,15 +104,13 @@ fn apply(
     let new: Vec<IpAddr> = wanted.all.iter().filter(|ip| !attached.contains_key(ip)).copied().collect();
     for ip in &new {
         match host_interface(*ip) {
-            Ok(ifname) => {
-                match capture.attach_pod(&ifname) {
-                    Ok(()) => {
-                        tracing::info!(%ip, ifname, "capture attached");
-                        attached.insert(*ip, ifname);
-                    }
-                    Err(e) => tracing::warn!(%ip, ifname, error = %e, "cannot attach capture"),
+            Ok(ifname) => match capture.attach_pod(&ifname) {
+                Ok(()) => {
+                    tracing::info!(%ip, ifname, "capture attached");
+                    attached.insert(*ip, ifname);
                 }
-            }
+                Err(e) => tracing::warn!(%ip, ifname, error = %e, "cannot attach capture"),
+            },
             Err(e) => tracing::warn!(%ip, error = %e, "no host interface for local pod; not captured"),
         }
     }
