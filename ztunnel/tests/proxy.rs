@@ -312,6 +312,8 @@ async fn outbound_to_another_node_goes_through_hbone() {
             "reporter=\"destination\"",
             "source_principal=\"spiffe://cluster.local/ns/client-ns/sa/client\"",
             "source_workload=\"client\"",
+            // Guessed at the destination from the pod's one service with this target port.
+            "destination_service=\"web.server-ns.svc.cluster.local\"",
         ])
         .await;
 

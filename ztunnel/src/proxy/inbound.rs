@@ -16,7 +16,7 @@ use super::socket::{self, Counted};
 use super::{canonical, Ctx};
 use crate::metrics::{ConnectionLabels, Reporter, ResponseFlags, SecurityPolicy};
 use crate::policy::{authorize, Connection, Verdict};
-use crate::state::{ProxyState, Workload};
+use crate::state::{ProxyState, Service, Workload};
 
 /// Why an inbound connection is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -67,13 +67,16 @@ pub(super) fn local_workload<'s>(state: &'s ProxyState, node: &str, ip: IpAddr) 
     state.workload_by_ip(ip.to_canonical()).filter(|w| w.node == node)
 }
 
-/// The labels of an inbound connection as the destination reports it.
+/// The labels of an inbound connection as the destination reports it. The destination service
+/// is guessed as Istio's ztunnel does (the tunnel carries only the pod's address): the one service
+/// of the destination workload whose target port is the port connected to, if exactly one is.
 pub(super) fn labels(
     state: &ProxyState,
     security: SecurityPolicy,
     src_identity: Option<&Identity>,
     src_ip: IpAddr,
     dst: Option<&Workload>,
+    dst_port: u16,
 ) -> ConnectionLabels {
     let mut labels = ConnectionLabels::new(Reporter::Destination, security);
     if let Some(source) = state.workload_by_ip(src_ip.to_canonical()) {
@@ -84,8 +87,23 @@ pub(super) fn labels(
     }
     if let Some(dst) = dst {
         labels = labels.with_destination(dst);
+        if let Some(service) = inbound_service(state, dst, dst_port) {
+            labels = labels.with_destination_service(service);
+        }
     }
     labels
+}
+
+/// The service a connection to `port` of `workload` was most likely sent to: the only one of its
+/// services with that target port (none when there are several or none).
+fn inbound_service<'s>(state: &'s ProxyState, workload: &Workload, port: u16) -> Option<&'s Arc<Service>> {
+    let mut matching = workload
+        .services
+        .iter()
+        .filter(|(_, ports)| ports.values().any(|target| *target == port))
+        .filter_map(|(key, _)| state.service_by_key(key));
+    let first = matching.next()?;
+    matching.next().is_none().then_some(first)
 }
 
 impl<S: CertificateSource> Inbound for Hbone<S> {
@@ -129,7 +147,7 @@ impl<S: CertificateSource> Inbound for Hbone<S> {
                 check(&state, &ctx.node, presented.map(|w| &**w), Some(identity), client.ip(), authority);
             let labels = {
                 let dst = checked.as_ref().ok().map(|w| &**w).or(presented.map(|w| &**w));
-                labels(&state, SecurityPolicy::MutualTls, Some(identity), client.ip(), dst)
+                labels(&state, SecurityPolicy::MutualTls, Some(identity), client.ip(), dst, authority.port())
             };
             (checked, labels)
         };
@@ -175,7 +193,9 @@ pub(super) async fn handle_plain<S: CertificateSource>(
         let state = ctx.state();
         let checked = check(&state, &ctx.node, None, None, peer.ip(), dst);
         let dst_workload = local_workload(&state, &ctx.node, dst.ip()).cloned();
-        (checked, labels(&state, SecurityPolicy::Unknown, None, peer.ip(), dst_workload.as_deref()))
+        let labels =
+            labels(&state, SecurityPolicy::Unknown, None, peer.ip(), dst_workload.as_deref(), dst.port());
+        (checked, labels)
     };
     if let Err(refusal) = checked {
         info!(%dst, %refusal, "plaintext connection refused");

@@ -248,6 +248,7 @@ fn prepare(state: &ProxyState, node: &str, rr: &RoundRobin, peer: SocketAddr, ds
                 Some(&source.identity),
                 peer.ip(),
                 Some(&destination),
+                to.port(),
             );
             if let Some(service) = &service {
                 outbound = outbound.with_destination_service(service);
