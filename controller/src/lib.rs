@@ -23,13 +23,14 @@ use tokio::sync::watch;
 use tonic::service::Routes;
 use weft_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 
+use crate::ca::Authorizer;
 use crate::ca::{
     CaError, CaService, ModelAuthorizer, NodeAuthorizer, StaticAuthorizer, TokenReviewAuthorizer,
 };
 use crate::config::{Config, KubeAccess};
 use crate::model::Model;
 use crate::sources::dir::DirError;
-use crate::xds::{XdsError, XdsOptions, XdsServer};
+use crate::xds::{Authenticate, XdsError, XdsOptions, XdsServer};
 
 /// Why the controller could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
@@ -62,12 +63,28 @@ enum Mode {
 }
 
 struct Mesh {
-    ca: CaService<NodeAuthorizer>,
+    ca: CaService<Arc<NodeAuthorizer>>,
     xds: XdsServer,
     model: watch::Receiver<Arc<Model>>,
     trust_domain: String,
     /// With Kubernetes: the client and options of the waypoint manager.
     waypoints: Option<(kube::Client, waypoints::WaypointOptions)>,
+}
+
+/// xDS clients authenticated as the CA authenticates them: the token names the node.
+struct NodeTokens(Arc<NodeAuthorizer>);
+
+impl Authenticate for NodeTokens {
+    fn node(&self, token: Option<String>) -> futures::future::BoxFuture<'static, Result<String, String>> {
+        let authorizer = self.0.clone();
+        Box::pin(async move {
+            authorizer
+                .authenticate(token.as_deref())
+                .await
+                .map(|caller| caller.node)
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// A client for the API server `access` names.
@@ -130,8 +147,20 @@ impl Controller {
                         model.clone(),
                     )),
                 };
+                let authorizer = Arc::new(authorizer);
+                // xDS asks the same of its clients as the CA: the node's token. Only a static
+                // table without tokens (a local setup) leaves it open, as nobody could
+                // authenticate.
+                let authenticate: Option<Box<dyn Authenticate>> =
+                    if matches!(*authorizer, NodeAuthorizer::Static(_)) && config.node_tokens.is_empty() {
+                        tracing::warn!("no --node-token: xDS serves any client unauthenticated");
+                        None
+                    } else {
+                        Some(Box::new(NodeTokens(authorizer.clone())))
+                    };
                 let service = CaService::new(ca, authorizer).with_max_lifetime(config.max_cert_lifetime);
-                let xds = XdsServer::new(translate::view(), XdsOptions::default());
+                let xds =
+                    XdsServer::with_authentication(translate::view(), XdsOptions::default(), authenticate);
                 xds.update(translate::snapshot(
                     &model.borrow(),
                     &config.trust_domain,

@@ -337,9 +337,26 @@ async fn the_controller_with_its_own_service_account_serves_a_node_and_manages_w
     }))?;
     Api::<Service>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &service).await?;
 
-    let started = Instant::now();
+    // The node's ztunnel: a pod of the ztunnel service account, and its token.
+    let zt = create_running_pod(
+        &Api::namespaced(admin.clone(), CONTROLLER_NS),
+        &pod(&unique_name("ztunnel"), &node, ZTUNNEL_SA),
+        "192.168.0.30",
+    )
+    .await?;
+    let zt_token =
+        request_token(&admin, CONTROLLER_NS, ZTUNNEL_SA, ISTIO_CA_AUDIENCE, Some(&zt), 600).await?;
     let node_id = format!("ztunnel~192.168.0.30~ztunnel-x.{CONTROLLER_NS}~{CONTROLLER_NS}.svc.cluster.local");
-    let mut ads = Ads::subscribe(endpoint.clone(), &node_id, &node).await?;
+
+    // xDS, like the CA, wants that token, and for the node it names only.
+    let refusal = Ads::refusal(endpoint.clone(), &node_id, &node, None, WAIT).await;
+    assert!(refusal.contains("xDS needs the node's token"), "{refusal}");
+    let other_node = unique_name("node");
+    let refusal = Ads::refusal(endpoint.clone(), &node_id, &other_node, Some(&zt_token), WAIT).await;
+    assert!(refusal.contains("but the stream's NODE_NAME is"), "{refusal}");
+
+    let started = Instant::now();
+    let mut ads = Ads::subscribe(endpoint.clone(), &node_id, &node, Some(&zt_token)).await?;
     let uid = |name: &str| format!("Kubernetes//Pod/{ns}/{name}");
     let service_name = format!("{ns}/web.{ns}.svc.cluster.local");
     let received = until_received(&mut ads, &[uid("web-0"), uid("web-1"), service_name.clone()]).await?;
@@ -355,14 +372,6 @@ async fn the_controller_with_its_own_service_account_serves_a_node_and_manages_w
 
     // A ztunnel of that node gets its pods' certificates through TokenReview done with the
     // controller's own credentials.
-    let zt = create_running_pod(
-        &Api::namespaced(admin.clone(), CONTROLLER_NS),
-        &pod(&unique_name("ztunnel"), &node, ZTUNNEL_SA),
-        "192.168.0.30",
-    )
-    .await?;
-    let zt_token =
-        request_token(&admin, CONTROLLER_NS, ZTUNNEL_SA, ISTIO_CA_AUDIENCE, Some(&zt), 600).await?;
     let ca = CaClient::new(&endpoint, Token::Static(zt_token), Duration::from_secs(3600))?;
     let web = Identity::new("cluster.local", &ns, "web")?;
     let cert =

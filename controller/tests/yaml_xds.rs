@@ -53,6 +53,7 @@ async fn yaml_edits_reach_a_ztunnel_as_workload_updates() -> anyhow::Result<()> 
         ca_dir: tmp.path().join("ca"),
         listen: "127.0.0.1:0".parse()?,
         config_dir: Some(config_dir.clone()),
+        node_tokens: [("t0ken-a".to_owned(), "node-a".to_owned())].into(),
         ..Config::default()
     };
     let controller = Controller::bind(&config).await?;
@@ -63,7 +64,15 @@ async fn yaml_edits_reach_a_ztunnel_as_workload_updates() -> anyhow::Result<()> 
         let _ = stopped.await;
     }));
 
-    let mut ads = Ads::subscribe(endpoint, ZTUNNEL, "node-a").await?;
+    // Like the CA, xDS wants the node's token, and for its own node only.
+    for (token, node, why) in [
+        (None, "node-a", "xDS needs the node's token"),
+        (Some("t0ken-a"), "node-b", "but the stream's NODE_NAME is"),
+    ] {
+        let refusal = Ads::refusal(endpoint.clone(), ZTUNNEL, node, token, WAIT).await;
+        anyhow::ensure!(refusal.contains(why), "{refusal}");
+    }
+    let mut ads = Ads::subscribe(endpoint, ZTUNNEL, "node-a", Some("t0ken-a")).await?;
     let uid = format!("{DEFAULT_CLUSTER_ID}//Pod/shop/web");
 
     write(&config_dir, "shop.yaml", &format!("{AMBIENT_NS}---\n{POD}"))?;

@@ -65,6 +65,16 @@ pub trait Authorizer: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), AuthError>> + Send;
 }
 
+impl<A: Authorizer> Authorizer for std::sync::Arc<A> {
+    async fn authenticate(&self, bearer_token: Option<&str>) -> Result<Caller, AuthError> {
+        self.as_ref().authenticate(bearer_token).await
+    }
+
+    async fn authorize(&self, caller: &Caller, identity: &Identity) -> Result<(), AuthError> {
+        self.as_ref().authorize(caller, identity).await
+    }
+}
+
 /// A fixed table: token -> node, node -> identities its pods run as. For the local cluster and
 /// tests; tokens are kept only as SHA-256 digests.
 #[derive(Default)]

@@ -69,6 +69,7 @@ pub(super) async fn run(
     shared: Arc<Shared>,
     id: u64,
     peer: Option<SocketAddr>,
+    token: Option<String>,
     mut requests: Streaming<DeltaDiscoveryRequest>,
     tx: Responses,
 ) {
@@ -105,6 +106,24 @@ pub(super) async fn run(
         }
     };
     tracing::Span::current().record("node", node.id.as_str());
+    if let Some(authenticate) = &shared.authenticate {
+        match authenticate.node(token).await {
+            Err(why) => {
+                tracing::info!(why, "refused stream: not authenticated");
+                fail(&tx, Status::unauthenticated(format!("xDS needs the node's token: {why}"))).await;
+                return;
+            }
+            Ok(caller) if node.node_name.as_deref() != Some(caller.as_str()) => {
+                let claimed = node.node_name.as_deref().unwrap_or("");
+                tracing::info!(caller, claimed, "refused stream: token of another node");
+                let msg =
+                    format!("the token is node {caller:?}'s, but the stream's NODE_NAME is {claimed:?}");
+                fail(&tx, Status::permission_denied(msg)).await;
+                return;
+            }
+            Ok(_) => {}
+        }
+    }
     if !shared.serves(&first.type_url) {
         tracing::info!(type_url = first.type_url, "refused stream: type not served");
         fail(&tx, unknown_type(&shared, &first.type_url)).await;

@@ -38,7 +38,7 @@ pub use resources::{
     AUTHORIZATION_TYPE_URL, WAYPOINT_TYPE_URL,
 };
 pub use server::{
-    ClientStatus, Nack, TypeStatus, XdsOptions, XdsServer, XdsService, DEFAULT_DEBOUNCE,
+    Authenticate, ClientStatus, Nack, TypeStatus, XdsOptions, XdsServer, XdsService, DEFAULT_DEBOUNCE,
     DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_MAX_DEBOUNCE,
 };
 

@@ -101,9 +101,16 @@ pub struct Nack {
 }
 
 /// What every stream of one server shares.
+/// Who a stream's bearer token says the client is: the node it may speak for, or why not.
+pub trait Authenticate: Send + Sync + 'static {
+    fn node(&self, token: Option<String>) -> futures::future::BoxFuture<'static, Result<String, String>>;
+}
+
 pub(super) struct Shared {
     pub view: Box<dyn View>,
     pub options: XdsOptions,
+    /// When set, every stream must carry a bearer token naming the node it speaks for.
+    pub authenticate: Option<Box<dyn Authenticate>>,
     pub snapshots: watch::Sender<Arc<Snapshot>>,
     pub shutdown: watch::Sender<bool>,
     clients: Mutex<BTreeMap<u64, ClientStatus>>,
@@ -125,12 +132,24 @@ impl Default for XdsOptions {
 impl XdsServer {
     /// A server that starts with an empty snapshot and shows each client what `view` selects.
     pub fn new(view: impl View, options: XdsOptions) -> XdsServer {
+        XdsServer::with_authentication(view, options, None)
+    }
+
+    /// A server whose clients must authenticate: each stream's `authorization: Bearer <token>`
+    /// must name, through `authenticate`, the node the stream's `NODE_NAME` says (else the stream
+    /// ends with UNAUTHENTICATED or PERMISSION_DENIED, saying why). `None`: anyone may subscribe.
+    pub fn with_authentication(
+        view: impl View,
+        options: XdsOptions,
+        authenticate: Option<Box<dyn Authenticate>>,
+    ) -> XdsServer {
         let (snapshots, _) = watch::channel(Arc::new(Snapshot::default()));
         let (shutdown, _) = watch::channel(false);
         XdsServer {
             shared: Arc::new(Shared {
                 view: Box::new(view),
                 options,
+                authenticate,
                 snapshots,
                 shutdown,
                 clients: Mutex::new(BTreeMap::new()),
@@ -217,9 +236,15 @@ impl AggregatedDiscoveryService for XdsService {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let connection_id = self.shared.next_connection.fetch_add(1, Ordering::Relaxed);
         let peer = request.remote_addr();
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_owned());
         let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
         let span = tracing::info_span!("xds", conn = connection_id, node = tracing::field::Empty);
-        let task = connection::run(self.shared.clone(), connection_id, peer, request.into_inner(), tx);
+        let task = connection::run(self.shared.clone(), connection_id, peer, token, request.into_inner(), tx);
         tokio::spawn(task.instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }

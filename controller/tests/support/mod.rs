@@ -400,8 +400,14 @@ pub struct Ads {
 }
 
 impl Ads {
-    /// Opens the stream to `endpoint` (`http://ip:port`) as the proxy `node_id` of `node_name`.
-    pub async fn subscribe(endpoint: String, node_id: &str, node_name: &str) -> anyhow::Result<Ads> {
+    /// Opens the stream to `endpoint` (`http://ip:port`) as the proxy `node_id` of `node_name`,
+    /// presenting `token` as its bearer token.
+    pub async fn subscribe(
+        endpoint: String,
+        node_id: &str,
+        node_name: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<Ads> {
         use prost_types::value::Kind;
         let channel = tonic::transport::Channel::from_shared(endpoint)?.connect().await?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
@@ -418,11 +424,31 @@ impl Ads {
             ..Default::default()
         })
         .await?;
-        let responses = client
-            .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(token) = token {
+            request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+        }
+        let responses = client.delta_aggregated_resources(request).await?.into_inner();
         Ok(Ads { tx, responses })
+    }
+
+    /// Why the server refuses a stream opened with these credentials (it fails if it does not
+    /// refuse within `wait`). The refusal may come as the call's status or as the stream's.
+    pub async fn refusal(
+        endpoint: String,
+        node_id: &str,
+        node_name: &str,
+        token: Option<&str>,
+        wait: Duration,
+    ) -> String {
+        let err = match Ads::subscribe(endpoint, node_id, node_name, token).await {
+            Err(e) => e,
+            Ok(mut ads) => match ads.until("a refusal", wait, |_| Some(())).await {
+                Err(e) => e,
+                Ok(()) => panic!("the stream of {node_name} with token {token:?} was served"),
+            },
+        };
+        format!("{err:#}")
     }
 
     /// Reads (and ACKs) responses until one satisfies `check`, for at most `wait`.
