@@ -57,6 +57,14 @@ pub fn run(bin_dir: &Path, dir: Option<PathBuf>, keep: bool, name: &str) -> anyh
         .with_context(|| format!("bringing up {}", dir.display()))?;
     print!("{}", mesh.summary());
     let result = scenario(&mesh);
+    if !matches!(&result, Ok(checks) if checks.failed.is_empty()) {
+        // What the proxies said, before the logs go with the mesh.
+        for node in ["node-a", "node-b"] {
+            let process = up::ztunnel_process(node);
+            println!("--- last lines of {process}'s log ---");
+            print!("{}", up::log_tail(&mesh.log_path(&process)));
+        }
+    }
     if keep {
         println!("The mesh keeps running (--keep); remove it with `weft down --name {name}`.");
     } else {

@@ -2,8 +2,9 @@
 //! - admin (15000, localhost): `GET /config_dump` (workloads, services, policies, certificates),
 //!   `POST /quitquitquit` (graceful exit);
 //! - metrics (15020): `GET /metrics` (also `/stats/prometheus`), Prometheus text format;
-//! - readiness (15021): `GET /healthz/ready`: 200 once the first xDS push of each type and a
-//!   certificate for every local mesh identity are in, else 503 saying what is missing.
+//! - readiness (15021): `GET /healthz/ready`: 200 once the first xDS push of each type is in, the
+//!   capture is set up for the pods it names and a certificate for every local mesh identity is
+//!   in, else 503 saying what is missing.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -61,6 +62,9 @@ impl<S: CertificateSource> AdminState<S> {
             return Some("no policies from the controller yet".to_owned());
         }
         let local = self.local.borrow();
+        if synced.complete_at.is_some_and(|at| local.generation < at) {
+            return Some("capture not yet set up for this node's pods".to_owned());
+        }
         let missing: Vec<String> = local
             .identities
             .iter()

@@ -28,6 +28,8 @@ pub struct LocalPods {
     pub in_mesh: BTreeSet<IpAddr>,
     /// Identities of local pods in the mesh.
     pub identities: BTreeSet<Identity>,
+    /// The xDS generation ([`Synced::generation`]) whose state the capture was set up for.
+    pub generation: u64,
 }
 
 impl LocalPods {
@@ -55,10 +57,12 @@ pub async fn sync<S: CertificateSource>(
 ) {
     let mut attached: BTreeMap<IpAddr, String> = BTreeMap::new();
     loop {
-        let pods = {
+        let generation = updates.borrow_and_update().generation;
+        let mut pods = {
             let state = state.read().unwrap_or_else(|p| p.into_inner());
             LocalPods::of(&state, &node)
         };
+        pods.generation = generation;
         if let Some(capture) = &capture {
             let capture = Arc::clone(capture);
             let wanted = pods.clone();

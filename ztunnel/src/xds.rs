@@ -58,6 +58,8 @@ pub struct XdsConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Synced {
     pub generation: u64,
+    /// The generation at which both types had arrived, once they have.
+    pub complete_at: Option<u64>,
     pub addresses: bool,
     pub authorizations: bool,
 }
@@ -134,6 +136,9 @@ async fn stream(
                 ADDRESS_TYPE_URL => s.addresses = true,
                 AUTHORIZATION_TYPE_URL => s.authorizations = true,
                 _ => {}
+            }
+            if s.complete() && s.complete_at.is_none() {
+                s.complete_at = Some(s.generation);
             }
         });
         let error_detail = (!errors.is_empty()).then(|| {
