@@ -70,6 +70,7 @@ impl View for MeshView {
 /// its resources' names and versions, so the same model always gives the same version.
 pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot {
     let index = Index::of(model);
+    let l7 = waypoint::L7Index::of(model);
     let mut resources = Vec::new();
     for object in model.objects() {
         let resource = match object {
@@ -86,7 +87,7 @@ pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot
                 None => continue,
             },
             Object::KubeGateway(gw) if gw.is_waypoint() => {
-                Ok(XdsResource::waypoint(&waypoint::waypoint(model, gw, trust_domain)))
+                Ok(XdsResource::waypoint(&waypoint::waypoint_indexed(&l7, gw, trust_domain)))
             }
             _ => continue,
         };

@@ -39,8 +39,61 @@ use crate::model::{Model, WaypointRef};
 /// The Gateway API group of `Gateway` and `GatewayClass`.
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
+/// What waypoint translation reads, gathered from the model once per snapshot rather than
+/// scanned for every waypoint and every service it serves: Services by the waypoint they use,
+/// mesh-bound VirtualServices, DestinationRules for waypoints, and the policies that name targets.
+pub struct L7Index<'m> {
+    services: BTreeMap<WaypointRef, Vec<&'m KubeService>>,
+    virtual_services: Vec<&'m VirtualService>,
+    destination_rules: Vec<&'m DestinationRule>,
+    policies: Vec<&'m IstioPolicy>,
+    request_authentications: Vec<&'m IstioRequestAuthentication>,
+}
+
+impl<'m> L7Index<'m> {
+    pub fn of(model: &'m Model) -> L7Index<'m> {
+        let mut index = L7Index {
+            services: BTreeMap::new(),
+            virtual_services: Vec::new(),
+            destination_rules: Vec::new(),
+            policies: Vec::new(),
+            request_authentications: Vec::new(),
+        };
+        for object in model.objects() {
+            match object {
+                Object::Service(svc) => {
+                    if let Some(waypoint) = service_waypoint(model, svc) {
+                        index.services.entry(waypoint).or_default().push(svc);
+                    }
+                }
+                Object::VirtualService(vs)
+                    if vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh") =>
+                {
+                    index.virtual_services.push(vs);
+                }
+                // Rules with a workloadSelector are for sidecars.
+                Object::DestinationRule(dr) if dr.spec.workload_selector.is_none() => {
+                    index.destination_rules.push(dr)
+                }
+                Object::AuthorizationPolicy(p) if !refs(&p.spec).is_empty() => index.policies.push(p),
+                Object::RequestAuthentication(r) if !refs_ra(r).is_empty() => {
+                    index.request_authentications.push(r)
+                }
+                _ => {}
+            }
+        }
+        index.virtual_services.sort_by(|a, b| creation_order(&a.metadata, &b.metadata));
+        index
+    }
+}
+
 /// The L7 configuration of the waypoint `gateway` (which must be of class `istio-waypoint`).
 pub fn waypoint(model: &Model, gateway: &KubeGateway, trust_domain: &str) -> wp::Waypoint {
+    waypoint_indexed(&L7Index::of(model), gateway, trust_domain)
+}
+
+/// [`waypoint`] with the model's [`L7Index`] computed once (by the snapshot, for every waypoint).
+pub fn waypoint_indexed(index: &L7Index<'_>, gateway: &KubeGateway, trust_domain: &str) -> wp::Waypoint {
     let meta = &gateway.metadata;
     let this = WaypointRef { namespace: meta.namespace.clone(), name: meta.name.clone() };
     let targets_waypoint = |refs: Vec<&PolicyTargetReference>, policy_ns: &str| {
@@ -58,27 +111,25 @@ pub fn waypoint(model: &Model, gateway: &KubeGateway, trust_domain: &str) -> wp:
         identity: format!("spiffe://{trust_domain}/ns/{}/sa/{}", meta.namespace, meta.name),
         ..Default::default()
     };
-    let mut services: Vec<&KubeService> = Vec::new();
-    for object in model.objects() {
-        match object {
-            Object::Service(svc) if service_waypoint(model, svc).as_ref() == Some(&this) => {
-                services.push(svc)
-            }
-            Object::AuthorizationPolicy(p) if targets_waypoint(refs(&p.spec), &p.metadata.namespace) => {
-                out.policies.push(policy(p));
-            }
-            Object::RequestAuthentication(r) if targets_waypoint(refs_ra(r), &r.metadata.namespace) => {
-                out.request_authentications.push(request_authentication(r));
-            }
-            _ => {}
-        }
-    }
-    out.services = services.into_iter().map(|svc| service(model, svc)).collect();
+    out.policies = index
+        .policies
+        .iter()
+        .filter(|p| targets_waypoint(refs(&p.spec), &p.metadata.namespace))
+        .map(|p| policy(p))
+        .collect();
+    out.request_authentications = index
+        .request_authentications
+        .iter()
+        .filter(|r| targets_waypoint(refs_ra(r), &r.metadata.namespace))
+        .map(|r| request_authentication(r))
+        .collect();
+    let services = index.services.get(&this).map_or(&[][..], Vec::as_slice);
+    out.services = services.iter().map(|svc| service(index, svc)).collect();
     out
 }
 
 /// One bound service with what applies to it.
-fn service(model: &Model, svc: &KubeService) -> wp::Service {
+fn service(index: &L7Index<'_>, svc: &KubeService) -> wp::Service {
     let meta = &svc.metadata;
     let host = hostname(&meta.name, &meta.namespace);
     let targets_service = |refs: Vec<&PolicyTargetReference>, policy_ns: &str| {
@@ -94,26 +145,25 @@ fn service(model: &Model, svc: &KubeService) -> wp::Service {
         ports: svc.spec.ports.iter().map(|p| u32::from(p.port)).collect(),
         ..Default::default()
     };
-    let mut virtual_services: Vec<&VirtualService> = Vec::new();
-    for object in model.objects() {
-        match object {
-            Object::VirtualService(vs) if applies_to(vs, &host) => virtual_services.push(vs),
-            Object::AuthorizationPolicy(p) if targets_service(refs(&p.spec), &p.metadata.namespace) => {
-                out.policies.push(policy(p));
-            }
-            Object::RequestAuthentication(r) if targets_service(refs_ra(r), &r.metadata.namespace) => {
-                out.request_authentications.push(request_authentication(r));
-            }
-            _ => {}
-        }
-    }
-    virtual_services.sort_by(|a, b| creation_order(&a.metadata, &b.metadata));
-    for vs in virtual_services {
+    out.policies = index
+        .policies
+        .iter()
+        .filter(|p| targets_service(refs(&p.spec), &p.metadata.namespace))
+        .map(|p| policy(p))
+        .collect();
+    out.request_authentications = index
+        .request_authentications
+        .iter()
+        .filter(|r| targets_service(refs_ra(r), &r.metadata.namespace))
+        .map(|r| request_authentication(r))
+        .collect();
+    // Already mesh-bound and in creation order.
+    for vs in index.virtual_services.iter().filter(|vs| names_host(vs, &host)) {
         let vs_name = format!("{}/{}", vs.metadata.namespace, vs.metadata.name);
         out.http_routes.extend(vs.spec.http.iter().map(|r| http_route(r, &vs.metadata.namespace, &vs_name)));
         out.virtual_services.push(vs_name);
     }
-    if let Some(dr) = destination_rule(model, &host, &meta.namespace) {
+    if let Some(dr) = destination_rule(index, &host, &meta.namespace) {
         out.destination_rule = format!("{}/{}", dr.metadata.namespace, dr.metadata.name);
         let base = dr.spec.traffic_policy.as_ref();
         out.traffic_policy = base.map(traffic_policy);
@@ -139,10 +189,9 @@ fn creation_order(a: &ObjectMeta, b: &ObjectMeta) -> std::cmp::Ordering {
     key(a).cmp(&key(b))
 }
 
-/// Whether the VirtualService is bound to the mesh and names `host` (a service FQDN).
-fn applies_to(vs: &VirtualService, host: &str) -> bool {
-    let mesh_bound = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
-    mesh_bound && vs.spec.hosts.iter().any(|h| host_matches(&qualify(h, &vs.metadata.namespace), host))
+/// Whether one of the VirtualService's hosts names `host` (a service FQDN).
+fn names_host(vs: &VirtualService, host: &str) -> bool {
+    vs.spec.hosts.iter().any(|h| host_matches(&qualify(h, &vs.metadata.namespace), host))
 }
 
 /// A host as a fully qualified name: a short name (no dot) is in `namespace`; `*` and names with
@@ -166,25 +215,24 @@ fn host_matches(pattern: &str, host: &str) -> bool {
 
 /// The DestinationRule for `host`: the service's namespace first, then the root namespace, then
 /// any; within each an exact host beats a wildcard, then creation order.
-fn destination_rule<'m>(model: &'m Model, host: &str, service_ns: &str) -> Option<&'m DestinationRule> {
-    let mut candidates: Vec<(u8, bool, &DestinationRule)> = model
-        .objects()
-        .filter_map(|o| match o {
-            Object::DestinationRule(dr) if dr.spec.workload_selector.is_none() => {
-                let pattern = qualify(&dr.spec.host, &dr.metadata.namespace);
-                host_matches(&pattern, host).then(|| {
-                    let ns = &dr.metadata.namespace;
-                    let rank = if ns == service_ns {
-                        0
-                    } else if ns == ROOT_NAMESPACE {
-                        1
-                    } else {
-                        2
-                    };
-                    (rank, pattern.starts_with('*'), dr)
-                })
-            }
-            _ => None,
+fn destination_rule<'m>(index: &L7Index<'m>, host: &str, service_ns: &str) -> Option<&'m DestinationRule> {
+    let mut candidates: Vec<(u8, bool, &DestinationRule)> = index
+        .destination_rules
+        .iter()
+        .copied()
+        .filter_map(|dr| {
+            let pattern = qualify(&dr.spec.host, &dr.metadata.namespace);
+            host_matches(&pattern, host).then(|| {
+                let ns = &dr.metadata.namespace;
+                let rank = if ns == service_ns {
+                    0
+                } else if ns == ROOT_NAMESPACE {
+                    1
+                } else {
+                    2
+                };
+                (rank, pattern.starts_with('*'), dr)
+            })
         })
         .collect();
     candidates.sort_by(|a, b| {
