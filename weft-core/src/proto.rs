@@ -5,6 +5,13 @@
 //! Modules mirror the protobuf packages, because generated code refers to other packages by
 //! relative path (`envoy.service.discovery.v3` reaches `google.rpc` as `super::super::...`).
 
+/// The xDS type URL of Istio's workload and service resources (`istio.workload.Address`).
+pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
+/// The xDS type URL of Istio's L4 authorization policies (`istio.security.Authorization`).
+pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+/// The xDS type URL of Weft's per-waypoint L7 configuration (`weft.waypoint.v1.Waypoint`).
+pub const WAYPOINT_TYPE_URL: &str = "type.googleapis.com/weft.waypoint.v1.Waypoint";
+
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod ca {
     tonic::include_proto!("istio.v1.auth");

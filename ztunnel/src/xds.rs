@@ -31,8 +31,7 @@ use weft_core::proto::istio::workload::Address;
 
 use crate::state::ProxyState;
 
-pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
-pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+pub use weft_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 const TYPES: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
 
 const BACKOFF_START: Duration = Duration::from_millis(100);

@@ -11,15 +11,9 @@ use weft_core::proto::istio::security::Authorization;
 use weft_core::proto::istio::workload::{address, Address, NetworkAddress};
 use weft_core::proto::weft::waypoint::v1::Waypoint;
 
+pub use weft_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, WAYPOINT_TYPE_URL};
+
 use super::node::NodeInfo;
-
-/// The type URL of Istio's workload and service resources.
-pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
-/// The type URL of Istio's L4 authorization policies.
-pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
-
-/// The type URL of Weft's per-waypoint L7 configuration (`weft.waypoint.v1.Waypoint`).
-pub const WAYPOINT_TYPE_URL: &str = "type.googleapis.com/weft.waypoint.v1.Waypoint";
 
 /// Why a message could not be made into a resource.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
