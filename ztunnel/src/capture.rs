@@ -2,7 +2,8 @@
 //! node: after every xDS update, each local pod's host-side veth carries the capture program
 //! (every local pod, so replies to ztunnel's transparent sockets are matched), pods in the mesh
 //! are enrolled and others not, and a certificate is fetched ahead of time for each identity of a
-//! local mesh pod (so the first connection does not wait for the CA).
+//! local mesh pod (so the first connection does not wait for the CA), and the identities of pods
+//! that left the node are forgotten (no longer renewed).
 //!
 //! A pod's host-side interface is found from the node's route to the pod's IP (`ip route get`),
 //! as a CNI plugin would have installed it; a pod without such a route is skipped with a warning.
@@ -10,14 +11,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::process::Command;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use weft_core::cert_manager::{CertManager, CertificateSource};
+use weft_core::state::{Protocol, ProxyState, Shared};
+use weft_core::xds::Synced;
 use weft_core::Identity;
-
-use crate::state::{Protocol, ProxyState};
-use crate::xds::Synced;
 
 /// What this node runs, as the controller sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -49,7 +49,7 @@ impl LocalPods {
 /// Applies [`LocalPods`] to the capture after each xDS update, until the channel closes.
 pub async fn sync<S: CertificateSource>(
     node: String,
-    state: Arc<RwLock<ProxyState>>,
+    state: Arc<Shared<ProxyState>>,
     mut updates: watch::Receiver<Synced>,
     capture: Option<Arc<Mutex<ebpf::Capture>>>,
     certs: Arc<CertManager<S>>,
@@ -58,10 +58,7 @@ pub async fn sync<S: CertificateSource>(
     let mut attached: BTreeMap<IpAddr, String> = BTreeMap::new();
     loop {
         let generation = updates.borrow_and_update().generation;
-        let mut pods = {
-            let state = state.read().unwrap_or_else(|p| p.into_inner());
-            LocalPods::of(&state, &node)
-        };
+        let mut pods = LocalPods::of(&state.load(), &node);
         pods.generation = generation;
         if let Some(capture) = &capture {
             let capture = Arc::clone(capture);
@@ -82,6 +79,12 @@ pub async fn sync<S: CertificateSource>(
                     }
                 });
             }
+        }
+        // Identities no local mesh pod has any more stop being renewed.
+        let gone: Vec<Identity> = local.borrow().identities.difference(&pods.identities).cloned().collect();
+        for identity in &gone {
+            tracing::info!(%identity, "no pod of this node has the identity any more; its certificate is dropped");
+            certs.forget(identity);
         }
         local.send_if_modified(|old| {
             let changed = *old != pods;
@@ -161,4 +164,64 @@ pub fn host_interface(ip: IpAddr) -> Result<String, String> {
         }
     }
     Err(format!("no device in `ip route get {ip}`: {text:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use weft_core::testing::resources::*;
+    use weft_core::testing::{LocalSource, TestCa};
+    use weft_core::xds::Synced;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pod_that_left_the_node_has_its_identity_forgotten() {
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let source = LocalSource {
+            ca: Arc::new(TestCa::new()),
+            lifetime: Duration::from_millis(400),
+            fetches: Arc::clone(&fetches),
+        };
+        let certs = Arc::new(CertManager::new(source));
+        let state = Arc::new(Shared::new(ProxyState::new("")));
+        state.update(|s| add_workload(s, workload("shop", "web", "10.0.1.5")));
+        let (synced_tx, synced) = watch::channel(Synced::new(&[]));
+        let (local_tx, mut local) = watch::channel(LocalPods::default());
+        let task = tokio::spawn(sync(
+            "node-a".into(),
+            Arc::clone(&state),
+            synced,
+            None,
+            Arc::clone(&certs),
+            local_tx,
+        ));
+
+        let web = weft_core::testing::identity("shop", "web");
+        let wait = |what: &'static str, f: Box<dyn Fn() -> bool>| async move {
+            for _ in 0..200 {
+                if f() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("timed out waiting until {what}");
+        };
+        let c = Arc::clone(&certs);
+        let id = web.clone();
+        wait("the certificate is fetched", Box::new(move || c.current(&id).is_some())).await;
+        let f = Arc::clone(&fetches);
+        wait("it is renewed", Box::new(move || f.load(Ordering::SeqCst) >= 2)).await;
+
+        state.update(|s| s.remove_address(&uid("shop", "web")));
+        synced_tx.send_modify(|s| s.generation += 1);
+        local.wait_for(|l| l.identities.is_empty()).await.unwrap();
+        assert!(certs.current(&web).is_none(), "the certificate is dropped");
+        let after = fetches.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), after, "no renewal after the pod left");
+        task.abort();
+    }
 }

@@ -1,27 +1,21 @@
-//! The node proxy's core: what it knows of the mesh and the pure decisions it makes on it. The
-//! network listeners, the xDS client and the binary build on this; nothing here does I/O.
+//! Weft's node proxy, as a library the thin `main.rs` runs (and tests run in-process): what it
+//! decides and how it carries connections. The mesh state, the xDS client, the authorization
+//! engine, telemetry and the admin server are the platform's (`weft_core`); this crate adds the
+//! node's part.
 //!
-//! - [`state`]: workloads, services and policies from the controller's delta xDS, indexed.
-//! - [`outbound`]: where a captured outbound connection goes (HBONE, waypoint, passthrough).
-//! - [`policy`]: whether an inbound connection is allowed (Istio's L4 AuthorizationPolicy).
-//! - [`metrics`]: Istio's L4 connection metrics and their exposition.
+//! - [`config`]: every flag and environment variable, parsed and checked once.
+//! - [`app`]: builds and runs the whole proxy from a [`config::Config`].
+//! - [`outbound`]: where a captured outbound connection goes (pure [`outbound::route`]).
+//! - [`inbound`]: whether an inbound connection may reach a pod of this node (pure).
 //! - [`proxy`]: the listeners (:15001 outbound, :15006 plaintext inbound, :15008 HBONE) and the
 //!   proxying between them and the pods.
-//! - [`xds`]: the delta ADS client that fills the state; [`capture`]: the eBPF capture and the
-//!   certificates kept in step with this node's pods; [`admin`]: config dump, metrics, readiness.
+//! - [`capture`]: the eBPF capture and the certificates kept in step with this node's pods.
 
-pub mod admin;
+pub mod app;
 pub mod capture;
-pub mod metrics;
+pub mod config;
+pub mod inbound;
 pub mod outbound;
-pub mod policy;
 pub mod proxy;
-pub mod state;
-pub mod xds;
 
-pub use outbound::{decide, Outbound, OutboundError, RoundRobin, Tunnel};
-pub use policy::{authorize, Connection, Verdict};
-pub use state::{ConfigDump, ProxyState, StateError};
-
-#[cfg(test)]
-mod test_support;
+pub use outbound::{route, Carry, OutboundError, Plan, Refused, RoundRobin, RouteError, Tunnel};

@@ -1,19 +1,23 @@
-//! The outbound decision: where a connection captured from a local pod goes, and how. Pure:
-//! the caller (the :15001 listener) checks that the source is a pod of this node, then carries
-//! out the [`Outbound`] it gets; nothing here does I/O.
+//! The outbound decision: where a connection captured from a pod of this node goes, how, and
+//! with which labels. One pure [`route`] returns one [`Plan`] (HBONE to another node or a
+//! waypoint, same-node delivery with the destination's inbound verdict already taken, or
+//! passthrough) or a [`Refused`] saying why; the :15001 listener ([`crate::proxy`]) carries it
+//! out and does all the I/O.
 //!
 //! Istio ztunnel's rules:
-//! - The source must be a known workload.
+//! - The source must be a known workload of this node.
 //! - A destination (service VIP, or workload IP) bound to a waypoint goes to the waypoint over
 //!   HBONE, with the original destination as the CONNECT authority and the waypoint's identity
 //!   expected; unless the source is that waypoint. A service's own waypoint counts for traffic
 //!   to its VIP; a workload's for traffic to its IP (a service endpoint's waypoint does not
 //!   apply to traffic that chose it through the service, as in Istio).
 //! - A service VIP: the service port maps to a target port, an endpoint is picked round robin
-//!   among the healthy ones (all of them with `health_policy: ALLOW_ALL`), and the connection
-//!   goes over HBONE to `endpointIP:15008` with authority `endpointIP:targetPort` when the
-//!   endpoint is in the mesh, else in plain TCP to `endpointIP:targetPort`.
+//!   among the service's endpoint candidates ([`ProxyState::endpoint_candidates`]), and the
+//!   connection goes over HBONE to `endpointIP:15008` with authority `endpointIP:targetPort` when
+//!   the endpoint is in the mesh, else in plain TCP to `endpointIP:targetPort`.
 //! - A workload IP in the mesh: HBONE to `podIP:15008`, authority the original destination.
+//! - A mesh destination on this node is delivered in process (nothing listens on a captured
+//!   pod's :15008), after the destination's inbound check.
 //! - Anything else (a workload outside the mesh, an address the mesh does not know): plain TCP
 //!   to the original destination.
 
@@ -22,15 +26,57 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use weft_core::identity::Identity;
+use weft_core::names::HBONE_PORT;
+use weft_core::state::{Protocol, ProxyState, Service, Waypoint, WaypointDestination, Workload};
+use weft_core::telemetry::{ConnectionLabels, Reporter, ResponseFlags, SecurityPolicy};
 
-use crate::state::{Protocol, ProxyState, Service, Waypoint, WaypointDestination, Workload};
+use crate::inbound::{self, local_workload, InboundRefusal};
 
-/// The port ztunnels (and waypoints) accept HBONE on.
-pub const HBONE_PORT: u16 = 15008;
-
-/// What to do with an outbound connection.
+/// How an outbound connection is carried, with the labels its source side reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outbound {
+pub struct Plan {
+    pub source: Arc<Workload>,
+    pub carry: Carry,
+    /// The source side's metric labels.
+    pub labels: ConnectionLabels,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Carry {
+    /// HBONE to another node's ztunnel, or to a waypoint (`waypoint`), with the `baggage` that
+    /// names the source.
+    Tunnel { tunnel: Tunnel, waypoint: bool, baggage: String },
+    /// The destination is a mesh pod of this node and its inbound policy allows the source: a
+    /// connection from the source pod's address goes straight to `to`, counted by both sides.
+    SameNode { to: SocketAddr, destination: Arc<Workload>, inbound_labels: Box<ConnectionLabels> },
+    /// Plain TCP from the source pod's address to `to` (a destination outside the mesh).
+    Passthrough { to: SocketAddr },
+}
+
+/// An outbound connection that is not carried: why, and what to count.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub error: RouteError,
+    /// The source-side metric and the flag it closes with (none for an unknown source).
+    pub source: Option<Box<(ConnectionLabels, ResponseFlags)>>,
+    /// The destination-side metric of a same-node policy refusal.
+    pub denied: Option<Box<ConnectionLabels>>,
+}
+
+/// Why an outbound connection is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error("source {0} is not a workload of this node; only this node's pods are proxied")]
+    NotLocalSource(IpAddr),
+    #[error(transparent)]
+    Destination(#[from] OutboundError),
+    #[error("same-node destination refused: {0}")]
+    SameNode(InboundRefusal),
+}
+
+/// Where an outbound connection goes, before the same-node and labelling steps of [`route`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outbound {
     /// HBONE straight to the destination workload's node.
     Hbone(Tunnel),
     /// HBONE to the destination's waypoint.
@@ -75,7 +121,7 @@ pub struct RoundRobin {
 }
 
 impl RoundRobin {
-    /// The next of `n` candidates (`n > 0`) for the service `key`.
+    /// The next of `n` candidates for the service `key` (0 when there are none).
     pub fn pick(&self, key: &str, n: usize) -> usize {
         // A panic while holding the lock cannot leave a counter invalid: keep using it.
         let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
@@ -86,8 +132,129 @@ impl RoundRobin {
     }
 }
 
+/// Where the connection from `source_ip` (which must be a pod of `node`) to `original_dst` goes
+/// (see the module docs).
+pub fn route(
+    state: &ProxyState,
+    node: &str,
+    source_ip: IpAddr,
+    original_dst: SocketAddr,
+    rr: &RoundRobin,
+) -> Result<Plan, Refused> {
+    let source_ip = source_ip.to_canonical();
+    let original_dst = SocketAddr::new(original_dst.ip().to_canonical(), original_dst.port());
+    let Some(source) = local_workload(state, node, source_ip).cloned() else {
+        return Err(Refused { error: RouteError::NotLocalSource(source_ip), source: None, denied: None });
+    };
+    let outbound = match decide(state, source_ip, original_dst, rr) {
+        Ok(outbound) => outbound,
+        Err(e) => {
+            let mut labels =
+                ConnectionLabels::new(Reporter::Source, SecurityPolicy::Unknown).with_source(&source);
+            if let OutboundError::NoHealthyEndpoint { service, .. }
+            | OutboundError::UnknownServicePort { service, .. } = &e
+            {
+                if let Some(service) = state.service_by_key(service) {
+                    labels = labels.with_destination_service(service);
+                }
+            }
+            return Err(Refused {
+                error: e.into(),
+                source: Some(Box::new((labels, ResponseFlags::Connect))),
+                denied: None,
+            });
+        }
+    };
+    let (tunnel, waypoint) = match outbound {
+        Outbound::Passthrough { to, destination, service } => {
+            // Istio's ztunnel labels plaintext `unknown`.
+            let labels =
+                source_labels(&source, SecurityPolicy::Unknown, destination.as_deref(), service.as_deref());
+            return Ok(Plan { source, carry: Carry::Passthrough { to }, labels });
+        }
+        Outbound::Hbone(tunnel) => (tunnel, false),
+        // A waypoint listens in its own pod (it is not captured): always dial it.
+        Outbound::ToWaypoint(tunnel) => (tunnel, true),
+    };
+    let labels = source_labels(
+        &source,
+        SecurityPolicy::MutualTls,
+        tunnel.destination.as_deref(),
+        tunnel.service.as_deref(),
+    )
+    .with_source_principal(&source.identity);
+    let same_node = local_workload(state, node, tunnel.connect_to.ip())
+        .filter(|w| w.protocol == Protocol::Hbone && !waypoint);
+    let Some(destination) = same_node.cloned() else {
+        let baggage = baggage(&source);
+        return Ok(Plan { source, carry: Carry::Tunnel { tunnel, waypoint, baggage }, labels });
+    };
+    let to = tunnel.authority;
+    let mut inbound_labels = inbound::labels(
+        state,
+        SecurityPolicy::MutualTls,
+        Some(&source.identity),
+        source_ip,
+        Some(&destination),
+        to.port(),
+    );
+    if let Some(service) = &tunnel.service {
+        inbound_labels = inbound_labels.with_destination_service(service);
+    }
+    match inbound::check(state, node, None, Some(&source.identity), source_ip, to) {
+        Ok(_) => {
+            let inbound_labels = Box::new(inbound_labels);
+            Ok(Plan { source, carry: Carry::SameNode { to, destination, inbound_labels }, labels })
+        }
+        Err(refusal @ InboundRefusal::Denied { .. }) => Err(Refused {
+            error: RouteError::SameNode(refusal),
+            source: Some(Box::new((labels, ResponseFlags::Deny))),
+            denied: Some(Box::new(inbound_labels)),
+        }),
+        Err(refusal) => Err(Refused {
+            error: RouteError::SameNode(refusal),
+            source: Some(Box::new((labels, ResponseFlags::Connect))),
+            denied: None,
+        }),
+    }
+}
+
+/// The source side's labels of a connection from `source`.
+fn source_labels(
+    source: &Workload,
+    security: SecurityPolicy,
+    destination: Option<&Workload>,
+    service: Option<&Service>,
+) -> ConnectionLabels {
+    let mut labels = ConnectionLabels::new(Reporter::Source, security).with_source(source);
+    if let Some(destination) = destination {
+        labels = labels.with_destination(destination);
+    }
+    if let Some(service) = service {
+        labels = labels.with_destination_service(service);
+    }
+    labels
+}
+
+/// The `baggage` header Istio's ztunnel sends: who the source is, for the far side's metrics.
+fn baggage(w: &Workload) -> String {
+    let workload = if w.workload_name.is_empty() { &w.name } else { &w.workload_name };
+    [
+        ("k8s.cluster.name", &w.cluster_id),
+        ("k8s.namespace.name", &w.namespace),
+        ("k8s.deployment.name", workload),
+        ("service.name", &w.canonical_name),
+        ("service.version", &w.canonical_revision),
+    ]
+    .iter()
+    .filter(|(_, v)| !v.is_empty())
+    .map(|(k, v)| format!("{k}={v}"))
+    .collect::<Vec<_>>()
+    .join(",")
+}
+
 /// Decides where the connection from `source` to `original_dst` goes (see the module docs).
-pub fn decide(
+fn decide(
     state: &ProxyState,
     source: IpAddr,
     original_dst: SocketAddr,
@@ -172,31 +339,17 @@ fn to_service(
     }
 }
 
-/// An endpoint of `service` for service port `port`, round robin among the healthy ones with an
-/// address and a known target port, with that target port. The endpoint's own mapping wins over
-/// the service's (a named target port is 0 in the service and resolved per endpoint).
-fn pick_endpoint<'s>(
-    state: &'s ProxyState,
+/// An endpoint of `service` for service port `port`, round robin among its candidates, with the
+/// target port to reach it on.
+fn pick_endpoint(
+    state: &ProxyState,
     service: &Service,
     port: u16,
     rr: &RoundRobin,
-) -> Option<(&'s Arc<Workload>, u16)> {
-    let key = service.key();
-    let service_target = service.ports.get(&port).copied().unwrap_or(0);
-    let candidates: Vec<(&Arc<Workload>, u16)> = state
-        .endpoints(&key)
-        .into_iter()
-        .filter(|w| (w.healthy || service.allow_unhealthy) && !w.addresses.is_empty())
-        .filter_map(|w| {
-            let own = w.services.get(&key).and_then(|ports| ports.get(&port)).copied().unwrap_or(0);
-            let target = if own != 0 { own } else { service_target };
-            (target != 0).then_some((w, target))
-        })
-        .collect();
-    if candidates.is_empty() {
-        return None;
-    }
-    Some(candidates[rr.pick(&key, candidates.len())])
+) -> Option<(Arc<Workload>, u16)> {
+    let candidates = state.endpoint_candidates(service, Some(port));
+    let chosen = candidates.get(rr.pick(&service.key(), candidates.len()))?;
+    Some((Arc::clone(&chosen.workload), chosen.target_port))
 }
 
 /// Whether `source` is the waypoint `waypoint` (an endpoint of its service, or at its address).
@@ -230,19 +383,13 @@ fn to_waypoint(
     // The waypoint's pod, and the address to reach it at.
     let (workload, ip) = match (&waypoint.destination, service) {
         (_, Some(service)) => {
-            let candidates: Vec<&Arc<Workload>> = state
-                .endpoints(&service.key())
-                .into_iter()
-                .filter(|w| (w.healthy || service.allow_unhealthy) && !w.addresses.is_empty())
-                .collect();
-            if candidates.is_empty() {
-                return Err(unavailable());
-            }
-            let workload = candidates[rr.pick(&service.key(), candidates.len())];
-            (workload, workload.address_like(original_dst.ip()).ok_or_else(unavailable)?)
+            let candidates = state.endpoint_candidates(service, None);
+            let chosen = candidates.get(rr.pick(&service.key(), candidates.len())).ok_or_else(unavailable)?;
+            let ip = chosen.workload.address_like(original_dst.ip()).ok_or_else(unavailable)?;
+            (Arc::clone(&chosen.workload), ip)
         }
         (WaypointDestination::Address(addr), None) => {
-            (state.workload_by_address(&addr.network, addr.ip).ok_or_else(unavailable)?, addr.ip)
+            (Arc::clone(state.workload_by_address(&addr.network, addr.ip).ok_or_else(unavailable)?), addr.ip)
         }
         (WaypointDestination::Service(_), None) => return Err(unavailable()),
     };
@@ -256,4 +403,4 @@ fn to_waypoint(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

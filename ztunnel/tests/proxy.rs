@@ -8,15 +8,15 @@ mod proxy_support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tokio::net::{TcpSocket, TcpStream};
 use weft_core::hbone::{ClientError, ClientSettings, ConnectRequest, Pool};
 use weft_core::proto::istio::security::{Action, Scope};
 use weft_core::proto::istio::workload::TunnelProtocol;
+use weft_core::state::{ProxyState, Shared};
 use weft_core::testing::{identity, TestCa};
 use ztunnel::proxy::Ports;
-use ztunnel::state::ProxyState;
 
 use proxy_support::*;
 
@@ -28,14 +28,14 @@ const VIP: &str = "127.0.0.5";
 
 struct Mesh {
     ca: Arc<TestCa>,
-    state: Arc<RwLock<ProxyState>>,
+    state: Arc<Shared<ProxyState>>,
 }
 
 impl Mesh {
     /// server-ns/server on node-a at 127.0.0.1; client-ns/client and other-ns/other on node-b.
     fn new() -> Mesh {
         init_logs();
-        let state = Arc::new(RwLock::new(ProxyState::new("")));
+        let state = Arc::new(Shared::new(ProxyState::new("")));
         add_workload(&state, workload("server-ns", "server", SERVER, "node-a"));
         add_workload(&state, workload("client-ns", "client", CLIENT, "node-b"));
         add_workload(&state, workload("other-ns", "other", OTHER, "node-b"));
@@ -266,7 +266,7 @@ async fn outbound_from_an_unknown_or_foreign_source_is_refused() {
         assert!(refused(connect_from(from, out.node.addrs.outbound).await).await, "{from} was proxied");
     }
     // No endpoint: refused, counted with CONNECT.
-    out.mesh.state.write().unwrap().remove_address("Kubernetes//Pod/server-ns/server");
+    out.mesh.state.update(|s| s.remove_address("Kubernetes//Pod/server-ns/server"));
     assert!(refused(connect_from(CLIENT, out.node.addrs.outbound).await).await);
     out.node.wait_metric(&["reporter=\"source\"", "response_flags=\"CONNECT\""]).await;
     // The listener still serves.

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -23,10 +23,10 @@ use nix::sched::{setns, CloneFlags};
 use weft_core::cert_manager::CertManager;
 use weft_core::drain;
 use weft_core::hbone::{ClientError, ClientSettings, ConnectRequest, Pool};
+use weft_core::state::{ProxyState, Shared};
+use weft_core::telemetry::Metrics;
 use weft_core::testing::{identity, LocalSource, TestCa};
-use ztunnel::metrics::Metrics;
 use ztunnel::proxy::{Ports, Proxy, ProxyInputs};
-use ztunnel::state::ProxyState;
 
 use proxy_support::*;
 
@@ -179,7 +179,7 @@ struct Ztunnel {
 }
 
 impl Ztunnel {
-    fn start(ns: &str, ca: Arc<TestCa>, state: Arc<RwLock<ProxyState>>) -> Ztunnel {
+    fn start(ns: &str, ca: Arc<TestCa>, state: Arc<Shared<ProxyState>>) -> Ztunnel {
         let (trigger, watch) = drain::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let path = format!("/run/netns/{ns}");
@@ -219,9 +219,9 @@ impl Drop for Ztunnel {
     }
 }
 
-fn mesh() -> (Arc<TestCa>, Arc<RwLock<ProxyState>>) {
+fn mesh() -> (Arc<TestCa>, Arc<Shared<ProxyState>>) {
     init_logs();
-    let state = Arc::new(RwLock::new(ProxyState::new("")));
+    let state = Arc::new(Shared::new(ProxyState::new("")));
     add_workload(&state, workload("app-ns", "app", &POD.to_string(), "node-a"));
     add_workload(&state, workload("remote-ns", "remote", &REMOTE.to_string(), "node-b"));
     (Arc::new(TestCa::new()), state)

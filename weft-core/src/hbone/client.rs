@@ -86,7 +86,48 @@ pub enum ClientError {
     Status { addr: SocketAddr, authority: SocketAddr, status: StatusCode },
 }
 
+/// Where a failure came from, for logs, response flags and retry decisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The peer or the network to it: a refused or timed-out connect, a TLS or HTTP/2 failure,
+    /// a CONNECT answered with an error.
+    Upstream,
+    /// The side that asked for the tunnel (its connection or request went away). The HBONE client
+    /// reports none itself; proxies classify their own client-side failures with it.
+    Downstream,
+    /// This proxy: a request it could not build, a certificate it could not present.
+    Local,
+}
+
 impl ClientError {
+    /// Where the failure came from.
+    pub fn origin(&self) -> Origin {
+        match self {
+            ClientError::BadRequest { .. } => Origin::Local,
+            _ => Origin::Upstream,
+        }
+    }
+
+    /// Whether trying again (another endpoint, or later) may succeed: connection-level failures
+    /// and `503`s are; a refusal by policy (`401`), a bad request (`400`) or a certificate the
+    /// peer or we refused are not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. }
+            | ClientError::TlsIo { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::H2 { .. }
+            | ClientError::Unreachable { .. } => true,
+            ClientError::Status { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE,
+            ClientError::Tls { .. } | ClientError::NoH2 { .. } | ClientError::BadRequest { .. } => false,
+        }
+    }
+
+    /// Whether the far side's policy refused the tunnel (`401`).
+    pub fn is_denied(&self) -> bool {
+        matches!(self, ClientError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED)
+    }
+
     /// The certificate problem behind a TLS failure, if the verifier found one.
     pub fn peer_error(&self) -> Option<&PeerError> {
         match self {
@@ -395,5 +436,39 @@ async fn reap_idle(pool: Weak<PoolInner>) {
             });
             !conns.is_empty()
         });
+    }
+}
+
+#[cfg(test)]
+mod classification_tests {
+    use super::*;
+
+    #[test]
+    fn each_error_says_where_it_came_from_and_whether_to_retry() {
+        let addr: SocketAddr = "10.0.0.1:15008".parse().unwrap();
+        let status = |status| ClientError::Status { addr, authority: addr, status };
+        let connect = ClientError::Connect { addr, source: std::io::ErrorKind::ConnectionRefused.into() };
+        let bad = ClientError::BadRequest { authority: addr, reason: "header".into() };
+        let cases = [
+            (connect, Origin::Upstream, true, false),
+            (
+                ClientError::Timeout { what: "TLS", addr, after: Duration::from_secs(1) },
+                Origin::Upstream,
+                true,
+                false,
+            ),
+            (ClientError::NoH2 { addr }, Origin::Upstream, false, false),
+            (status(StatusCode::SERVICE_UNAVAILABLE), Origin::Upstream, true, false),
+            (status(StatusCode::UNAUTHORIZED), Origin::Upstream, false, true),
+            (status(StatusCode::BAD_REQUEST), Origin::Upstream, false, false),
+            (bad, Origin::Local, false, false),
+        ];
+        for (error, origin, retryable, denied) in cases {
+            assert_eq!(
+                (error.origin(), error.is_retryable(), error.is_denied()),
+                (origin, retryable, denied),
+                "{error}"
+            );
+        }
     }
 }

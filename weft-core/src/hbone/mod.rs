@@ -8,12 +8,12 @@ mod stream;
 
 use std::time::Duration;
 
-pub use client::{ClientError, ClientSettings, ConnectRequest, Pool};
-pub use server::{ConnectInfo, Inbound, Refusal, Server, ServerEvent, ServerSettings};
+pub use client::{ClientError, ClientSettings, ConnectRequest, Origin, Pool};
+pub use server::{forward, ConnectInfo, Inbound, Refusal, Server, ServerEvent, ServerSettings};
 pub use stream::H2Stream;
 
 /// The port HBONE listens on.
-pub const HBONE_PORT: u16 = 15008;
+pub const HBONE_PORT: u16 = crate::names::HBONE_PORT;
 
 /// HTTP/2 flow-control windows and frame size (Istio ztunnel's values).
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;

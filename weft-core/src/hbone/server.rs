@@ -1,6 +1,8 @@
 //! The HBONE server: one listener, many mutual-TLS HTTP/2 connections, one CONNECT stream per
-//! proxied TCP connection. What to present and where each stream goes is asked of an
-//! [`Inbound`]; this module owns the protocol, the limits and draining.
+//! proxied TCP connection. What to present, whether to accept each CONNECT and what to do with
+//! its tunnel after the `200` are asked of an [`Inbound`] (ztunnel connects to the pod and
+//! copies; a waypoint serves HTTP on the tunnel); this module owns the protocol, the limits and
+//! draining.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -92,10 +94,11 @@ impl Refusal {
     }
 }
 
-/// What the server asks of its owner: which certificate to present on a connection, and what
-/// to do with each CONNECT.
+/// What the server asks of its owner: which certificate to present on a connection, whether to
+/// accept each CONNECT, and what to do with the tunnel of an accepted one.
 pub trait Inbound: Send + Sync + 'static {
-    type Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// What accepting a CONNECT prepared for serving its tunnel (ztunnel: the connected pod).
+    type Accepted: Send + 'static;
 
     /// The TLS server configuration for a connection accepted on `local` (the certificate of
     /// the workload addressed there).
@@ -104,9 +107,24 @@ pub trait Inbound: Send + Sync + 'static {
         local: SocketAddr,
     ) -> impl Future<Output = Result<Arc<rustls::ServerConfig>, String>> + Send;
 
-    /// Opens the destination of one CONNECT, or refuses it. Must resolve promptly (time out
+    /// Accepts one CONNECT (the `200` follows) or refuses it. Must resolve promptly (time out
     /// its own connect attempts): the client is waiting for the response.
-    fn connect(&self, info: ConnectInfo) -> impl Future<Output = Result<Self::Upstream, Refusal>> + Send;
+    fn accept(&self, info: ConnectInfo) -> impl Future<Output = Result<Self::Accepted, Refusal>> + Send;
+
+    /// Serves the tunnel of an accepted CONNECT, after the `200`, until it is done.
+    fn serve(&self, accepted: Self::Accepted, tunnel: H2Stream) -> impl Future<Output = ()> + Send;
+}
+
+/// Serves a tunnel by copying it to and from `upstream` until both sides are done (what an
+/// [`Inbound`] that forwards TCP does in [`Inbound::serve`]).
+pub async fn forward<U>(mut tunnel: H2Stream, mut upstream: U, authority: SocketAddr)
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    match super::copy_bidirectional(&mut tunnel, &mut upstream).await {
+        Ok((sent, received)) => debug!(%authority, sent, received, "HBONE stream closed"),
+        Err(e) => debug!(%authority, error = %e, kind = ?e.kind(), "HBONE stream ended with an error"),
+    }
 }
 
 /// What happened to a connection or stream the server refused; for logs, metrics and tests.
@@ -310,11 +328,11 @@ impl<I: Inbound> Stream<I> {
     async fn serve(self, request: Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {
         let authority = request.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
         let result = match self.parse(&request) {
-            Ok(info) => self.inbound.connect(info).await,
+            Ok(info) => self.inbound.accept(info).await,
             Err(refusal) => Err(refusal),
         };
-        let mut upstream = match result {
-            Ok(upstream) => upstream,
+        let accepted = match result {
+            Ok(accepted) => accepted,
             Err(refusal) => {
                 let event = ServerEvent::StreamRefused {
                     peer: self.peer,
@@ -332,11 +350,8 @@ impl<I: Inbound> Stream<I> {
             Ok(send) => send,
             Err(e) => return debug!(error = %e, "client went away before the CONNECT response"),
         };
-        let mut tunnel = H2Stream::new(send, request.into_body(), None);
-        match super::copy_bidirectional(&mut tunnel, &mut upstream).await {
-            Ok((sent, received)) => debug!(%authority, sent, received, "HBONE stream closed"),
-            Err(e) => debug!(%authority, error = %e, kind = ?e.kind(), "HBONE stream ended with an error"),
-        }
+        let tunnel = H2Stream::new(send, request.into_body(), None);
+        self.inbound.serve(accepted, tunnel).await;
     }
 
     fn parse(&self, request: &Request<h2::RecvStream>) -> Result<ConnectInfo, Refusal> {

@@ -3,8 +3,9 @@ use weft_core::proto::istio::workload::{
     WorkloadStatus,
 };
 
+use weft_core::testing::resources::*;
+
 use super::*;
-use crate::test_support::*;
 
 const CLIENT: &str = "10.0.1.1";
 const WAYPOINT_POD: &str = "10.0.1.99";
@@ -349,4 +350,94 @@ fn dual_stack_endpoint_is_reached_in_the_destination_family() {
         let Ok(Outbound::Hbone(t)) = decide(&state, ip(CLIENT), addr(dst), &rr) else { panic!("{dst}") };
         assert_eq!(t.authority, addr(want), "{dst}");
     }
+}
+
+/// node-a: client 10.0.1.1, web-1 10.0.1.5 (endpoint of web), legacy 10.0.1.7 (not in the mesh).
+/// node-b: web-2 10.0.2.5, remote 10.0.2.9 (calls node-a). Service web 10.96.0.10:80 -> 8080
+/// with web-1 only; service empty 10.96.0.30 without endpoints.
+pub(crate) fn node_mesh() -> ProxyState {
+    let mut state = ProxyState::new("");
+    add_workload(&mut state, workload("shop", "client", "10.0.1.1"));
+    add_workload(
+        &mut state,
+        endpoint_of(workload("shop", "web-1", "10.0.1.5"), "shop", "web", &[(80, 8080)]),
+    );
+    let mut legacy = workload("shop", "legacy", "10.0.1.7");
+    legacy.tunnel_protocol = TunnelProtocol::None as i32;
+    add_workload(&mut state, legacy);
+    for (name, addr) in [("web-2", "10.0.2.5"), ("remote", "10.0.2.9")] {
+        let mut w = workload("shop", name, addr);
+        w.node = "node-b".into();
+        add_workload(&mut state, w);
+    }
+    add_service(&mut state, service("shop", "web", "10.96.0.10", &[(80, 8080)]));
+    add_service(&mut state, service("shop", "empty", "10.96.0.30", &[(80, 80)]));
+    state
+}
+
+/// What a plan boils down to, for the table.
+fn plan_summary(plan: Result<Plan, Refused>) -> String {
+    match plan {
+        Ok(Plan { carry: Carry::Tunnel { tunnel, waypoint, .. }, .. }) => {
+            format!("tunnel {} {} waypoint={waypoint}", tunnel.connect_to, tunnel.authority)
+        }
+        Ok(Plan { carry: Carry::SameNode { to, destination, .. }, .. }) => {
+            format!("same-node {to} {}", destination.name)
+        }
+        Ok(Plan { carry: Carry::Passthrough { to }, .. }) => format!("passthrough {to}"),
+        Err(Refused { error: RouteError::NotLocalSource(ip), .. }) => format!("not local {ip}"),
+        Err(Refused { error: RouteError::Destination(OutboundError::NoHealthyEndpoint { .. }), .. }) => {
+            "no endpoint".into()
+        }
+        Err(Refused { error, .. }) => format!("error {error}"),
+    }
+}
+
+#[test]
+fn outbound_plans() {
+    let state = node_mesh();
+    let rr = RoundRobin::default();
+    let cases = [
+        ("10.0.1.1", "10.0.2.5:8080", "tunnel 10.0.2.5:15008 10.0.2.5:8080 waypoint=false"),
+        ("10.0.1.1", "10.0.1.5:8080", "same-node 10.0.1.5:8080 web-1"),
+        ("10.0.1.1", "10.96.0.10:80", "same-node 10.0.1.5:8080 web-1"),
+        ("10.0.1.1", "10.0.1.7:80", "passthrough 10.0.1.7:80"),
+        ("10.0.1.1", "93.184.216.34:443", "passthrough 93.184.216.34:443"),
+        ("10.0.1.1", "10.96.0.30:80", "no endpoint"),
+        // IPv4-mapped addresses, as a dual-stack listener reports them.
+        ("::ffff:10.0.1.1", "[::ffff:10.0.2.5]:8080", "tunnel 10.0.2.5:15008 10.0.2.5:8080 waypoint=false"),
+        ("10.0.2.9", "10.0.1.5:8080", "not local 10.0.2.9"),
+        ("10.9.9.9", "10.0.1.5:8080", "not local 10.9.9.9"),
+    ];
+    for (source, dst, want) in cases {
+        let got = plan_summary(route(&state, "node-a", ip(source), addr(dst), &rr));
+        assert_eq!(got, want, "{source} -> {dst}");
+    }
+}
+
+#[test]
+fn plans_carry_their_labels_and_the_same_node_verdict() {
+    use weft_core::proto::istio::security::{Action, Match, Scope};
+    let mut state = node_mesh();
+    let rr = RoundRobin::default();
+    let plan = route(&state, "node-a", ip("10.0.1.1"), addr("10.0.2.5:8080"), &rr).unwrap();
+    assert_eq!(plan.labels.destination_workload, "web-2");
+    assert_eq!(plan.labels.source_principal, "spiffe://cluster.local/ns/shop/sa/client");
+    let Carry::Tunnel { baggage, .. } = &plan.carry else { panic!("{plan:?}") };
+    assert!(baggage.contains("k8s.namespace.name=shop"), "{baggage}");
+    let plan = route(&state, "node-a", ip("10.0.1.1"), addr("10.0.1.7:80"), &rr).unwrap();
+    assert_eq!(plan.labels.connection_security_policy, SecurityPolicy::Unknown);
+
+    // A DENY for the client's principal on web-1 refuses the same-node connection, counted on
+    // both sides.
+    let deny = Match { principals: vec![exact("cluster.local/ns/shop/sa/client")], ..Default::default() };
+    add_policy(&mut state, policy("shop", "deny", Scope::Namespace, Action::Deny, vec![vec![vec![deny]]]));
+    let refused = route(&state, "node-a", ip("10.0.1.1"), addr("10.96.0.10:80"), &rr).unwrap_err();
+    assert!(matches!(refused.error, RouteError::SameNode(InboundRefusal::Denied { .. })), "{refused:?}");
+    let (source, flags) = *refused.source.unwrap();
+    assert_eq!(
+        (source.destination_service.as_str(), flags),
+        ("web.shop.svc.cluster.local", ResponseFlags::Deny)
+    );
+    assert_eq!(refused.denied.unwrap().reporter, Reporter::Destination);
 }

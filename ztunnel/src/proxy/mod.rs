@@ -1,7 +1,7 @@
 //! The data path: ztunnel's three listeners and the proxying behind them. Owns the sockets, the
 //! per-connection tasks, the HBONE client pool and the metrics of each connection; the routing
-//! and policy decisions are the pure functions of [`crate::outbound`], [`crate::policy`] and the
-//! `route`/`check` functions here; configuration is only read from the shared [`ProxyState`].
+//! and policy decisions are the pure functions of [`crate::outbound`] and [`crate::inbound`];
+//! configuration is only read from the shared [`ProxyState`].
 //!
 //! With the eBPF capture, the kernel hands ztunnel connections whose *local* address is the
 //! original destination and whose peer is the real client:
@@ -23,28 +23,27 @@ mod socket;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-
-use tracing::info;
+use tracing::{info, warn};
 use weft_core::accept::{self, Limits};
 use weft_core::cert_manager::{CertManager, CertificateSource};
 use weft_core::drain;
-use weft_core::hbone::{ClientSettings, Pool, Server, ServerSettings};
+use weft_core::hbone::{copy_bidirectional, ClientError, ClientSettings, Pool, Server, ServerSettings};
+use weft_core::identity::Identity;
+use weft_core::names;
+use weft_core::state::{ProxyState, Shared};
+use weft_core::telemetry::{Metrics, ResponseFlags};
+use weft_core::tls::WorkloadCertificate;
 
-use crate::metrics::Metrics;
 use crate::outbound::RoundRobin;
-use crate::state::ProxyState;
-
-pub use inbound::{check as check_inbound, InboundRefusal};
-pub use outbound::{route as route_outbound, Plan, RouteError};
 
 /// What the proxy works from; built by `main` (or a test).
 pub struct ProxyInputs<S> {
     /// The mesh as the xDS client last received it.
-    pub state: Arc<RwLock<ProxyState>>,
+    pub state: Arc<Shared<ProxyState>>,
     /// Certificates of this node's workloads, fetched on first use.
     pub certs: Arc<CertManager<S>>,
     pub metrics: Arc<Metrics>,
@@ -53,7 +52,7 @@ pub struct ProxyInputs<S> {
 }
 
 /// The listening ports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Ports {
     /// Captured outbound connections (Istio: 15001).
     pub outbound: u16,
@@ -97,7 +96,7 @@ pub struct Proxy<S> {
 
 /// What every connection task shares.
 struct Ctx<S> {
-    state: Arc<RwLock<ProxyState>>,
+    state: Arc<Shared<ProxyState>>,
     certs: Arc<CertManager<S>>,
     metrics: Arc<Metrics>,
     node: String,
@@ -110,7 +109,11 @@ struct Ctx<S> {
 
 impl Default for Ports {
     fn default() -> Self {
-        Ports { outbound: 15001, inbound_plain: 15006, hbone: weft_core::hbone::HBONE_PORT }
+        Ports {
+            outbound: names::OUTBOUND_PORT,
+            inbound_plain: names::INBOUND_PLAINTEXT_PORT,
+            hbone: names::HBONE_PORT,
+        }
     }
 }
 
@@ -221,10 +224,52 @@ impl<S> Ctx<S> {
         [outbound, inbound_plain, hbone].contains(&to.port()) && socket::is_local(to.ip())
     }
 
-    /// The state, for reading. A writer that panicked cannot leave the maps inconsistent (each
-    /// update is applied whole before the lock is released), so a poisoned lock is still used.
-    fn state(&self) -> RwLockReadGuard<'_, ProxyState> {
-        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The state as the xDS client last left it.
+    fn state(&self) -> Arc<ProxyState> {
+        self.state.load()
+    }
+}
+
+impl<S: CertificateSource> Ctx<S> {
+    /// The certificate of `identity` within the connect timeout, or `None` (logged, naming
+    /// `what` the certificate was for).
+    async fn certificate(&self, identity: &Identity, what: &str) -> Option<Arc<WorkloadCertificate>> {
+        let timeout = self.options.connect_timeout;
+        match tokio::time::timeout(timeout, self.certs.get(identity)).await {
+            Ok(Ok(cert)) => Some(cert),
+            Ok(Err(e)) => {
+                warn!(%identity, error = %e, "no certificate for {what}");
+                None
+            }
+            Err(_) => {
+                warn!(%identity, "certificate for {what} not ready within {timeout:?}");
+                None
+            }
+        }
+    }
+}
+
+/// Copies both ways until both sides are done, and logs the outcome.
+async fn copy<U>(mut client: TcpStream, mut upstream: U, dst: SocketAddr)
+where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = client.set_nodelay(true);
+    let started = std::time::Instant::now();
+    match copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((received, sent)) => {
+            info!(%dst, received, sent, duration = ?started.elapsed(), "connection complete")
+        }
+        Err(e) => info!(%dst, error = %e, duration = ?started.elapsed(), "connection ended with an error"),
+    }
+}
+
+/// The flag a failed HBONE tunnel closes with: `DENY` when the far side's policy refused it.
+fn tunnel_flags(e: &ClientError) -> ResponseFlags {
+    if e.is_denied() {
+        ResponseFlags::Deny
+    } else {
+        ResponseFlags::Connect
     }
 }
 
@@ -252,6 +297,3 @@ async fn serve<S, F, Fut>(
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
-
-#[cfg(test)]
-mod tests;

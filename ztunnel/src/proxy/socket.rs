@@ -12,8 +12,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::debug;
-
-use crate::metrics::ConnectionGuard;
+use weft_core::telemetry::ConnectionGuard;
 
 /// Pending connections a listener queues before accepting them.
 const BACKLOG: i32 = 1024;

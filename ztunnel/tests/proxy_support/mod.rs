@@ -1,10 +1,10 @@
 //! Shared by the proxy integration tests: the controller's resources built by hand, a ztunnel
 //! started in-process, an application server that tells each caller its address.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
@@ -12,16 +12,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use weft_core::cert_manager::CertManager;
 use weft_core::drain;
-use weft_core::proto::istio::security::{
-    self, string_match::MatchType, Authorization, Group, Match, Rules, StringMatch,
-};
-use weft_core::proto::istio::workload::{
-    address, Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, WorkloadStatus,
-};
+use weft_core::proto::istio::security::{self, Authorization, Match};
+use weft_core::proto::istio::workload::{Service, Workload};
+use weft_core::state::{ProxyState, Shared};
+use weft_core::telemetry::{self, Metrics};
+pub use weft_core::testing::resources::{self, endpoint_of, ip, service};
 use weft_core::testing::{LocalSource, TestCa};
-use ztunnel::metrics::{self, Metrics};
 use ztunnel::proxy::{ListenAddrs, Ports, Proxy, ProxyInputs, ProxyOptions};
-use ztunnel::state::ProxyState;
 
 pub const STRICT: &str = "istio-system/istio_converted_static_strict";
 
@@ -36,76 +33,21 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-pub fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(ip) => ip.octets().to_vec(),
-        IpAddr::V6(ip) => ip.octets().to_vec(),
-    }
-}
-
 /// A healthy mesh pod `ns/name` with service account `name` on `node`.
 pub fn workload(ns: &str, name: &str, addr: &str, node: &str) -> Workload {
-    Workload {
-        uid: format!("Kubernetes//Pod/{ns}/{name}"),
-        name: name.into(),
-        namespace: ns.into(),
-        addresses: vec![bytes(ip(addr))],
-        tunnel_protocol: TunnelProtocol::Hbone as i32,
-        trust_domain: "cluster.local".into(),
-        service_account: name.into(),
-        node: node.into(),
-        canonical_name: name.into(),
-        canonical_revision: "v1".into(),
-        workload_name: name.into(),
-        status: WorkloadStatus::Healthy as i32,
-        cluster_id: "Kubernetes".into(),
-        ..Default::default()
-    }
+    Workload { node: node.into(), canonical_revision: "v1".into(), ..resources::workload(ns, name, addr) }
 }
 
-/// `w` as an endpoint of service `ns/name` with `(service port, target port)`s.
-pub fn endpoint_of(mut w: Workload, ns: &str, name: &str, ports: &[(u32, u32)]) -> Workload {
-    let ports = ports.iter().map(|&(service_port, target_port)| Port { service_port, target_port }).collect();
-    w.services.insert(format!("{ns}/{name}.{ns}.svc.cluster.local"), PortList { ports });
-    w
+pub fn add_workload(state: &Shared<ProxyState>, w: Workload) {
+    state.update(|s| resources::add_workload(s, w));
 }
 
-pub fn service(ns: &str, name: &str, vip: &str, ports: &[(u32, u32)]) -> Service {
-    Service {
-        name: name.into(),
-        namespace: ns.into(),
-        hostname: format!("{name}.{ns}.svc.cluster.local"),
-        addresses: vec![NetworkAddress { network: String::new(), address: bytes(ip(vip)) }],
-        ports: ports.iter().map(|&(service_port, target_port)| Port { service_port, target_port }).collect(),
-        ..Default::default()
-    }
+pub fn add_service(state: &Shared<ProxyState>, s: Service) {
+    state.update(|state| resources::add_service(state, s));
 }
 
-pub fn add_workload(state: &RwLock<ProxyState>, w: Workload) {
-    let name = w.uid.clone();
-    state
-        .write()
-        .unwrap()
-        .apply_address(&name, Address { r#type: Some(address::Type::Workload(w)) })
-        .unwrap();
-}
-
-pub fn add_service(state: &RwLock<ProxyState>, s: Service) {
-    let name = format!("{}/{}", s.namespace, s.hostname);
-    state.write().unwrap().apply_address(&name, Address { r#type: Some(address::Type::Service(s)) }).unwrap();
-}
-
-pub fn add_policy(state: &RwLock<ProxyState>, a: Authorization) {
-    let name = format!("{}/{}", a.namespace, a.name);
-    state.write().unwrap().apply_authorization(&name, a).unwrap();
-}
-
-fn string(m: MatchType) -> StringMatch {
-    StringMatch { match_type: Some(m) }
+pub fn add_policy(state: &Shared<ProxyState>, a: Authorization) {
+    state.update(|s| resources::add_policy(s, a));
 }
 
 /// A policy of one rule with one `from` clause made of `m`.
@@ -116,19 +58,13 @@ pub fn policy(
     action: security::Action,
     m: Match,
 ) -> Authorization {
-    Authorization {
-        name: name.into(),
-        namespace: ns.into(),
-        scope: scope as i32,
-        action: action as i32,
-        groups: vec![Group { rules: vec![Rules { matches: vec![m] }] }],
-    }
+    resources::policy(ns, name, scope, action, vec![vec![vec![m]]])
 }
 
 /// The controller's shared STRICT policy: deny callers without a peer identity. Workloads that
 /// are STRICT list it.
 pub fn strict() -> Authorization {
-    let m = Match { not_principals: vec![string(MatchType::Presence(()))], ..Default::default() };
+    let m = Match { not_principals: vec![resources::presence()], ..Default::default() };
     policy(
         "istio-system",
         "istio_converted_static_strict",
@@ -139,11 +75,11 @@ pub fn strict() -> Authorization {
 }
 
 pub fn principal(p: &str) -> Match {
-    Match { principals: vec![string(MatchType::Exact(p.into()))], ..Default::default() }
+    Match { principals: vec![resources::exact(p)], ..Default::default() }
 }
 
 pub fn namespace(ns: &str) -> Match {
-    Match { namespaces: vec![string(MatchType::Exact(ns.into()))], ..Default::default() }
+    Match { namespaces: vec![resources::exact(ns)], ..Default::default() }
 }
 
 /// A ztunnel running in-process.
@@ -158,7 +94,7 @@ impl Node {
     /// Starts a ztunnel for `node` on `bind`. Transparent sockets only as root.
     pub async fn start(
         ca: Arc<TestCa>,
-        state: Arc<RwLock<ProxyState>>,
+        state: Arc<Shared<ProxyState>>,
         node: &str,
         bind: IpAddr,
         ports: Ports,
@@ -184,7 +120,7 @@ impl Node {
     }
 
     pub fn metrics(&self) -> String {
-        metrics::encode(&self.registry)
+        telemetry::encode(&self.registry)
     }
 
     /// Waits (bounded) until the metrics contain every one of `parts` in one line.

@@ -1,7 +1,7 @@
-use weft_core::proto::istio::security::{Action as ProtoAction, Scope as ProtoScope};
+use crate::proto::istio::security::{Action as ProtoAction, Scope as ProtoScope};
 
 use super::*;
-use crate::test_support::*;
+use crate::testing::resources::*;
 
 fn wl_address(w: ProtoWorkload) -> Address {
     Address { r#type: Some(address::Type::Workload(w)) }

@@ -1,7 +1,7 @@
-use weft_core::proto::istio::security::{Action as A, Match as M, Scope as S};
+use crate::proto::istio::security::{Action as A, Match as M, Scope as S};
 
 use super::*;
-use crate::test_support::*;
+use crate::testing::resources::*;
 
 const WEB: &str = "10.0.1.5";
 

@@ -1,13 +1,12 @@
-#![allow(dead_code)]
-//! Builders of the controller's xDS resources for the unit tests, shaped as
-//! `controller::translate` produces them.
+//! Builders of the controller's xDS resources (`istio.workload.Address`,
+//! `istio.security.Authorization`) for tests, shaped as `controller::translate` produces them.
 
 use std::net::IpAddr;
 
-use weft_core::proto::istio::security::{
+use crate::proto::istio::security::{
     self, string_match::MatchType, Authorization, Group, Match, Rules, StringMatch,
 };
-use weft_core::proto::istio::workload::{
+use crate::proto::istio::workload::{
     address, gateway_address, Address, GatewayAddress, NamespacedHostname, NetworkAddress, Port, PortList,
     Service, TunnelProtocol, Workload, WorkloadStatus,
 };
@@ -17,7 +16,7 @@ use crate::state::ProxyState;
 pub const CLUSTER: &str = "Kubernetes";
 
 pub fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
+    s.parse().expect("test addresses are valid")
 }
 
 pub fn bytes(ip: IpAddr) -> Vec<u8> {
@@ -85,23 +84,27 @@ pub fn waypoint(ns: &str, name: &str) -> Option<GatewayAddress> {
             namespace: ns.into(),
             hostname: hostname(ns, name),
         })),
-        hbone_mtls_port: 15008,
+        hbone_mtls_port: u32::from(crate::names::HBONE_PORT),
     })
 }
 
 pub fn add_workload(state: &mut ProxyState, w: Workload) {
     let name = w.uid.clone();
-    state.apply_address(&name, Address { r#type: Some(address::Type::Workload(w)) }).unwrap();
+    state
+        .apply_address(&name, Address { r#type: Some(address::Type::Workload(w)) })
+        .expect("the test workload is valid");
 }
 
 pub fn add_service(state: &mut ProxyState, s: Service) {
     let name = format!("{}/{}", s.namespace, s.hostname);
-    state.apply_address(&name, Address { r#type: Some(address::Type::Service(s)) }).unwrap();
+    state
+        .apply_address(&name, Address { r#type: Some(address::Type::Service(s)) })
+        .expect("the test service is valid");
 }
 
 pub fn add_policy(state: &mut ProxyState, a: Authorization) {
     let name = format!("{}/{}", a.namespace, a.name);
-    state.apply_authorization(&name, a).unwrap();
+    state.apply_authorization(&name, a).expect("the test policy is valid");
 }
 
 pub fn exact(s: &str) -> StringMatch {
@@ -114,8 +117,8 @@ pub fn presence() -> StringMatch {
 
 /// A CIDR as the controller sends it.
 pub fn cidr(s: &str) -> security::Address {
-    let (addr, len) = s.split_once('/').unwrap();
-    security::Address { address: bytes(ip(addr)), length: len.parse().unwrap() }
+    let (addr, len) = s.split_once('/').expect("a CIDR has a slash");
+    security::Address { address: bytes(ip(addr)), length: len.parse().expect("a CIDR length is a number") }
 }
 
 /// A policy with one group per entry of `groups`, each group's clauses given as lists of matches.

@@ -1,6 +1,13 @@
-//! L4 authorization on the inbound side: whether a connection to a workload of the mesh may
-//! proceed, under the `istio.security.Authorization` policies that apply to that workload.
-//! Pure: no I/O, no logging of its own; the caller reports the [`Verdict`].
+//! The authorization engine both proxies evaluate: Istio's AuthorizationPolicy semantics over
+//! an [`Attributes`] trait, so ztunnel (L4: the peer identity, addresses and ports of a
+//! connection) and the waypoint (L7: also hosts, methods, paths, request principals, headers,
+//! claims) run the same matching code. Owns the policy types, their conversion from
+//! `istio.security.Authorization` (every string form, CIDR and port parsed once, where the
+//! resource enters) and the verdict. Pure: no I/O, no logging of its own; the caller reports the
+//! [`Verdict`].
+//!
+//! At L4 the request attributes are unknown: a positive request condition does not match and a
+//! negated one does, which is how a rule ztunnel cannot evaluate fails closed.
 //!
 //! Istio's rules (AuthorizationPolicy docs, and ztunnel's `rbac.rs`):
 //! - The policies of a workload are the mesh-wide ones (scope GLOBAL: root namespace, no
@@ -30,8 +37,9 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Serialize, Serializer};
-use weft_core::identity::Identity;
-use weft_core::proto::istio::security::{
+
+use crate::identity::Identity;
+use crate::proto::istio::security::{
     self, string_match::MatchType, Authorization, Match as ProtoMatch, ServiceAccountMatch as ProtoSaMatch,
     StringMatch as ProtoStringMatch,
 };
@@ -93,6 +101,60 @@ pub struct Match {
     pub not_destination_ips: Vec<Cidr>,
     pub destination_ports: Vec<u16>,
     pub not_destination_ports: Vec<u16>,
+    /// Request-level conditions (a waypoint's rules; none in `istio.security.Authorization`):
+    /// each must hold.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub request: Vec<RequestCondition>,
+}
+
+/// A condition on a request attribute: one of `values` matches (when any are given) and none of
+/// `not_values` does. An attribute the request lacks matches no `values` and no `not_values`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RequestCondition {
+    pub key: RequestKey,
+    pub values: Vec<StringMatch>,
+    pub not_values: Vec<StringMatch>,
+}
+
+/// A request attribute, named as Istio's `to.operation`, `from.source` and `when` keys name it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum RequestKey {
+    /// `hosts` (the `:authority`/Host, compared case-insensitively by the caller's lowercasing).
+    Host,
+    /// `methods`.
+    Method,
+    /// `paths` (normalised by the caller).
+    Path,
+    /// `requestPrincipals` / `request.auth.principal`: `<iss>/<sub>` of a validated JWT.
+    RequestPrincipal,
+    /// `request.auth.audiences`.
+    Audience,
+    /// `request.auth.presenter`.
+    Presenter,
+    /// `request.headers[<name>]` (lowercase name).
+    Header(String),
+    /// `request.auth.claims[a][b]`: the path into the JWT's claims.
+    Claim(Vec<String>),
+    /// `remoteIpBlocks` / `remote.ip` as a string (the original client, e.g. from X-Forwarded-For).
+    RemoteIp,
+    /// `connection.sni`.
+    Sni,
+}
+
+/// What a policy reads of a connection or request. ztunnel's [`Connection`] knows the L4 part;
+/// the waypoint adds the request's.
+pub trait Attributes {
+    /// The peer's identity from its certificate; `None` for plaintext.
+    fn source_identity(&self) -> Option<&Identity>;
+    fn source_ip(&self) -> IpAddr;
+    /// The destination address and port asked for.
+    fn destination(&self) -> SocketAddr;
+    /// The values of a request attribute (several for a list claim or a repeated header); empty
+    /// when the attribute is absent, as every one is at L4.
+    fn request(&self, key: &RequestKey) -> Vec<&str> {
+        let _ = key;
+        Vec::new()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -117,7 +179,7 @@ pub struct Cidr {
     prefix: u8,
 }
 
-/// A connection arriving for a workload of this node, as policy sees it.
+/// A connection arriving for a workload, as L4 policy sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Connection {
     /// The peer's identity from its certificate; `None` for plaintext.
@@ -138,14 +200,14 @@ pub enum Verdict {
     },
 }
 
-impl Policy {
-    /// Converts the `istio.security.Authorization` named `name` (`namespace/name`).
-    pub fn from_proto(name: &str, a: Authorization) -> Result<Policy, StateError> {
+impl TryFrom<Authorization> for Policy {
+    type Error = StateError;
+
+    /// Converts an `istio.security.Authorization`; errors name the policy (`namespace/name`).
+    fn try_from(a: Authorization) -> Result<Policy, StateError> {
         const KIND: &str = "authorization";
         let key = format!("{}/{}", a.namespace, a.name);
-        if key != name {
-            return Err(invalid(KIND, name, "namespace/name", format!("{key:?} is not the resource name")));
-        }
+        let name = key.as_str();
         let scope = match security::Scope::try_from(a.scope) {
             Ok(security::Scope::Global) => Scope::Global,
             Ok(security::Scope::Namespace) => Scope::Namespace,
@@ -175,23 +237,25 @@ impl Policy {
         }
         Ok(Policy { name: a.name, namespace: a.namespace, scope, action, groups })
     }
+}
 
+impl Policy {
     /// `namespace/name`, the policy's resource name.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// Whether the connection matches any group (a policy without groups matches nothing).
-    pub fn matches(&self, conn: &Connection) -> bool {
-        self.groups.iter().any(|g| g.clauses.iter().all(|c| c.matches(conn)))
+    /// Whether the attributes match any group (a policy without groups matches nothing).
+    pub fn matches(&self, attrs: &impl Attributes) -> bool {
+        self.groups.iter().any(|g| g.clauses.iter().all(|c| c.matches(attrs)))
     }
 }
 
 impl Clause {
     /// Any of its matches matches; a clause without matches matches everything, while a match
     /// without fields matches nothing (both as in Istio's ztunnel).
-    fn matches(&self, conn: &Connection) -> bool {
-        self.matches.is_empty() || self.matches.iter().any(|m| !m.is_empty() && m.matches(conn))
+    fn matches(&self, attrs: &impl Attributes) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| !m.is_empty() && m.matches(attrs))
     }
 }
 
@@ -243,6 +307,7 @@ impl Match {
             not_destination_ips: cidrs("not_destination_ips", &m.not_destination_ips)?,
             destination_ports: ports("destination_ports", &m.destination_ports)?,
             not_destination_ports: ports("not_destination_ports", &m.not_destination_ports)?,
+            request: Vec::new(),
         })
     }
 
@@ -250,15 +315,16 @@ impl Match {
         *self == Match::default()
     }
 
-    fn matches(&self, conn: &Connection) -> bool {
-        let id = conn.src_identity.as_ref();
+    fn matches(&self, attrs: &impl Attributes) -> bool {
+        let id = attrs.source_identity();
         let namespace = id.map(Identity::namespace);
         // Istio's principal form: the identity without its scheme.
         let principal =
             id.map(|i| format!("{}/ns/{}/sa/{}", i.trust_domain(), i.namespace(), i.service_account()));
-        let src_ip = conn.src_ip.to_canonical();
-        let dst_ip = conn.dst.ip().to_canonical();
-        let dst_port = conn.dst.port();
+        let src_ip = attrs.source_ip().to_canonical();
+        let dst = attrs.destination();
+        let dst_ip = dst.ip().to_canonical();
+        let dst_port = dst.port();
         let sa_matches = |m: &ServiceAccountMatch| {
             id.is_some_and(|i| i.namespace() == m.namespace && i.service_account() == m.service_account)
         };
@@ -275,6 +341,15 @@ impl Match {
             && not_field(&self.not_destination_ips, Some(dst_ip), |c, ip| c.contains(ip))
             && field(&self.destination_ports, Some(dst_port), |p, port| *p == port)
             && not_field(&self.not_destination_ports, Some(dst_port), |p, port| *p == port)
+            && self.request.iter().all(|c| c.matches(attrs))
+    }
+}
+
+impl RequestCondition {
+    fn matches(&self, attrs: &impl Attributes) -> bool {
+        let values = attrs.request(&self.key);
+        let any = |list: &[StringMatch]| values.iter().any(|v| list.iter().any(|m| m.matches(v)));
+        (self.values.is_empty() || any(&self.values)) && !any(&self.not_values)
     }
 }
 
@@ -302,6 +377,20 @@ impl StringMatch {
             MatchType::Suffix(s) => StringMatch::Suffix(s.clone()),
             MatchType::Presence(()) => StringMatch::Presence,
         })
+    }
+
+    /// Istio's string form in AuthorizationPolicy fields: `*` any non-empty value, `prefix*`,
+    /// `*suffix`, else exact.
+    pub fn from_istio(value: &str) -> StringMatch {
+        if value == "*" {
+            StringMatch::Presence
+        } else if let Some(prefix) = value.strip_suffix('*') {
+            StringMatch::Prefix(prefix.to_owned())
+        } else if let Some(suffix) = value.strip_prefix('*') {
+            StringMatch::Suffix(suffix.to_owned())
+        } else {
+            StringMatch::Exact(value.to_owned())
+        }
     }
 
     pub fn matches(&self, value: &str) -> bool {
@@ -360,37 +449,55 @@ impl Serialize for Cidr {
     }
 }
 
-/// Istio's verdict for `conn` (see the module docs): DENY policies first, then ALLOW policies.
-pub fn authorize(state: &ProxyState, conn: &Connection) -> Verdict {
-    let Some(workload) = state.workload_by_ip(conn.dst.ip()) else {
+impl Attributes for Connection {
+    fn source_identity(&self) -> Option<&Identity> {
+        self.src_identity.as_ref()
+    }
+
+    fn source_ip(&self) -> IpAddr {
+        self.src_ip
+    }
+
+    fn destination(&self) -> SocketAddr {
+        self.dst
+    }
+}
+
+/// Istio's verdict for a connection to a workload (see the module docs): the policies that
+/// apply to the destination workload, DENY first, then ALLOW. An unknown destination is denied.
+pub fn authorize(state: &ProxyState, attrs: &impl Attributes) -> Verdict {
+    let dst = attrs.destination();
+    let Some(workload) = state.workload_by_ip(dst.ip()) else {
         return Verdict::Deny {
             policy: None,
             reason: format!(
                 "destination {} is not a known workload on network {:?}",
-                conn.dst.ip(),
+                dst.ip(),
                 state.network()
             ),
         };
     };
-    let policies = state.policies_for(workload);
-    if let Some(deny) = policies.iter().find(|p| p.action == Action::Deny && p.matches(conn)) {
+    let policies: Vec<&Policy> = state.policies_for(workload).into_iter().map(|p| &**p).collect();
+    evaluate(&policies, attrs, &workload.uid)
+}
+
+/// Istio's verdict under `policies` (those that apply to `target`, named in the reason): a
+/// matching DENY denies; else with no ALLOW policy everything is allowed; else one must match.
+pub fn evaluate(policies: &[&Policy], attrs: &impl Attributes, target: &str) -> Verdict {
+    if let Some(deny) = policies.iter().find(|p| p.action == Action::Deny && p.matches(attrs)) {
         return Verdict::Deny {
             policy: Some(deny.key()),
             reason: format!("DENY policy {} matched", deny.key()),
         };
     }
-    let allow: Vec<_> = policies.iter().filter(|p| p.action == Action::Allow).collect();
-    if allow.is_empty() || allow.iter().any(|p| p.matches(conn)) {
+    let allow: Vec<&Policy> = policies.iter().copied().filter(|p| p.action == Action::Allow).collect();
+    if allow.is_empty() || allow.iter().any(|p| p.matches(attrs)) {
         return Verdict::Allow;
     }
     let names: Vec<String> = allow.iter().map(|p| p.key()).collect();
     Verdict::Deny {
         policy: None,
-        reason: format!(
-            "no ALLOW policy of workload {} matched (checked {})",
-            workload.uid,
-            names.join(", ")
-        ),
+        reason: format!("no ALLOW policy of workload {target} matched (checked {})", names.join(", ")),
     }
 }
 

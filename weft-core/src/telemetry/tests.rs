@@ -1,6 +1,6 @@
 use super::*;
 use crate::state::ProxyState;
-use crate::test_support::*;
+use crate::testing::resources::*;
 
 /// The labels a destination ztunnel writes for `shop/client` calling `shop/web` through the
 /// `web` service over mTLS, in the order they are encoded.
@@ -120,7 +120,7 @@ fn unknown_peers_and_failed_upstreams() {
 fn a_plaintext_source_principal_stays_unknown_and_a_peer_identity_is_written() {
     let labels = ConnectionLabels::new(Reporter::Destination, SecurityPolicy::Unknown);
     assert_eq!(labels.source_principal, "unknown");
-    let id = weft_core::Identity::new("cluster.local", "other", "x").unwrap();
+    let id = crate::Identity::new("cluster.local", "other", "x").unwrap();
     assert_eq!(labels.with_source_principal(&id).source_principal, "spiffe://cluster.local/ns/other/sa/x");
 }
 

@@ -1,8 +1,13 @@
-//! Istio's standard L4 metrics, as Istio's ztunnel exposes them on :15020 `/metrics`:
+//! Istio's telemetry conventions, shared by ztunnel and the waypoint: the reporter, the security
+//! policy, Envoy's and Istio's response flags, the workload label builders, Istio's standard L4
+//! metrics, and the one tracing initialisation every binary calls ([`init_tracing`]). Owns the
+//! counters, their labels and the log filter; knows nothing of sockets.
+//!
+//! The L4 metrics, as Istio's ztunnel exposes them on :15020 `/metrics`:
 //! `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
 //! `istio_tcp_sent_bytes_total` and `istio_tcp_received_bytes_total`, with Istio's label names
-//! (in the order ztunnel writes them). Owns the counters and their labels; knows nothing of
-//! sockets: the proxy opens a [`ConnectionGuard`] per connection and feeds it byte counts.
+//! (in the order ztunnel writes them). The proxy opens a [`ConnectionGuard`] per connection and
+//! feeds it byte counts.
 //!
 //! Conventions followed (Istio's ztunnel, `proxy/metrics.rs`):
 //! - A label with no known value is `unknown`; `request_protocol` is `tcp`.
@@ -25,8 +30,11 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use weft_core::identity::Identity;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter};
 
+use crate::identity::Identity;
 use crate::state::{Service, Workload};
 
 /// The value of a label nothing is known about.
@@ -41,15 +49,53 @@ pub enum Reporter {
     Destination,
 }
 
-/// How the connection ended, in Envoy's response-flag vocabulary.
+/// How a connection or request ended, in the vocabulary Istio's dashboards read: Istio
+/// ztunnel's L4 flags (`DENY`, `CONNECT`) and Envoy's (the waypoint's), each written as its short
+/// name (`-` for none).
 #[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq)]
 pub enum ResponseFlags {
     #[default]
     None,
-    /// Refused by authorization policy.
+    /// ztunnel: refused by authorization policy (`DENY`).
     Deny,
-    /// The upstream could not be connected to.
+    /// ztunnel: the upstream could not be connected to (`CONNECT`).
     Connect,
+    /// `UH`: no healthy upstream host (503).
+    NoHealthyUpstream,
+    /// `UF`: the upstream connection failed (503).
+    UpstreamConnectionFailure,
+    /// `UO`: upstream overflow, circuit breaking (503).
+    UpstreamOverflow,
+    /// `NR`: no route for the request (404), or no filter chain.
+    NoRouteFound,
+    /// `URX`: retries (HTTP) or connect attempts (TCP) exhausted.
+    UpstreamRetryLimitExceeded,
+    /// `UT`: the upstream request timed out (504).
+    UpstreamRequestTimeout,
+    /// `DI`: delayed by fault injection.
+    DelayInjected,
+    /// `FI`: aborted by fault injection.
+    FaultInjected,
+    /// `UC`: the upstream connection ended before the response (503).
+    UpstreamConnectionTermination,
+    /// `UR`: the upstream reset the stream (503).
+    UpstreamRemoteReset,
+    /// `LR`: the proxy reset the connection (503).
+    LocalReset,
+    /// `DC`: the downstream connection ended.
+    DownstreamConnectionTermination,
+    /// `DPE`: the downstream request did not follow HTTP.
+    DownstreamProtocolError,
+    /// `UPE`: the upstream response did not follow HTTP.
+    UpstreamProtocolError,
+    /// `UAEX`: refused by an external authorization service.
+    UnauthorizedExternalService,
+    /// `RL`: rate limited (429).
+    RateLimited,
+    /// `SI`: the stream sat idle past its timeout.
+    StreamIdleTimeout,
+    /// `DT`: the request ran past its maximum duration.
+    DurationTimeout,
 }
 
 #[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq)]
@@ -262,13 +308,44 @@ impl EncodeLabelValue for Reporter {
     }
 }
 
-impl EncodeLabelValue for ResponseFlags {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        encoder.write_str(match self {
+impl ResponseFlags {
+    /// The short name written in metrics and access logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
             ResponseFlags::None => "-",
             ResponseFlags::Deny => "DENY",
             ResponseFlags::Connect => "CONNECT",
-        })
+            ResponseFlags::NoHealthyUpstream => "UH",
+            ResponseFlags::UpstreamConnectionFailure => "UF",
+            ResponseFlags::UpstreamOverflow => "UO",
+            ResponseFlags::NoRouteFound => "NR",
+            ResponseFlags::UpstreamRetryLimitExceeded => "URX",
+            ResponseFlags::UpstreamRequestTimeout => "UT",
+            ResponseFlags::DelayInjected => "DI",
+            ResponseFlags::FaultInjected => "FI",
+            ResponseFlags::UpstreamConnectionTermination => "UC",
+            ResponseFlags::UpstreamRemoteReset => "UR",
+            ResponseFlags::LocalReset => "LR",
+            ResponseFlags::DownstreamConnectionTermination => "DC",
+            ResponseFlags::DownstreamProtocolError => "DPE",
+            ResponseFlags::UpstreamProtocolError => "UPE",
+            ResponseFlags::UnauthorizedExternalService => "UAEX",
+            ResponseFlags::RateLimited => "RL",
+            ResponseFlags::StreamIdleTimeout => "SI",
+            ResponseFlags::DurationTimeout => "DT",
+        }
+    }
+}
+
+impl std::fmt::Display for ResponseFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for ResponseFlags {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
     }
 }
 
@@ -290,6 +367,58 @@ pub fn encode(registry: &Registry) -> String {
         tracing::error!(error = %e, "metrics could not be encoded");
     }
     out
+}
+
+/// Changes the log filter of a running process (the admin `/logging` endpoint).
+#[derive(Clone)]
+pub struct LogLevel {
+    handle: reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+    current: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// The output format of the process's logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Plain,
+    /// One JSON object a line.
+    Json,
+}
+
+impl LogLevel {
+    /// The filter in force, in `RUST_LOG` syntax.
+    pub fn current(&self) -> String {
+        self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the filter (`RUST_LOG` syntax: `info`, `weft_core=debug,info`, ...).
+    pub fn set(&self, filter: &str) -> Result<(), String> {
+        let parsed = EnvFilter::try_new(filter).map_err(|e| format!("log filter {filter:?}: {e}"))?;
+        self.handle.reload(parsed).map_err(|e| format!("cannot change the log filter: {e}"))?;
+        *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = filter.to_owned();
+        Ok(())
+    }
+}
+
+/// Sets up the process's logging once: the filter from `RUST_LOG` (else `info`), written to
+/// stderr as plain lines or JSON. Returns the handle that changes the filter later. A second
+/// call (a test running several proxies in one process) keeps the first subscriber and returns
+/// a handle that changes nothing of it.
+pub fn init_tracing(format: LogFormat) -> LogLevel {
+    let initial = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "info".into());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = match format {
+        LogFormat::Plain => {
+            registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()
+        }
+        LogFormat::Json => {
+            registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()
+        }
+    };
+    LogLevel { handle, current: std::sync::Arc::new(std::sync::Mutex::new(initial)) }
 }
 
 fn known(value: &str) -> String {

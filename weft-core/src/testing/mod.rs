@@ -1,5 +1,7 @@
 //! Test helpers shared by unit tests, integration tests, benchmarks and the foundation demo: an
-//! in-process CA, an HBONE inbound that forwards to the `:authority`, and small TCP servers.
+//! in-process CA, a fake CA and a fake delta ADS server on real gRPC ([`ca`], [`ads`]), builders
+//! of the controller's resources ([`resources`]), an HBONE inbound that forwards to the
+//! `:authority`, and small TCP servers.
 //! Only built with the `testing` feature; nothing here is production code.
 
 use std::net::SocketAddr;
@@ -11,11 +13,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::cert_manager::{CertificateSource, FetchError};
-use crate::hbone::{ConnectInfo, Inbound, Refusal};
+use crate::hbone::{forward, ConnectInfo, H2Stream, Inbound, Refusal};
 use crate::identity::Identity;
 use crate::tls::{CertificateAuthority, WorkloadCertificate};
 
-pub const TRUST_DOMAIN: &str = "cluster.local";
+pub mod ads;
+pub mod ca;
+pub mod resources;
+
+pub const TRUST_DOMAIN: &str = crate::names::DEFAULT_TRUST_DOMAIN;
 
 /// `spiffe://cluster.local/ns/<ns>/sa/<sa>`.
 pub fn identity(ns: &str, sa: &str) -> Identity {
@@ -98,14 +104,18 @@ impl ForwardInbound {
 }
 
 impl Inbound for ForwardInbound {
-    type Upstream = TcpStream;
+    type Accepted = (TcpStream, SocketAddr);
 
     async fn tls_config(&self, _local: SocketAddr) -> Result<Arc<rustls::ServerConfig>, String> {
         self.tls_handshakes.fetch_add(1, Ordering::SeqCst);
         Ok((self.cert)().server_config())
     }
 
-    async fn connect(&self, info: ConnectInfo) -> Result<TcpStream, Refusal> {
+    async fn serve(&self, (upstream, authority): (TcpStream, SocketAddr), tunnel: H2Stream) {
+        forward(tunnel, upstream, authority).await
+    }
+
+    async fn accept(&self, info: ConnectInfo) -> Result<(TcpStream, SocketAddr), Refusal> {
         let authority = info.authority;
         if let Ok(mut seen) = self.seen.lock() {
             seen.push(info);
@@ -113,7 +123,7 @@ impl Inbound for ForwardInbound {
         match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(authority)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                Ok(stream)
+                Ok((stream, authority))
             }
             Ok(Err(e)) => Err(Refusal::unavailable(format!("connect {authority}: {e}"))),
             Err(_) => Err(Refusal::unavailable(format!("connect {authority}: timed out"))),

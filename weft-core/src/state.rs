@@ -1,8 +1,9 @@
-//! What the node proxy knows of the mesh: workloads, services and L4 authorization policies as
-//! the controller pushes them over delta xDS (`istio.workload.Address`,
-//! `istio.security.Authorization`), converted into internal types on the way in and indexed for
-//! the data path. Owns the conversion and the indexes; decides nothing about connections (that
-//! is [`crate::outbound`] and [`crate::policy`]) and does no I/O.
+//! What a proxy (ztunnel or waypoint) knows of the mesh: workloads, services and L4
+//! authorization policies as the controller pushes them over delta xDS (`istio.workload.Address`,
+//! `istio.security.Authorization`), converted into internal types where they enter (`TryFrom`)
+//! and indexed for the data path, plus the one rule for a service's endpoint candidates. Owns the
+//! conversion, the indexes and [`Shared`], the handle the data path reads through; decides
+//! nothing about connections (the proxies' routing and [`crate::authz`] do) and does no I/O.
 //!
 //! Resource names are Istio's, as the controller sends them: a workload is named by its uid, a
 //! service by `namespace/hostname`, a policy by `namespace/name`. A resource that does not decode
@@ -11,24 +12,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use serde::{Serialize, Serializer};
-use weft_core::identity::Identity;
-use weft_core::proto::istio::security::Authorization;
-use weft_core::proto::istio::workload::{
+use crate::identity::Identity;
+use crate::proto::istio::security::Authorization;
+use crate::proto::istio::workload::{
     address, gateway_address, load_balancing, Address, GatewayAddress, NetworkAddress, Port,
     Service as ProtoService, TunnelProtocol, Workload as ProtoWorkload, WorkloadStatus,
 };
+use serde::{Serialize, Serializer};
 
-use crate::policy::{Policy, Scope};
-
-/// The trust domain of a workload that names none (Istio's default).
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-/// The service account of a workload that names none (Kubernetes' default).
-pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
-/// The port a waypoint accepts HBONE on when its address names none.
-pub const DEFAULT_HBONE_PORT: u16 = 15008;
+use crate::authz::{Policy, Scope};
+use crate::names;
 
 /// How a workload receives traffic from the mesh.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -105,6 +100,31 @@ pub enum WaypointDestination {
     Address(NetworkIp),
 }
 
+/// An `istio.workload.Address` converted: a workload or a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AddressResource {
+    Workload(Box<Workload>),
+    Service(Box<Service>),
+}
+
+/// A service endpoint chosen for a port: the workload and the port to reach it on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    /// The resolved target port (0 when no port was asked for).
+    pub target_port: u16,
+}
+
+/// The state the data path reads and one writer (the xDS client) replaces. Readers take a
+/// snapshot, an `Arc`, under a lock held only to copy a pointer; the writer builds the next
+/// version beside the current one and swaps it in, so a large update never holds up a lookup.
+#[derive(Debug, Default)]
+pub struct Shared<T> {
+    current: RwLock<Arc<T>>,
+    /// Serializes writers: each update starts from the version the previous one left.
+    writer: Mutex<()>,
+}
+
 /// A resource the proxy could not take in.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
@@ -115,9 +135,9 @@ pub enum StateError {
 /// The workloads, services and policies pushed by the controller, with the indexes the data
 /// path looks them up by.
 ///
-/// The xDS client owns the writes; the listeners share it behind a lock (an `RwLock`: decisions
-/// only read, through `&ProxyState`). Lookups are in this proxy's network.
-#[derive(Debug, Default)]
+/// The xDS client owns the writes; the listeners read it through [`Shared`]. Lookups are in this
+/// proxy's network.
+#[derive(Clone, Debug, Default)]
 pub struct ProxyState {
     /// The network this proxy's node is on: sources and destinations are looked up in it.
     network: String,
@@ -147,6 +167,56 @@ pub struct ServiceDump {
     #[serde(flatten)]
     pub service: Service,
     pub endpoints: Vec<String>,
+}
+
+impl StateError {
+    /// The error with `name` as the resource's name where the resource itself had none.
+    pub fn named(self, name: &str) -> StateError {
+        match self {
+            StateError::Invalid { kind, name: own, field, reason } if own.is_empty() => {
+                StateError::Invalid { kind, name: name.to_owned(), field, reason }
+            }
+            other => other,
+        }
+    }
+}
+
+impl<T: Clone> Shared<T> {
+    pub fn new(value: T) -> Self {
+        Shared { current: RwLock::new(Arc::new(value)), writer: Mutex::new(()) }
+    }
+
+    /// The current version. Holding it does not block the writer.
+    pub fn load(&self) -> Arc<T> {
+        // The lock guards a pointer copy: nothing can panic while it is held.
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Applies `change` to a copy of the current version and makes the copy current.
+    pub fn update<R>(&self, change: impl FnOnce(&mut T) -> R) -> R {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = T::clone(&self.load());
+        let result = change(&mut next);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+        result
+    }
+}
+
+impl AddressResource {
+    /// The resource name Istio gives it: a workload's uid, a service's `namespace/hostname`.
+    pub fn name(&self) -> String {
+        match self {
+            AddressResource::Workload(w) => w.uid.clone(),
+            AddressResource::Service(s) => s.key(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            AddressResource::Workload(_) => "workload",
+            AddressResource::Service(_) => "service",
+        }
+    }
 }
 
 impl Workload {
@@ -181,20 +251,25 @@ impl ProxyState {
 
     /// Adds or replaces the workload or service `name` (an `istio.workload.Address` resource).
     pub fn apply_address(&mut self, name: &str, address: Address) -> Result<(), StateError> {
-        match address.r#type {
-            Some(address::Type::Workload(w)) => {
-                let workload = workload_from_proto(name, w)?;
-                self.remove_address(name);
-                self.insert_workload(workload);
-            }
-            Some(address::Type::Service(s)) => {
-                let service = service_from_proto(name, s)?;
-                self.remove_address(name);
-                self.insert_service(service);
-            }
-            None => {
-                return Err(invalid("address", name, "type", "neither a workload nor a service"));
-            }
+        let resource = AddressResource::try_from(address).map_err(|e| e.named(name))?;
+        self.insert_address(name, resource)
+    }
+
+    /// Adds or replaces the workload or service `name`, already converted (the xDS client
+    /// converts outside the state's lock). The name must be the resource's own.
+    pub fn insert_address(&mut self, name: &str, resource: AddressResource) -> Result<(), StateError> {
+        let own = resource.name();
+        if own != name {
+            let field = match resource {
+                AddressResource::Workload(_) => "uid",
+                AddressResource::Service(_) => "namespace/hostname",
+            };
+            return Err(invalid(resource.kind(), name, field, format!("{own:?} is not the resource name")));
+        }
+        self.remove_address(name);
+        match resource {
+            AddressResource::Workload(w) => self.insert_workload(*w),
+            AddressResource::Service(s) => self.insert_service(*s),
         }
         Ok(())
     }
@@ -235,7 +310,20 @@ impl ProxyState {
         name: &str,
         authorization: Authorization,
     ) -> Result<(), StateError> {
-        let policy = Policy::from_proto(name, authorization)?;
+        let policy = Policy::try_from(authorization)?;
+        self.insert_policy(name, policy)
+    }
+
+    /// Adds or replaces the policy `name`, already converted. The name must be the policy's own.
+    pub fn insert_policy(&mut self, name: &str, policy: Policy) -> Result<(), StateError> {
+        if policy.key() != name {
+            return Err(invalid(
+                "authorization",
+                name,
+                "namespace/name",
+                format!("{:?} is not the resource name", policy.key()),
+            ));
+        }
         self.remove_authorization(name);
         match policy.scope {
             Scope::Global => {
@@ -302,6 +390,29 @@ impl ProxyState {
     /// The workloads listing the service `key` (`namespace/hostname`), healthy or not, by uid.
     pub fn endpoints(&self, key: &str) -> Vec<&Arc<Workload>> {
         self.endpoints.get(key).into_iter().flatten().filter_map(|uid| self.workloads.get(uid)).collect()
+    }
+
+    /// The endpoints a connection to `port` of `service` may be sent to, by uid: healthy (or
+    /// any, with `health_policy: ALLOW_ALL`), with an address, and with the target port
+    /// resolved, the endpoint's own mapping first (a named target port is 0 in the service and
+    /// resolved per endpoint), else the service's. An endpoint whose target port stays unknown
+    /// is not a candidate. `None` for `port` asks for any port (target port 0), as a waypoint's
+    /// pods are found.
+    pub fn endpoint_candidates(&self, service: &Service, port: Option<u16>) -> Vec<Endpoint> {
+        let key = service.key();
+        let service_target = port.and_then(|p| service.ports.get(&p).copied()).unwrap_or(0);
+        self.endpoints(&key)
+            .into_iter()
+            .filter(|w| (w.healthy || service.allow_unhealthy) && !w.addresses.is_empty())
+            .filter_map(|w| {
+                let Some(port) = port else {
+                    return Some(Endpoint { workload: Arc::clone(w), target_port: 0 });
+                };
+                let own = w.services.get(&key).and_then(|ports| ports.get(&port)).copied().unwrap_or(0);
+                let target_port = if own != 0 { own } else { service_target };
+                (target_port != 0).then(|| Endpoint { workload: Arc::clone(w), target_port })
+            })
+            .collect()
     }
 
     pub fn policy(&self, key: &str) -> Option<&Arc<Policy>> {
@@ -427,17 +538,48 @@ fn waypoint(
         None => return Err(invalid(kind, name, "waypoint.destination", "neither a hostname nor an address")),
     };
     let port = match gw.hbone_mtls_port {
-        0 => DEFAULT_HBONE_PORT,
+        0 => names::HBONE_PORT,
         p => port(p).map_err(|e| invalid(kind, name, "waypoint.hbone_mtls_port", e))?,
     };
     Ok(Some(Waypoint { destination, port }))
 }
 
-fn workload_from_proto(name: &str, w: ProtoWorkload) -> Result<Workload, StateError> {
-    const KIND: &str = "workload";
-    if w.uid != name {
-        return Err(invalid(KIND, name, "uid", format!("{:?} is not the resource name", w.uid)));
+impl TryFrom<ProtoWorkload> for Workload {
+    type Error = StateError;
+
+    fn try_from(w: ProtoWorkload) -> Result<Workload, StateError> {
+        workload_from_proto(w)
     }
+}
+
+impl TryFrom<ProtoService> for Service {
+    type Error = StateError;
+
+    fn try_from(s: ProtoService) -> Result<Service, StateError> {
+        service_from_proto(s)
+    }
+}
+
+impl TryFrom<Address> for AddressResource {
+    type Error = StateError;
+
+    fn try_from(address: Address) -> Result<AddressResource, StateError> {
+        match address.r#type {
+            Some(address::Type::Workload(w)) => {
+                Workload::try_from(w).map(|w| AddressResource::Workload(Box::new(w)))
+            }
+            Some(address::Type::Service(s)) => {
+                Service::try_from(s).map(|s| AddressResource::Service(Box::new(s)))
+            }
+            None => Err(invalid("address", "", "type", "neither a workload nor a service")),
+        }
+    }
+}
+
+fn workload_from_proto(w: ProtoWorkload) -> Result<Workload, StateError> {
+    const KIND: &str = "workload";
+    let name = w.uid.clone();
+    let name = name.as_str();
     let addresses = w
         .addresses
         .iter()
@@ -460,9 +602,9 @@ fn workload_from_proto(name: &str, w: ProtoWorkload) -> Result<Workload, StateEr
         Ok(status) => status == WorkloadStatus::Healthy,
         Err(_) => return Err(invalid(KIND, name, "status", format!("unknown value {}", w.status))),
     };
-    let trust_domain = if w.trust_domain.is_empty() { DEFAULT_TRUST_DOMAIN } else { &w.trust_domain };
+    let trust_domain = if w.trust_domain.is_empty() { names::DEFAULT_TRUST_DOMAIN } else { &w.trust_domain };
     let service_account =
-        if w.service_account.is_empty() { DEFAULT_SERVICE_ACCOUNT } else { &w.service_account };
+        if w.service_account.is_empty() { names::DEFAULT_SERVICE_ACCOUNT } else { &w.service_account };
     let identity = Identity::new(trust_domain, &w.namespace, service_account)
         .map_err(|e| invalid(KIND, name, "trust_domain/namespace/service_account", e.to_string()))?;
     let waypoint = waypoint(KIND, name, w.waypoint)?;
@@ -490,12 +632,10 @@ fn workload_from_proto(name: &str, w: ProtoWorkload) -> Result<Workload, StateEr
     })
 }
 
-fn service_from_proto(name: &str, s: ProtoService) -> Result<Service, StateError> {
+fn service_from_proto(s: ProtoService) -> Result<Service, StateError> {
     const KIND: &str = "service";
     let key = format!("{}/{}", s.namespace, s.hostname);
-    if key != name {
-        return Err(invalid(KIND, name, "namespace/hostname", format!("{key:?} is not the resource name")));
-    }
+    let name = key.as_str();
     let addresses = s
         .addresses
         .iter()

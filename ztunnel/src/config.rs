@@ -1,0 +1,357 @@
+//! ztunnel's configuration: every flag and environment variable named once, parsed into typed
+//! values and checked together before anything is bound, so an operator sees every mistake at
+//! once. The effective [`Config`] is served in the admin `/config_dump`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Serialize;
+use weft_core::admin::AdminAddresses;
+use weft_core::cert_manager::Token;
+use weft_core::telemetry::LogFormat;
+
+use crate::proxy::Ports;
+
+/// The environment variables ztunnel reads (Istio's names where Istio has one).
+pub mod env {
+    pub const NODE_NAME: &str = "NODE_NAME";
+    pub const INSTANCE_IP: &str = "INSTANCE_IP";
+    pub const XDS_ADDRESS: &str = "XDS_ADDRESS";
+    pub const CA_ADDRESS: &str = "CA_ADDRESS";
+    pub const TOKEN: &str = "WEFT_TOKEN";
+    pub const TOKEN_FILE: &str = "WEFT_TOKEN_FILE";
+    pub const BPF_PIN_DIR: &str = "WEFT_BPF_PIN_DIR";
+    pub const UPLINKS: &str = "WEFT_UPLINKS";
+    pub const WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
+    pub const LOG_FORMAT: &str = "LOG_FORMAT";
+}
+
+/// The command line as typed; [`Config::parse`] turns it into a [`Config`].
+#[derive(Parser, Debug)]
+#[command(name = "ztunnel", about = "Weft's node proxy: eBPF capture, HBONE tunnels, L4 policy")]
+pub struct Args {
+    /// The Kubernetes node this proxy serves: it captures and holds certificates for the pods
+    /// the controller places there.
+    #[arg(long, env = env::NODE_NAME)]
+    node_name: String,
+    /// This proxy's own IP (the node's), sent in its xDS node id.
+    #[arg(long, env = env::INSTANCE_IP)]
+    node_ip: String,
+    /// The controller's xDS address, e.g. http://10.0.0.1:15012.
+    #[arg(long, env = env::XDS_ADDRESS)]
+    xds_address: String,
+    /// The CA address; the xDS address by default (the controller serves both on one port).
+    #[arg(long, env = env::CA_ADDRESS)]
+    ca_address: Option<String>,
+    /// The bearer token presented to the controller.
+    #[arg(long, env = env::TOKEN, hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the token, re-read on each use (a projected service-account token).
+    #[arg(long, env = env::TOKEN_FILE)]
+    token_file: Option<PathBuf>,
+    /// Where the eBPF programs, links and maps are pinned (bpffs).
+    #[arg(long, env = env::BPF_PIN_DIR, default_value = "/sys/fs/bpf/weft")]
+    pin_dir: PathBuf,
+    /// The node's interfaces to other nodes: traffic for local pods arriving there is captured.
+    #[arg(long = "uplink", env = env::UPLINKS, value_delimiter = ',')]
+    uplinks: Vec<String>,
+    /// Do not load the eBPF capture (traffic reaches the listeners only when sent to them).
+    #[arg(long)]
+    no_capture: bool,
+    /// Load and pin the capture, then exit (what ztunnel runs itself in a child process).
+    #[arg(long, hide = true)]
+    load_capture_only: bool,
+    /// Address the capture listeners (15001, 15006, 15008) bind; `::` takes IPv4 too.
+    #[arg(long, default_value = "::")]
+    bind: String,
+    /// Threads serving connections (Istio's ztunnel runs 2 by default).
+    #[arg(long, env = env::WORKER_THREADS, default_value = "2")]
+    worker_threads: String,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_address: String,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_address: String,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_address: String,
+    /// `plain` or `json`.
+    #[arg(long, env = env::LOG_FORMAT, default_value = "plain")]
+    log_format: String,
+}
+
+/// ztunnel's effective configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub node_name: String,
+    pub node_ip: IpAddr,
+    pub xds_address: String,
+    pub ca_address: String,
+    /// How the controller is authenticated to (the token itself is never dumped).
+    #[serde(serialize_with = "token_kind")]
+    pub token: Token,
+    pub capture: Capture,
+    pub bind: IpAddr,
+    /// The data-path ports (Istio's; tests running the proxy in-process take any).
+    pub ports: Ports,
+    /// Listeners and upstream sockets use IP_TRANSPARENT (what the capture needs); off only for
+    /// an in-process proxy without capture.
+    pub transparent: bool,
+    pub worker_threads: NonZeroUsize,
+    pub admin: AdminAddresses,
+    pub log_format: LogFormat,
+}
+
+/// Whether and how the eBPF capture is loaded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Capture {
+    /// No capture: the listeners get only what is sent to them.
+    Off,
+    /// Load (or take over) the pinned capture and attach it to the uplinks.
+    On { pin_dir: PathBuf, uplinks: Vec<String> },
+    /// Load and pin the capture, then exit.
+    LoadOnly { pin_dir: PathBuf },
+}
+
+/// Everything wrong with a command line, one line each.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+impl Config {
+    /// The configuration from the process's arguments and environment. Exits with clap's help
+    /// on a usage error; returns every value error together.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::parse(Args::parse())
+    }
+
+    /// Parses and checks `args`, collecting every error.
+    pub fn parse(args: Args) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let e = &mut errors;
+        let node_ip = value(
+            e,
+            "--node-ip/INSTANCE_IP",
+            &args.node_ip,
+            args.node_ip.parse::<IpAddr>().map_err(|e| e.to_string()),
+        );
+        let bind = value(e, "--bind", &args.bind, args.bind.parse::<IpAddr>().map_err(|e| e.to_string()));
+        let worker_threads = value(
+            e,
+            "--worker-threads/ZTUNNEL_WORKER_THREADS",
+            &args.worker_threads,
+            args.worker_threads.parse::<NonZeroUsize>().map_err(|e| format!("{e} (at least 1)")),
+        );
+        let addr = |s: &str| s.parse::<SocketAddr>().map_err(|e| format!("{e} (ip:port)"));
+        let admin = value(e, "--admin-address", &args.admin_address, addr(&args.admin_address));
+        let metrics = value(e, "--metrics-address", &args.metrics_address, addr(&args.metrics_address));
+        let readiness =
+            value(e, "--readiness-address", &args.readiness_address, addr(&args.readiness_address));
+        let log_format = value(
+            e,
+            "--log-format/LOG_FORMAT",
+            &args.log_format,
+            match args.log_format.as_str() {
+                "plain" => Ok(LogFormat::Plain),
+                "json" => Ok(LogFormat::Json),
+                _ => Err("is neither plain nor json".to_owned()),
+            },
+        );
+        let xds_address =
+            value(e, "--xds-address/XDS_ADDRESS", &args.xds_address, endpoint(&args.xds_address));
+        let ca_given = args.ca_address.clone().unwrap_or_else(|| args.xds_address.clone());
+        let ca_address = value(e, "--ca-address/CA_ADDRESS", &ca_given, endpoint(&ca_given));
+        if args.node_name.is_empty() {
+            errors.push("--node-name/NODE_NAME is empty: name the Kubernetes node this proxy serves".into());
+        }
+        let token = match (args.token, args.token_file) {
+            (Some(_), Some(_)) => {
+                errors.push("--token/WEFT_TOKEN and --token-file/WEFT_TOKEN_FILE: give one, not both".into());
+                None
+            }
+            (Some(t), None) => Some(Token::Static(t)),
+            (None, Some(path)) => Some(Token::File(path)),
+            (None, None) => Some(Token::None),
+        };
+        let capture = match (args.no_capture, args.load_capture_only) {
+            (true, true) => {
+                errors.push("--no-capture and --load-capture-only contradict each other".into());
+                None
+            }
+            (true, false) => Some(Capture::Off),
+            (false, true) => Some(Capture::LoadOnly { pin_dir: args.pin_dir }),
+            (false, false) => Some(Capture::On { pin_dir: args.pin_dir, uplinks: args.uplinks }),
+        };
+        match (
+            node_ip,
+            bind,
+            worker_threads,
+            admin,
+            metrics,
+            readiness,
+            log_format,
+            xds_address,
+            ca_address,
+            token,
+            capture,
+        ) {
+            (
+                Some(node_ip),
+                Some(bind),
+                Some(worker_threads),
+                Some(admin),
+                Some(metrics),
+                Some(readiness),
+                Some(log_format),
+                Some(xds_address),
+                Some(ca_address),
+                Some(token),
+                Some(capture),
+            ) if errors.is_empty() => Ok(Config {
+                node_name: args.node_name,
+                node_ip,
+                xds_address,
+                ca_address,
+                token,
+                capture,
+                bind,
+                ports: Ports::default(),
+                transparent: true,
+                worker_threads,
+                admin: AdminAddresses { admin, metrics, readiness },
+                log_format,
+            }),
+            _ => Err(ConfigError(errors)),
+        }
+    }
+
+    /// The xDS node id Istio's ztunnel sends: `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`.
+    pub fn node_id(&self) -> String {
+        format!(
+            "ztunnel~{}~ztunnel-{}.{ns}~{ns}.svc.{}",
+            self.node_ip,
+            self.node_name,
+            weft_core::names::DEFAULT_DOMAIN_SUFFIX,
+            ns = weft_core::names::ROOT_NAMESPACE,
+        )
+    }
+
+    /// A configuration for tests that run the proxy in-process: no capture, every port on
+    /// loopback chosen by the kernel.
+    pub fn local(node_name: &str, xds_address: &str) -> Config {
+        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        Config {
+            node_name: node_name.to_owned(),
+            node_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            xds_address: xds_address.to_owned(),
+            ca_address: xds_address.to_owned(),
+            token: Token::None,
+            capture: Capture::Off,
+            bind: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            ports: Ports { outbound: 0, inbound_plain: 0, hbone: 0 },
+            transparent: false,
+            worker_threads: NonZeroUsize::MIN,
+            admin: AdminAddresses { admin: any, metrics: any, readiness: any },
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+/// `parsed`, or `None` with the error recorded against `what` (the flag) and the `given` text.
+fn value<T>(errors: &mut Vec<String>, what: &str, given: &str, parsed: Result<T, String>) -> Option<T> {
+    match parsed {
+        Ok(v) => Some(v),
+        Err(e) => {
+            errors.push(format!("{what} {given:?}: {e}"));
+            None
+        }
+    }
+}
+
+/// A controller address: `http://host:port` or `https://host:port`.
+fn endpoint(given: &str) -> Result<String, String> {
+    let rest = given
+        .strip_prefix("http://")
+        .or_else(|| given.strip_prefix("https://"))
+        .ok_or("must start with http:// or https://")?;
+    if rest.is_empty() || !rest.contains(':') {
+        return Err("must name a host and a port".into());
+    }
+    Ok(given.to_owned())
+}
+
+fn token_kind<S: serde::Serializer>(token: &Token, serializer: S) -> Result<S::Ok, S::Error> {
+    match token {
+        Token::None => serializer.serialize_str("none"),
+        Token::Static(_) => serializer.serialize_str("static (hidden)"),
+        Token::File(path) => serializer.collect_str(&format_args!("file {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        Config::parse(Args::try_parse_from(std::iter::once("ztunnel").chain(args.iter().copied())).unwrap())
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let err = parse(&[
+            "--node-name",
+            "node-a",
+            "--node-ip",
+            "10.0.0.300",
+            "--xds-address",
+            "10.0.0.1:15012",
+            "--worker-threads",
+            "0",
+            "--metrics-address",
+            "0.0.0.0",
+            "--token",
+            "t",
+            "--token-file",
+            "/t",
+            "--log-format",
+            "xml",
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        for part in
+            ["--node-ip", "--xds-address", "--worker-threads", "--metrics-address", "--token", "--log-format"]
+        {
+            assert!(text.contains(part), "{part} missing from: {text}");
+        }
+        assert_eq!(err.0.len(), 7, "{text}"); // the CA address defaults to the bad xDS address
+    }
+
+    #[test]
+    fn a_good_command_line_is_typed_and_dumps_without_the_token() {
+        let config = parse(&[
+            "--node-name",
+            "node-a",
+            "--node-ip",
+            "10.0.0.1",
+            "--xds-address",
+            "http://10.0.0.1:15012",
+            "--token",
+            "secret",
+            "--uplink",
+            "eth0,eth1",
+        ])
+        .unwrap();
+        assert_eq!(config.ca_address, "http://10.0.0.1:15012");
+        assert_eq!(config.worker_threads.get(), 2);
+        assert_eq!(
+            config.capture,
+            Capture::On { pin_dir: "/sys/fs/bpf/weft".into(), uplinks: vec!["eth0".into(), "eth1".into()] }
+        );
+        assert_eq!(
+            config.node_id(),
+            "ztunnel~10.0.0.1~ztunnel-node-a.istio-system~istio-system.svc.cluster.local"
+        );
+        let dump = serde_json::to_string(&config).unwrap();
+        assert!(!dump.contains("secret") && dump.contains("static (hidden)"), "{dump}");
+    }
+}

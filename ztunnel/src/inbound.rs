@@ -1,0 +1,149 @@
+//! The inbound decision: whether a connection for a pod of this node may proceed (the
+//! destination is a workload of this node, the tunnel was opened to it, and its policy allows the
+//! caller), and the labels the destination side reports it with. Pure: the listeners
+//! ([`crate::proxy`]) and the same-node branch of [`crate::outbound::route`] act on it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use weft_core::authz::{authorize, Connection, Verdict};
+use weft_core::identity::Identity;
+use weft_core::state::{ProxyState, Service, Workload};
+use weft_core::telemetry::{ConnectionLabels, Reporter, SecurityPolicy};
+
+/// Why an inbound connection is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InboundRefusal {
+    #[error("{0} is not a workload of this node: is the controller's view of the node current?")]
+    NotLocal(IpAddr),
+    #[error("the tunnel was opened to {presented} but asks for {requested}")]
+    WrongDestination { presented: String, requested: String },
+    #[error("denied by {}: {reason}", policy.as_deref().unwrap_or("policy"))]
+    Denied { policy: Option<String>, reason: String },
+}
+
+/// Whether `src` may reach `dst` (a workload address and port on this node `node`). For HBONE,
+/// `presented` is the workload whose certificate the tunnel was opened with: the destination
+/// must be that workload. Returns the destination workload.
+pub fn check(
+    state: &ProxyState,
+    node: &str,
+    presented: Option<&Workload>,
+    src_identity: Option<&Identity>,
+    src_ip: IpAddr,
+    dst: SocketAddr,
+) -> Result<Arc<Workload>, InboundRefusal> {
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    let workload = local_workload(state, node, dst.ip()).ok_or(InboundRefusal::NotLocal(dst.ip()))?;
+    if let Some(presented) = presented {
+        if presented.uid != workload.uid {
+            return Err(InboundRefusal::WrongDestination {
+                presented: presented.uid.clone(),
+                requested: workload.uid.clone(),
+            });
+        }
+    }
+    let connection = Connection { src_identity: src_identity.cloned(), src_ip: src_ip.to_canonical(), dst };
+    match authorize(state, &connection) {
+        Verdict::Allow => Ok(workload.clone()),
+        Verdict::Deny { policy, reason } => Err(InboundRefusal::Denied { policy, reason }),
+    }
+}
+
+/// The workload at `ip` if it runs on `node`.
+pub fn local_workload<'s>(state: &'s ProxyState, node: &str, ip: IpAddr) -> Option<&'s Arc<Workload>> {
+    state.workload_by_ip(ip.to_canonical()).filter(|w| w.node == node)
+}
+
+/// The labels of an inbound connection as the destination reports it. The destination service
+/// is guessed as Istio's ztunnel does (the tunnel carries only the pod's address): the one service
+/// of the destination workload whose target port is the port connected to, if exactly one is.
+pub fn labels(
+    state: &ProxyState,
+    security: SecurityPolicy,
+    src_identity: Option<&Identity>,
+    src_ip: IpAddr,
+    dst: Option<&Workload>,
+    dst_port: u16,
+) -> ConnectionLabels {
+    let mut labels = ConnectionLabels::new(Reporter::Destination, security);
+    if let Some(source) = state.workload_by_ip(src_ip.to_canonical()) {
+        labels = labels.with_source(source);
+    }
+    if let Some(identity) = src_identity {
+        labels = labels.with_source_principal(identity);
+    }
+    if let Some(dst) = dst {
+        labels = labels.with_destination(dst);
+        if let Some(service) = inbound_service(state, dst, dst_port) {
+            labels = labels.with_destination_service(service);
+        }
+    }
+    labels
+}
+
+/// The service a connection to `port` of `workload` was most likely sent to: the only one of its
+/// services with that target port (none when there are several or none).
+fn inbound_service<'s>(state: &'s ProxyState, workload: &Workload, port: u16) -> Option<&'s Arc<Service>> {
+    let mut matching = workload
+        .services
+        .iter()
+        .filter(|(_, ports)| ports.values().any(|target| *target == port))
+        .filter_map(|(key, _)| state.service_by_key(key));
+    let first = matching.next()?;
+    matching.next().is_none().then_some(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use weft_core::proto::istio::security::{Action, Match, Scope};
+    use weft_core::testing::resources::*;
+
+    use super::*;
+    use crate::outbound::tests::node_mesh;
+
+    const NODE: &str = "node-a";
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn inbound_checks() {
+        let mut state = node_mesh();
+        add_policy(
+            &mut state,
+            policy("istio-system", "strict", Scope::Global, Action::Deny, strict_groups()),
+        );
+        let web1 = state.workload_by_ip(ip("10.0.1.5")).cloned();
+        let client = state.workload_by_ip(ip("10.0.1.1")).cloned();
+        let remote = Some(weft_core::names::DEFAULT_TRUST_DOMAIN)
+            .map(|td| weft_core::identity::Identity::new(td, "shop", "remote").unwrap());
+
+        // (presented, identity, destination) -> outcome
+        let cases: [(_, _, &str, &str); 6] = [
+            (web1.as_deref(), remote.as_ref(), "10.0.1.5:8080", "ok web-1"),
+            (None, remote.as_ref(), "10.0.1.5:8080", "ok web-1"),
+            (None, None, "10.0.1.5:8080", "denied"),
+            (client.as_deref(), remote.as_ref(), "10.0.1.5:8080", "wrong destination"),
+            (None, remote.as_ref(), "10.0.2.5:8080", "not local 10.0.2.5"),
+            (None, remote.as_ref(), "[::ffff:10.0.1.5]:8080", "ok web-1"),
+        ];
+        for (presented, identity, dst, want) in cases {
+            let got = match check(&state, NODE, presented, identity, ip("10.0.2.9"), sa(dst)) {
+                Ok(w) => format!("ok {}", w.name),
+                Err(InboundRefusal::Denied { .. }) => "denied".into(),
+                Err(InboundRefusal::WrongDestination { .. }) => "wrong destination".into(),
+                Err(InboundRefusal::NotLocal(ip)) => format!("not local {ip}"),
+            };
+            assert_eq!(got, want, "{presented:?} {identity:?} {dst}");
+        }
+    }
+
+    /// STRICT as the controller converts it: deny callers without an identity.
+    fn strict_groups() -> Vec<Vec<Vec<Match>>> {
+        vec![vec![vec![Match { not_principals: vec![presence()], ..Default::default() }]]]
+    }
+}
