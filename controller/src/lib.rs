@@ -1,8 +1,8 @@
 //! Weft's control plane: the CA that signs workload certificates for nodes' ztunnels and, when
 //! given a config directory or the Kubernetes API, the xDS server that tells them Istio's workload
 //! API (translated from the watched model), all on one port; on Kubernetes also the waypoint
-//! Deployments of `istio-waypoint` Gateways. Depends on weft-core only, never on another Weft
-//! binary; `main.rs` only parses flags and waits for a signal.
+//! Deployments of `istio-waypoint` Gateways. Depends on weft-core and weft-config only, never on
+//! another Weft binary; `main.rs` only parses flags and waits for a signal.
 
 pub mod ca;
 pub mod config;

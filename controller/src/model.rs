@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use weft_core::config::kube::{Namespace, Pod};
-use weft_core::config::Object;
+use weft_config::kube::{Namespace, Pod};
+use weft_config::Object;
 use weft_core::Identity;
 
 /// `istio.io/dataplane-mode`: `ambient` on a namespace (or pod) enrolls, `none` on a pod opts out.
@@ -157,7 +157,7 @@ fn waypoint_from(labels: &BTreeMap<String, String>, namespace: &str) -> Option<O
 
 #[cfg(test)]
 mod tests {
-    use weft_core::config::load_yaml;
+    use weft_config::load_yaml;
 
     use super::*;
 

@@ -22,7 +22,7 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, Config};
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use weft_core::config::Object;
+use weft_config::Object;
 use weft_core::Identity;
 
 use support::{ambient_namespace, eventually, kube_client, pod, unique_name, DATAPLANE_MODE_LABEL};
@@ -180,7 +180,7 @@ fn key(kind: &str, namespace: &str, name: &str) -> ObjectKey {
     ObjectKey { kind: kind.to_owned(), namespace: namespace.to_owned(), name: name.to_owned() }
 }
 
-fn model_pod<'a>(model: &'a Model, ns: &str, name: &str) -> Option<&'a weft_core::config::kube::Pod> {
+fn model_pod<'a>(model: &'a Model, ns: &str, name: &str) -> Option<&'a weft_config::kube::Pod> {
     match model.get(&key("Pod", ns, name)) {
         Some(Object::Pod(pod)) => Some(pod),
         _ => None,

@@ -1,6 +1,6 @@
 """What the rendered objects promise: least-privilege RBAC covering exactly what the controller
 watches (read from controller/src/sources/kube.rs), CRDs for every version Weft decodes (read from
-weft-core/src/config/decode.rs), and the ztunnel DaemonSet and controller Deployment as the issue
+weft-config/src/decode.rs), and the ztunnel DaemonSet and controller Deployment as the issue
 asks for them."""
 
 import re
@@ -23,11 +23,11 @@ def watched_kinds() -> list[tuple[str, str]]:
 
 
 def decoded_versions() -> dict[str, list[str]]:
-    source = (REPO / "weft-core/src/config/decode.rs").read_text()
+    source = (REPO / "weft-config/src/decode.rs").read_text()
 
     def versions(const):
         found = re.search(rf"const {const}: &\[&str\] = &\[([^\]]*)\];", source)
-        assert found, f"{const} is gone from weft-core/src/config/decode.rs: update this test"
+        assert found, f"{const} is gone from weft-config/src/decode.rs: update this test"
         return re.findall(r'"(\w+)"', found.group(1))
 
     return {

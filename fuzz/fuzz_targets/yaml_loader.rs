@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weft_core::config::{analyze, load_yaml_bytes, DecodeOptions};
+use weft_config::{analyze, load_yaml_bytes, DecodeOptions};
 
 fuzz_target!(|data: &[u8]| {
     let docs = load_yaml_bytes(data, "fuzz.yaml", &DecodeOptions::default());

@@ -3,13 +3,13 @@
 //! keeps them fresh, the HBONE tunnel (client pool and server), the accept loop and drain, the
 //! generated protobuf types of the wire APIs and Istio's names and numbers; the delta-ADS client,
 //! the mesh state it fills, the authorization engine, telemetry conventions and the admin server.
-//! Depends on no Weft binary, links no YAML parser and knows nothing of Kubernetes.
+//! Depends on no Weft binary, links no YAML parser (the configuration model is `weft-config`'s)
+//! and knows nothing of Kubernetes.
 
 pub mod accept;
 pub mod admin;
 pub mod authz;
 pub mod cert_manager;
-pub mod config;
 pub mod drain;
 pub mod hbone;
 pub mod identity;

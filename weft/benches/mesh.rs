@@ -181,9 +181,10 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
     let dir = Path::new(env!("CARGO_BIN_EXE_weft-app")).parent().unwrap().to_path_buf();
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let build = "cargo build --release -p ztunnel -p controller";
-    for (binary, crates) in
-        [("ztunnel", &["ztunnel", "weft-core", "ebpf"][..]), ("controller", &["controller", "weft-core"])]
-    {
+    for (binary, crates) in [
+        ("ztunnel", &["ztunnel", "weft-core", "ebpf"][..]),
+        ("controller", &["controller", "weft-core", "weft-config"]),
+    ] {
         let path = dir.join(binary);
         let built = std::fs::metadata(&path)
             .and_then(|m| m.modified())

@@ -1,12 +1,12 @@
 //! `weft analyze`: loads YAML manifests from files, directories or standard input, runs
-//! `weft_core::config`'s analysis over all of them together, and prints one line per finding.
-//! It only reads files; the checks themselves live in `weft_core::config::analyze`.
+//! `weft_config`'s analysis over all of them together, and prints one line per finding.
+//! It only reads files; the checks themselves live in `weft_config::analyze`.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use weft_core::config::{analyze, load_yaml_bytes, DecodeOptions, LoadedDoc, Object, Severity};
+use weft_config::{analyze, load_yaml_bytes, DecodeOptions, LoadedDoc, Object, Severity};
 
 /// What names standard input in messages.
 pub const STDIN_NAME: &str = "<stdin>";

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
-use weft_core::config::{load_yaml, Object};
+use weft_config::{load_yaml, Object};
 
 use crate::cluster::{self, plan::DEFAULT_NODES, Cluster, ClusterError, ClusterSpec};
 
@@ -196,7 +196,7 @@ impl Manifests {
                 let mut text = String::new();
                 for doc in docs {
                     let mut doc = doc.clone();
-                    if let Ok(decoded) = weft_core::config::decode(doc.clone()) {
+                    if let Ok(decoded) = weft_config::decode(doc.clone()) {
                         if let Object::Pod(pod) = decoded.object {
                             let key = (pod.metadata.namespace.clone(), pod.metadata.name.clone());
                             if let Some(ips) = ips.get(&key) {
@@ -262,7 +262,7 @@ fn pods_of(files: &[(PathBuf, Vec<Value>)]) -> Result<Vec<PodDef>, UpError> {
     let mut errors = Vec::new();
     for (path, docs) in files {
         for doc in docs {
-            let Ok(decoded) = weft_core::config::decode(doc.clone()) else { continue };
+            let Ok(decoded) = weft_config::decode(doc.clone()) else { continue };
             match decoded.object {
                 Object::Namespace(ns) => {
                     let ambient =

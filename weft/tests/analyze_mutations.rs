@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use weft_core::config::{analyze, load_yaml_bytes, DecodeOptions};
+use weft_config::{analyze, load_yaml_bytes, DecodeOptions};
 
 /// Mutations per corpus file (on top of every line-boundary truncation).
 const MUTATIONS_PER_FILE: usize = 400;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 use tracing::{info, warn};
-use weft_core::config::{load_yaml, LoadError};
+use weft_config::{load_yaml, LoadError};
 
 use super::dir::{self, DirError, FileChange};
 use crate::model::{Change, Model, ObjectKey};

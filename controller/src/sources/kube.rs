@@ -20,8 +20,8 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
-use weft_core::config::decode::KUBE_GATEWAY;
-use weft_core::config::{decode_with, DecodeOptions, Object};
+use weft_config::decode::KUBE_GATEWAY;
+use weft_config::{decode_with, DecodeOptions, Object};
 
 use crate::model::{Change, Model, ObjectKey};
 
@@ -280,7 +280,7 @@ fn decode_object<K: Resource + Serialize>(object: &K, target: &Target) -> Result
         namespace: meta.namespace.clone().unwrap_or_default(),
         name: meta.name.clone().unwrap_or_default(),
     };
-    let name = weft_core::config::decode::display_name(&target.kind, &key.namespace, &key.name);
+    let name = weft_config::decode::display_name(&target.kind, &key.namespace, &key.name);
     let mut value = match serde_json::to_value(object) {
         Ok(value) => value,
         Err(e) => {
@@ -312,7 +312,7 @@ fn decode_object<K: Resource + Serialize>(object: &K, target: &Target) -> Result
 
 #[cfg(test)]
 mod tests {
-    use weft_core::config::load_yaml;
+    use weft_config::load_yaml;
 
     use super::*;
 

@@ -11,11 +11,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use tracing::warn;
-use weft_core::config::kube::{Pod, Service as KubeService};
-use weft_core::config::meta::Labels;
-use weft_core::config::security::{AuthorizationAction, AuthorizationPolicy, Rule};
-use weft_core::config::types::IntOrString;
-use weft_core::config::Object;
+use weft_config::kube::{Pod, Service as KubeService};
+use weft_config::meta::Labels;
+use weft_config::security::{AuthorizationAction, AuthorizationPolicy, Rule};
+use weft_config::types::IntOrString;
+use weft_config::Object;
 use weft_core::proto::istio::security::{
     self, string_match::MatchType, Authorization, Group, Match, Rules, ServiceAccountMatch, StringMatch,
 };

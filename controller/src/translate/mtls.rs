@@ -18,10 +18,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use weft_core::config::kube::Pod;
-use weft_core::config::meta::ObjectMeta;
-use weft_core::config::security::{MtlsMode, PeerAuthentication};
-use weft_core::config::Object;
+use weft_config::kube::Pod;
+use weft_config::meta::ObjectMeta;
+use weft_config::security::{MtlsMode, PeerAuthentication};
+use weft_config::Object;
 use weft_core::proto::istio::security::{
     self, string_match::MatchType, Authorization, Group, Match, Rules, StringMatch,
 };

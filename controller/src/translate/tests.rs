@@ -1,4 +1,4 @@
-use weft_core::config::load_yaml;
+use weft_config::load_yaml;
 use weft_core::proto::istio::workload::address;
 
 use super::*;

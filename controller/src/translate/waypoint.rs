@@ -20,15 +20,15 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use tracing::warn;
 
-use weft_core::config::kube::{KubeGateway, Service as KubeService, WAYPOINT_GATEWAY_CLASS};
-use weft_core::config::meta::{ObjectMeta, PolicyTargetReference};
-use weft_core::config::networking::{self as net, DestinationRule, HttpRoute as IstioRoute, VirtualService};
-use weft_core::config::security::{
+use weft_config::kube::{KubeGateway, Service as KubeService, WAYPOINT_GATEWAY_CLASS};
+use weft_config::meta::{ObjectMeta, PolicyTargetReference};
+use weft_config::networking::{self as net, DestinationRule, HttpRoute as IstioRoute, VirtualService};
+use weft_config::security::{
     AuthorizationAction, AuthorizationPolicy as IstioPolicy, JwtRule as IstioJwtRule,
     RequestAuthentication as IstioRequestAuthentication, Rule as IstioRule,
 };
-use weft_core::config::types::{IstioDuration, Percent};
-use weft_core::config::Object;
+use weft_config::types::{IstioDuration, Percent};
+use weft_config::Object;
 use weft_core::proto::weft::waypoint::v1::{
     self as wp, authorization_policy::Action, fault, jwt_rule, load_balancer, string_match,
 };
@@ -504,7 +504,7 @@ fn duration(d: &IstioDuration) -> prost_types::Duration {
     }
 }
 
-fn refs(spec: &weft_core::config::security::AuthorizationPolicySpec) -> Vec<&PolicyTargetReference> {
+fn refs(spec: &weft_config::security::AuthorizationPolicySpec) -> Vec<&PolicyTargetReference> {
     spec.target_ref.iter().chain(&spec.target_refs).filter(|r| gateway_group(r)).collect()
 }
 

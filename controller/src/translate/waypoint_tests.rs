@@ -1,7 +1,7 @@
 //! Table tests of the waypoint translation with Istio's own examples (request routing, canary
 //! traffic shifting, circuit breaking, JWT), each in every API version Istio serves.
 
-use weft_core::config::load_yaml;
+use weft_config::load_yaml;
 use weft_core::proto::weft::waypoint::v1::{
     self as wp, authorization_policy::Action, string_match::MatchType,
 };

@@ -231,8 +231,8 @@ impl<'de> de::VariantAccess<'de> for Walker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::networking::VirtualService;
-    use crate::config::security::PeerAuthentication;
+    use crate::networking::VirtualService;
+    use crate::security::PeerAuthentication;
 
     #[test]
     fn the_walk_finds_the_fields_next_to_an_unknown_one() {

@@ -2,6 +2,11 @@
 //! from YAML or JSON (every version Istio serves, one meaning), with positions for messages, and
 //! the offline analysis behind `weft analyze`. Knows nothing of where the configuration comes
 //! from (files or the API server) nor of xDS: the controller feeds it and converts from it.
+//!
+//! The crate owns the typed Istio and Kubernetes configuration, the YAML loader that keeps the
+//! position of every node (`yaml`) and the offline analysis (`analyze`). The controller and
+//! the CLI use it; the proxies (ztunnel, waypoint) never link it, so they carry no YAML parser.
+//! It depends on no other Weft crate.
 
 pub mod analyze;
 pub mod decode;

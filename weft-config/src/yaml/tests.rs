@@ -1,7 +1,7 @@
 use serde_json::json;
 
 use super::*;
-use crate::config::decode::Object;
+use crate::decode::Object;
 
 const TWO_DOCS: &str = "\
 # leading comment

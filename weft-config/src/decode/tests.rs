@@ -1,9 +1,9 @@
 use serde_json::json;
 
 use super::*;
-use crate::config::networking::{ClientTlsMode, SimpleLb};
-use crate::config::security::{AuthorizationAction, MtlsMode};
-use crate::config::types::{IntOrString, IstioDuration, PortKey};
+use crate::networking::{ClientTlsMode, SimpleLb};
+use crate::security::{AuthorizationAction, MtlsMode};
+use crate::types::{IntOrString, IstioDuration, PortKey};
 
 fn value(yaml: &str) -> Value {
     serde_yaml::from_str(yaml).unwrap()

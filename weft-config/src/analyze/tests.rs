@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::yaml::load_yaml;
+use crate::yaml::load_yaml;
 
 /// Services, pods and a waypoint most cases build on.
 const BASE: &str = r#"
