@@ -1,17 +1,23 @@
 //! The whole controller in-process with a watched config directory: YAML files written, edited
 //! and deleted reach a real delta ADS client (as Istio's ztunnel connects) as workload upserts and
-//! removals, over the same port the CA serves on.
+//! removals, over the same port the CA serves on; a waypoint's `Waypoint` resource reaches that
+//! waypoint, and no ztunnel.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::Parser;
 use prost::Message;
 use tokio::sync::oneshot;
+use weft_core::proto::envoy::service::discovery::v3::Resource;
 use weft_core::proto::istio::workload::{address, Address, TunnelProtocol, Workload};
+use weft_core::proto::weft::waypoint::v1::Waypoint;
 
-use controller::config::Config;
+use controller::config::{Args, Config};
 use controller::translate::DEFAULT_CLUSTER_ID;
+use controller::xds::{XdsOptions, ADDRESS_TYPE_URL, NODE_NAME_KEY, WAYPOINT_NAME_KEY, WAYPOINT_TYPE_URL};
 use controller::Controller;
 
 mod support;
@@ -25,6 +31,33 @@ const AMBIENT_NS: &str =
     "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
 const PLAIN_NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
 const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {nodeName: node-a, serviceAccountName: web}\nstatus: {podIP: 10.0.1.5, phase: Running}\n";
+
+/// A waypoint pod of the Gateway `shop/waypoint`, as Istio's waypoints name themselves.
+const WAYPOINT: &str = "waypoint~10.0.1.9~waypoint-5d8f7c-x2k.shop~shop.svc.cluster.local";
+/// The namespace `shop`, its waypoint (an `istio-waypoint` Gateway) and the Service `reviews`
+/// bound to it by its own label.
+const SHOP_WITH_WAYPOINT: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.20, selector: {app: reviews}, ports: [{port: 9080}]}
+";
+/// A second Service bound to the same waypoint.
+const RATINGS: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.96.0.21, selector: {app: ratings}, ports: [{port: 9080}]}
+";
 
 /// Waits on `ads` for the workload `uid`, sent with the tunnel protocol `want`.
 async fn workload(ads: &mut Ads, uid: &str, want: TunnelProtocol) -> anyhow::Result<Workload> {
@@ -42,6 +75,28 @@ async fn workload(ads: &mut Ads, uid: &str, want: TunnelProtocol) -> anyhow::Res
 
 fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
     std::fs::write(dir.join(name), text).with_context(|| format!("writing {name}"))
+}
+
+fn names(resources: &[Resource]) -> Vec<&str> {
+    resources.iter().map(|r| r.name.as_str()).collect()
+}
+
+/// Waits on `ads` for the Waypoint `name` whose bound services have exactly the `hostnames`
+/// (sorted).
+async fn waypoint(ads: &mut Ads, name: &str, hostnames: &[&str]) -> anyhow::Result<Waypoint> {
+    ads.until(&format!("Waypoint {name} for {hostnames:?}"), WAIT, |response| {
+        if response.type_url != WAYPOINT_TYPE_URL {
+            return None;
+        }
+        response.resources.iter().filter(|r| r.name == name).find_map(|r| {
+            let body = r.resource.as_ref().filter(|b| b.type_url == WAYPOINT_TYPE_URL)?;
+            let waypoint = Waypoint::decode(body.value.as_slice()).ok()?;
+            let mut bound: Vec<&str> = waypoint.services.iter().map(|s| s.hostname.as_str()).collect();
+            bound.sort_unstable();
+            (bound == hostnames).then_some(waypoint)
+        })
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,5 +158,79 @@ async fn a_missing_config_dir_is_reported_before_serving() -> anyhow::Result<()>
     };
     let Err(err) = Controller::bind(&config).await else { anyhow::bail!("bound without its config dir") };
     assert!(err.to_string().contains("absent"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_subscribes_to_its_own_waypoint_resource_and_a_ztunnel_gets_none() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let config_dir = tmp.path().join("config");
+    std::fs::create_dir(&config_dir)?;
+    write(&config_dir, "shop.yaml", SHOP_WITH_WAYPOINT)?;
+    // Started as `controller --config-dir DIR` is: the binary's flags, its defaults (no
+    // --node-token: xDS unauthenticated) and its code path, so the xDS options are the defaults.
+    let args: [OsString; 7] = [
+        "controller".into(),
+        "--config-dir".into(),
+        config_dir.clone().into(),
+        "--ca-dir".into(),
+        tmp.path().join("ca").into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    let config = Config::from_args(Args::try_parse_from(args)?)?;
+    let controller = Controller::bind(&config).await?;
+    let xds = controller.xds().context("a config dir means xDS is served")?.clone();
+    assert_eq!(xds.options(), &XdsOptions::default());
+    let endpoint = format!("http://{}", controller.local_addr());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(controller.run(async {
+        let _ = stopped.await;
+    }));
+
+    // The waypoint opens its stream with the Waypoint type (the first request: a type not served
+    // would close the stream) and is sent its own resource, as translated from the YAML.
+    let waypoint_metadata = [(NODE_NAME_KEY, "node-a"), (WAYPOINT_NAME_KEY, "waypoint")];
+    let mut wp = Ads::open(endpoint.clone(), WAYPOINT, &waypoint_metadata, WAYPOINT_TYPE_URL, None).await?;
+    let own = waypoint(&mut wp, "shop/waypoint", &["reviews.shop.svc.cluster.local"]).await?;
+    assert_eq!((own.name.as_str(), own.namespace.as_str()), ("waypoint", "shop"));
+    assert_eq!(own.identity, "spiffe://cluster.local/ns/shop/sa/waypoint");
+    assert_eq!(own.services[0].ports, [9080]);
+    assert_eq!(xds.snapshot().resources(WAYPOINT_TYPE_URL).count(), 1);
+
+    // A ztunnel may subscribe to the type too, but holds no waypoint's resource: its first answer
+    // is empty although the snapshot has one.
+    let mut ztunnel =
+        Ads::open(endpoint, ZTUNNEL, &[(NODE_NAME_KEY, "node-a")], WAYPOINT_TYPE_URL, None).await?;
+    let first = ztunnel.until("the answer to the subscription", WAIT, |r| Some(r.clone())).await?;
+    assert_eq!(first.type_url, WAYPOINT_TYPE_URL);
+    assert!(first.resources.is_empty(), "a ztunnel was sent {:?}", names(&first.resources));
+    ztunnel.also(ADDRESS_TYPE_URL).await?;
+
+    // An edit reaches the waypoint as its updated resource, and the ztunnel as an Address only.
+    write(&config_dir, "ratings.yaml", RATINGS)?;
+    let hosts = ["ratings.shop.svc.cluster.local", "reviews.shop.svc.cluster.local"];
+    waypoint(&mut wp, "shop/waypoint", &hosts).await?;
+    let ratings = "shop/ratings.shop.svc.cluster.local";
+    ztunnel
+        .until("the ratings Service", WAIT, |r| r.resources.iter().any(|r| r.name == ratings).then_some(()))
+        .await?;
+    // The server pushes every type of a stream before it reads the ACK that follows: once the
+    // ztunnel's ACK of the ratings Address is recorded, any Waypoint push of that update went out.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let waypoint_type = loop {
+        let status = xds.clients().into_iter().find(|c| c.node.id == ZTUNNEL).context("ztunnel gone")?;
+        if status.types.get(ADDRESS_TYPE_URL).is_some_and(|t| t.acked.contains_key(ratings)) {
+            break status.types.get(WAYPOINT_TYPE_URL).cloned().context("no Waypoint subscription")?;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the ztunnel's ACK of {ratings} never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(waypoint_type.wildcard);
+    assert_eq!(waypoint_type.responses, 1, "only the empty answer to the subscription");
+    assert!(waypoint_type.acked.is_empty(), "the ztunnel holds {:?}", waypoint_type.acked);
+
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, task).await.context("controller did not stop")???;
     Ok(())
 }

@@ -20,7 +20,7 @@ use weft_core::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Del
 
 use super::connection;
 use super::node::NodeInfo;
-use super::resources::{Snapshot, View, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use super::resources::{Snapshot, View, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, WAYPOINT_TYPE_URL};
 
 /// Istio's default quiet period before a push (PILOT_DEBOUNCE_AFTER).
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
@@ -124,7 +124,12 @@ impl Default for XdsOptions {
             debounce: DEFAULT_DEBOUNCE,
             max_debounce: DEFAULT_MAX_DEBOUNCE,
             first_request_timeout: DEFAULT_FIRST_REQUEST_TIMEOUT,
-            type_urls: [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL].into_iter().map(String::from).collect(),
+            // Every type the controller publishes; the view decides who holds what (a Waypoint
+            // goes only to the waypoint that names itself).
+            type_urls: [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, WAYPOINT_TYPE_URL]
+                .into_iter()
+                .map(String::from)
+                .collect(),
         }
     }
 }

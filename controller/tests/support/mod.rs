@@ -392,8 +392,8 @@ pub async fn install_istio_crds(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One delta ADS stream as a ztunnel opens it (Address, wildcard); every response is ACKed as it
-/// is read.
+/// One delta ADS stream as a proxy opens it: a wildcard subscription to one type (Address, as a
+/// ztunnel opens it, unless [`Ads::open`] says otherwise); every response is ACKed as it is read.
 pub struct Ads {
     tx: tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
     responses: tonic::Streaming<DeltaDiscoveryResponse>,
@@ -408,19 +408,39 @@ impl Ads {
         node_name: &str,
         token: Option<&str>,
     ) -> anyhow::Result<Ads> {
+        let metadata = [(controller::xds::NODE_NAME_KEY, node_name)];
+        Ads::open(endpoint, node_id, &metadata, controller::xds::ADDRESS_TYPE_URL, token).await
+    }
+
+    /// Opens the stream to `endpoint` as the proxy `node_id` with the string `metadata` given
+    /// (e.g. `NODE_NAME`, a waypoint's `WAYPOINT_NAME`), subscribing to every resource of
+    /// `type_url`, presenting `token` as its bearer token.
+    pub async fn open(
+        endpoint: String,
+        node_id: &str,
+        metadata: &[(&str, &str)],
+        type_url: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<Ads> {
         use prost_types::value::Kind;
         let channel = tonic::transport::Channel::from_shared(endpoint)?.connect().await?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
-        let name = prost_types::Value { kind: Some(Kind::StringValue(node_name.to_owned())) };
+        let fields = metadata
+            .iter()
+            .map(|(key, value)| {
+                let value = prost_types::Value { kind: Some(Kind::StringValue((*value).to_owned())) };
+                ((*key).to_owned(), value)
+            })
+            .collect();
         let node = Node {
             id: node_id.to_owned(),
-            metadata: Some(prost_types::Struct { fields: BTreeMap::from([("NODE_NAME".to_owned(), name)]) }),
+            metadata: Some(prost_types::Struct { fields }),
             ..Default::default()
         };
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tx.send(DeltaDiscoveryRequest {
             node: Some(node),
-            type_url: controller::xds::ADDRESS_TYPE_URL.to_owned(),
+            type_url: type_url.to_owned(),
             ..Default::default()
         })
         .await?;
@@ -430,6 +450,12 @@ impl Ads {
         }
         let responses = client.delta_aggregated_resources(request).await?.into_inner();
         Ok(Ads { tx, responses })
+    }
+
+    /// Subscribes the stream to every resource of another type as well.
+    pub async fn also(&self, type_url: &str) -> anyhow::Result<()> {
+        self.tx.send(DeltaDiscoveryRequest { type_url: type_url.to_owned(), ..Default::default() }).await?;
+        Ok(())
     }
 
     /// Why the server refuses a stream opened with these credentials (it fails if it does not
