@@ -9,13 +9,13 @@ use weft_config::Object;
 use weft_core::Identity;
 
 /// `istio.io/dataplane-mode`: `ambient` on a namespace (or pod) enrolls, `none` on a pod opts out.
-pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
-pub const AMBIENT: &str = "ambient";
+pub const DATAPLANE_MODE: &str = weft_core::names::DATAPLANE_MODE_LABEL;
+pub const AMBIENT: &str = weft_core::names::DATAPLANE_MODE_AMBIENT;
 pub const NONE: &str = "none";
 /// `istio.io/use-waypoint`: the waypoint's name (or `none`), on a namespace, service or pod.
-pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+pub const USE_WAYPOINT: &str = weft_core::names::USE_WAYPOINT_LABEL;
 /// `istio.io/use-waypoint-namespace`: where that waypoint lives, when not in the same namespace.
-pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+pub const USE_WAYPOINT_NAMESPACE: &str = weft_core::names::USE_WAYPOINT_NAMESPACE_LABEL;
 
 /// An object's identity in the model.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -42,13 +42,13 @@ use super::networking::{Destination, DestinationRule, VirtualService};
 use super::yaml::{LoadError, LoadedDoc};
 
 /// Istio's root namespace: mesh-wide policies live there.
-pub const ROOT_NAMESPACE: &str = "istio-system";
+pub const ROOT_NAMESPACE: &str = weft_core::names::ROOT_NAMESPACE;
 /// The cluster's DNS suffix.
-pub const DOMAIN_SUFFIX: &str = "cluster.local";
+pub const DOMAIN_SUFFIX: &str = weft_core::names::DEFAULT_DOMAIN_SUFFIX;
 /// Label binding a Namespace, Service or Pod to a waypoint.
-pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+pub const USE_WAYPOINT_LABEL: &str = weft_core::names::USE_WAYPOINT_LABEL;
 /// Label naming the namespace of that waypoint when it is not the object's own.
-pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = weft_core::names::USE_WAYPOINT_NAMESPACE_LABEL;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Severity {

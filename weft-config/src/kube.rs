@@ -11,7 +11,7 @@ use super::meta::{Labels, ObjectMeta};
 use super::types::IntOrString;
 
 /// The Gateway API class that makes a `Gateway` an Istio waypoint.
-pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
+pub const WAYPOINT_GATEWAY_CLASS: &str = weft_core::names::WAYPOINT_GATEWAY_CLASS;
 
 /// Opaque fields kept as they came.
 pub type Unmodeled = BTreeMap<String, serde_json::Value>;

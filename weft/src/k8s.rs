@@ -10,9 +10,9 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 /// The label that binds a namespace's (or service's, or pod's) traffic to a waypoint.
-pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+pub const USE_WAYPOINT: &str = weft_core::names::USE_WAYPOINT_LABEL;
 /// The Gateway class of waypoints.
-pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+pub const WAYPOINT_CLASS: &str = weft_core::names::WAYPOINT_GATEWAY_CLASS;
 /// The field manager of what `weft` writes.
 const FIELD_MANAGER: &str = "weft";
 

@@ -31,13 +31,13 @@ use crate::model::{Model, WaypointRef, NONE, USE_WAYPOINT, USE_WAYPOINT_NAMESPAC
 use crate::xds::{NodeInfo, Snapshot, View, XdsResource, WAYPOINT_NAME_KEY, WAYPOINT_TYPE_URL};
 
 /// Istio's root namespace: policies there without a selector apply to the whole mesh.
-pub const ROOT_NAMESPACE: &str = "istio-system";
+pub const ROOT_NAMESPACE: &str = weft_core::names::ROOT_NAMESPACE;
 /// The cluster id Istio uses when none is configured.
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 /// The cluster's DNS domain, the suffix of service hostnames.
-pub const DOMAIN_SUFFIX: &str = "cluster.local";
+pub const DOMAIN_SUFFIX: &str = weft_core::names::DEFAULT_DOMAIN_SUFFIX;
 /// The port a waypoint accepts HBONE on.
-pub const HBONE_PORT: u32 = 15008;
+pub const HBONE_PORT: u32 = weft_core::names::HBONE_PORT as u32;
 
 /// Labels a workload's canonical name is read from, first present wins (else the pod's name).
 const CANONICAL_NAME_LABELS: [&str; 3] = ["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"];

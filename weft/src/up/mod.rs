@@ -33,15 +33,15 @@ pub use self::manifests::{Manifests, PodDef};
 pub use self::processes::{log_tail, ztunnel_process};
 
 /// The trust domain of the local mesh.
-pub const TRUST_DOMAIN: &str = "cluster.local";
+pub const TRUST_DOMAIN: &str = weft_core::names::DEFAULT_TRUST_DOMAIN;
 /// The controller's gRPC port (CA + xDS), as Istio's istiod.
-pub const CONTROLLER_PORT: u16 = 15012;
+pub const CONTROLLER_PORT: u16 = weft_core::names::XDS_TLS_PORT;
 /// The node the controller runs on (the first node).
 const CONTROLLER_NODE_INDEX: usize = 0;
 /// ztunnel's readiness port and path.
-pub const READY_PORT: u16 = 15021;
-pub const METRICS_PORT: u16 = 15020;
-pub const ADMIN_PORT: u16 = 15000;
+pub const READY_PORT: u16 = weft_core::names::READINESS_PORT;
+pub const METRICS_PORT: u16 = weft_core::names::METRICS_PORT;
+pub const ADMIN_PORT: u16 = weft_core::names::ADMIN_PORT;
 /// How long each component gets to come up.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
