@@ -20,6 +20,28 @@ pub enum InboundRefusal {
     WrongDestination { presented: String, requested: String },
     #[error("denied by {}: {reason}", policy.as_deref().unwrap_or("policy"))]
     Denied { policy: Option<String>, reason: String },
+    #[error("`forwarded` claims the source {claimed}, which is not a workload of {identity}: a header may not widen what the certificate proves")]
+    ForgedSource { claimed: IpAddr, identity: String },
+}
+
+/// The source address of an HBONE stream from a peer presenting `identity`: the `forwarded`
+/// address when it names a workload with that very identity, else the peer's own address when
+/// nothing is claimed. A claim of any other address is refused: the header is the peer's word,
+/// and only its certificate is proof.
+pub fn hbone_source(
+    state: &ProxyState,
+    identity: &Identity,
+    peer: SocketAddr,
+    forwarded_for: Option<SocketAddr>,
+) -> Result<SocketAddr, InboundRefusal> {
+    let Some(claimed) = forwarded_for else {
+        return Ok(peer);
+    };
+    let claimed = SocketAddr::new(claimed.ip().to_canonical(), claimed.port());
+    match state.workload_by_ip(claimed.ip()) {
+        Some(w) if w.identity == *identity => Ok(claimed),
+        _ => Err(InboundRefusal::ForgedSource { claimed: claimed.ip(), identity: identity.to_string() }),
+    }
 }
 
 /// Whether `src` may reach `dst` (a workload address and port on this node `node`). For HBONE,
@@ -137,8 +159,32 @@ mod tests {
                 Err(InboundRefusal::Denied { .. }) => "denied".into(),
                 Err(InboundRefusal::WrongDestination { .. }) => "wrong destination".into(),
                 Err(InboundRefusal::NotLocal(ip)) => format!("not local {ip}"),
+                Err(InboundRefusal::ForgedSource { .. }) => "forged".into(),
             };
             assert_eq!(got, want, "{presented:?} {identity:?} {dst}");
+        }
+    }
+
+    #[test]
+    fn a_forwarded_source_must_be_a_workload_of_the_peers_identity() {
+        let state = node_mesh();
+        let remote = weft_core::testing::identity("shop", "remote");
+        let peer = sa("172.30.0.2:40000");
+        let cases = [
+            (None, Ok(peer)),
+            (Some("10.0.2.9:41000"), Ok(sa("10.0.2.9:41000"))),
+            (Some("[::ffff:10.0.2.9]:41000"), Ok(sa("10.0.2.9:41000"))),
+            // Another workload's address, and one the mesh does not know.
+            (Some("10.0.1.1:4444"), Err(ip("10.0.1.1"))),
+            (Some("8.8.8.8:53"), Err(ip("8.8.8.8"))),
+        ];
+        for (claimed, want) in cases {
+            let got = hbone_source(&state, &remote, peer, claimed.map(sa));
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{claimed:?}"),
+                (Err(InboundRefusal::ForgedSource { claimed: c, .. }), Err(want)) => assert_eq!(c, want),
+                (got, want) => panic!("{claimed:?}: got {got:?}, want {want:?}"),
+            }
         }
     }
 

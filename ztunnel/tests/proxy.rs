@@ -105,6 +105,23 @@ async fn hbone_reaches_the_pod_from_the_callers_address() {
 }
 
 #[tokio::test]
+async fn a_forwarded_address_the_certificate_does_not_prove_is_refused() {
+    let mesh = Mesh::new();
+    let node = mesh.node_a().await;
+    let (app, accepted) = who_am_i(SocketAddr::new(ip(SERVER), 0)).await;
+    // other-ns/other's certificate claiming client-ns/client's address, and an address outside
+    // the mesh: both refused with 400, the pod never reached.
+    for claimed in [CLIENT, "8.8.8.8"] {
+        let err = mesh.hbone(&node, "other-ns", "other", claimed, app).await.unwrap_err();
+        assert!(matches!(err, ClientError::Status { status, .. } if status == 400), "{claimed}: {err}");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+    // Its own address is believed.
+    let mut stream = mesh.hbone(&node, "other-ns", "other", OTHER, app).await.unwrap();
+    assert_eq!(exchange(&mut stream, b"ok").await.ip(), ip(OTHER));
+}
+
+#[tokio::test]
 async fn a_deny_policy_answers_401_and_counts_the_denial() {
     let mesh = Mesh::new();
     let m = principal("cluster.local/ns/client-ns/sa/client");

@@ -13,7 +13,7 @@ use weft_core::telemetry::{ResponseFlags, SecurityPolicy};
 
 use super::socket::{self, Counted};
 use super::{canonical, copy, Ctx};
-use crate::inbound::{check, labels, local_workload, InboundRefusal};
+use crate::inbound::{check, hbone_source, labels, local_workload, InboundRefusal};
 
 /// The HBONE side: certificates per destination pod, and each CONNECT.
 pub(super) struct Hbone<S> {
@@ -47,11 +47,17 @@ impl<S: CertificateSource> Inbound for Hbone<S> {
 
     async fn accept(&self, info: ConnectInfo) -> Result<ToPod, Refusal> {
         let ctx = &self.ctx;
-        let client = canonical(info.forwarded_for.unwrap_or(info.peer_addr));
         let authority = canonical(info.authority);
         let identity = &info.peer_identity;
+        let state = ctx.state();
+        let client = match hbone_source(&state, identity, canonical(info.peer_addr), info.forwarded_for) {
+            Ok(client) => client,
+            Err(refusal) => {
+                warn!(peer = %info.peer_addr, %identity, %authority, %refusal, "HBONE connection refused");
+                return Err(Refusal::bad_request(refusal.to_string()));
+            }
+        };
         let (checked, labels) = {
-            let state = ctx.state();
             let presented = local_workload(&state, &ctx.node, info.local_addr.ip());
             let checked =
                 check(&state, &ctx.node, presented.map(|w| &**w), Some(identity), client.ip(), authority);
@@ -60,6 +66,7 @@ impl<S: CertificateSource> Inbound for Hbone<S> {
                 labels(&state, SecurityPolicy::MutualTls, Some(identity), client.ip(), dst, authority.port());
             (checked, labels)
         };
+        drop(state);
         let workload = match checked {
             Ok(workload) => workload,
             Err(refusal @ InboundRefusal::Denied { .. }) => {
