@@ -2,16 +2,14 @@
 //! SIGINT or SIGTERM. Everything else lives in the library.
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use weft_core::telemetry::{init_tracing, LogFormat};
 
 use controller::config::{Args, Config};
 use controller::Controller;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    init_tracing(LogFormat::Plain, "info");
     let config = Config::from_args(Args::parse())?;
     tracing::info!(?config, "starting");
     let controller = Controller::bind(&config).await?;

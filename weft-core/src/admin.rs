@@ -272,7 +272,7 @@ mod tests {
             config_dump: Box::new(|| serde_json::json!({"workloads": []})),
             registry: Arc::new(Registry::default()),
             readiness,
-            log: telemetry::init_tracing(telemetry::LogFormat::Plain),
+            log: telemetry::init_tracing(telemetry::LogFormat::Plain, "info"),
             quit,
         };
         let local = "127.0.0.1:0".parse().unwrap();

@@ -401,12 +401,12 @@ impl LogLevel {
     }
 }
 
-/// Sets up the process's logging once: the filter from `RUST_LOG` (else `info`), written to
-/// stderr as plain lines or JSON. Returns the handle that changes the filter later. A second
+/// Sets up the process's logging once, for every Weft binary: the filter from `RUST_LOG` (else
+/// `default`, e.g. `info`), written to stderr as plain lines or JSON. Returns the handle that changes the filter later. A second
 /// call (a test running several proxies in one process) keeps the first subscriber and returns
 /// a handle that changes nothing of it.
-pub fn init_tracing(format: LogFormat) -> LogLevel {
-    let initial = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "info".into());
+pub fn init_tracing(format: LogFormat, default: &str) -> LogLevel {
+    let initial = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| default.into());
     let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);

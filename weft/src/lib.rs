@@ -123,12 +123,7 @@ fn block_on<T>(future: impl std::future::Future<Output = T>) -> anyhow::Result<T
 
 /// Runs the command; the exit code says whether it found problems.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    weft_core::telemetry::init_tracing(weft_core::telemetry::LogFormat::Plain, "warn");
     match cli.command {
         Command::Demo { bin_dir, dir, keep, name } => {
             let bin_dir = match bin_dir {

@@ -7,7 +7,7 @@ use ztunnel::config::{Capture, Config};
 
 fn main() -> anyhow::Result<()> {
     let config = Config::from_env()?;
-    let log = weft_core::telemetry::init_tracing(config.log_format);
+    let log = weft_core::telemetry::init_tracing(config.log_format, "info");
     if let Capture::LoadOnly { pin_dir } = &config.capture {
         let capture = ebpf::CaptureConfig { pin_dir: pin_dir.clone(), ..ebpf::CaptureConfig::default() };
         ebpf::Capture::open(capture).context("loading the eBPF capture")?;

@@ -35,7 +35,7 @@ async fn runs_in_process_becomes_ready_and_quits() {
     let mut config = Config::local("node-a", &ads.endpoint());
     config.ca_address = ca.endpoint();
     config.token = Token::Static("s3cret".into());
-    let log = weft_core::telemetry::init_tracing(weft_core::telemetry::LogFormat::Plain);
+    let log = weft_core::telemetry::init_tracing(weft_core::telemetry::LogFormat::Plain, "info");
     let app = App::start(config, log).await.unwrap();
     let admin = app.admin;
 

@@ -6,12 +6,7 @@ use clap::Parser;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    weft_core::telemetry::init_tracing(weft_core::telemetry::LogFormat::Plain, "warn");
     match weft::app::run(weft::app::Args::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
