@@ -1,3 +1,6 @@
+//! Tests of the xDS client: the reconnect backoff under paused time, a large push decoded outside
+//! the lock, and a refused resource NACKed alone.
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
