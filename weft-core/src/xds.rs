@@ -45,6 +45,9 @@ use crate::state::{AddressResource, ProxyState, Shared};
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
 /// The longest reconnect delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// The largest xDS message either side takes: a real mesh's first push or one large policy runs
+/// to tens of MiB, past gRPC's 4 MiB default.
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 /// gRPC's `INVALID_ARGUMENT`, the code a NACK carries.
 const INVALID_ARGUMENT: i32 = 3;
 /// How long a connect to the controller may take.
@@ -237,7 +240,9 @@ async fn open_and_serve<H: Handler>(
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {}: {e}", config.endpoint)))?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let mut client = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let types = handler.type_urls();
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
     for (i, type_url) in types.iter().enumerate() {

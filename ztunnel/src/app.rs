@@ -179,6 +179,18 @@ impl App {
     }
 }
 
+/// Raises the soft open-files limit to the hard one, as Istio's ztunnel does: every proxied
+/// connection holds two descriptors, and a node's worth of them outgrows the usual 1,024.
+/// Returns the limit now in force.
+pub fn raise_open_files_limit() -> Result<u64, nix::Error> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
+}
+
 /// Loads (or takes over) the capture `capture` asks for.
 fn open_capture(capture: &Capture) -> Result<Option<Arc<Mutex<ebpf::Capture>>>, StartError> {
     let (pin_dir, uplinks) = match capture {
@@ -249,4 +261,14 @@ fn add_checks<S: CertificateSource>(
             .collect();
         (!missing.is_empty()).then(|| format!("none yet for {}", missing.join(", ")))
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{getrlimit, Resource};
+        let limit = super::raise_open_files_limit().unwrap();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (limit, limit));
+    }
 }

@@ -8,6 +8,10 @@ use ztunnel::config::{Capture, Config};
 fn main() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let log = weft_core::telemetry::init_tracing(config.log_format, "info");
+    match ztunnel::app::raise_open_files_limit() {
+        Ok(limit) => tracing::info!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     if let Capture::LoadOnly { pin_dir } = &config.capture {
         let capture = ebpf::CaptureConfig { pin_dir: pin_dir.clone(), ..ebpf::CaptureConfig::default() };
         ebpf::Capture::open(capture).context("loading the eBPF capture")?;

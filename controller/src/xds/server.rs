@@ -184,6 +184,8 @@ impl XdsServer {
     /// The tonic service to add to a server (or a [`tonic::service::Routes`]).
     pub fn service(&self) -> AggregatedDiscoveryServiceServer<XdsService> {
         AggregatedDiscoveryServiceServer::new(XdsService { shared: self.shared.clone() })
+            .max_decoding_message_size(weft_core::xds::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(weft_core::xds::MAX_MESSAGE_SIZE)
     }
 
     /// Closes every stream (UNAVAILABLE, so proxies reconnect, elsewhere if they can) and refuses

@@ -155,3 +155,44 @@ fn a_refused_resource_is_nacked_alone_and_keeps_its_old_version() {
     assert_eq!(state.load().workloads().count(), 2);
     assert_eq!(versions.len(), 2);
 }
+
+#[tokio::test]
+async fn a_six_megabyte_resource_is_taken_with_the_rest_of_the_push() {
+    use crate::testing::ads::{response, FakeAds};
+    let mut server = FakeAds::start().await;
+    let state = Arc::new(Shared::new(ProxyState::new("")));
+    let handler = Arc::new(MeshHandler { state: Arc::clone(&state) });
+    let (tx, mut synced) = watch::channel(Synced::new(&handler.type_urls()));
+    let config = XdsConfig {
+        endpoint: server.endpoint(),
+        node_id: "ztunnel~10.0.0.9~ztunnel-a.istio-system~istio-system.svc.cluster.local".into(),
+        metadata: BTreeMap::new(),
+        token: Token::None,
+    };
+    let client = tokio::spawn(run(config, Arc::clone(&handler), tx));
+    let mut stream = server.next_stream().await;
+    stream.next_request().await;
+    stream.next_request().await;
+    let mut big = workload("shop", "big", "10.0.0.1");
+    big.authorization_policies =
+        (0..150_000).map(|i| format!("shop/a-policy-with-a-long-name-{i:08}")).collect();
+    let small = workload("shop", "small", "10.0.0.2");
+    let as_address = |w: crate::proto::istio::workload::Workload| {
+        (w.uid.clone(), "1".to_owned(), Address { r#type: Some(address::Type::Workload(w)) })
+    };
+    let push = response(ADDRESS_TYPE_URL, "n1", vec![as_address(big), as_address(small)], &[]);
+    assert!(push.encoded_len() > 6_000_000, "{} bytes", push.encoded_len());
+    stream.respond(push);
+    let ack = stream.next_request().await;
+    assert_eq!((ack.response_nonce.as_str(), ack.error_detail), ("n1", None));
+    tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| !s.missing.contains(ADDRESS_TYPE_URL)))
+        .await
+        .unwrap()
+        .unwrap();
+    let state = state.load();
+    assert_eq!(state.workloads().count(), 2);
+    let big = state.workload_by_ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))).unwrap();
+    assert_eq!(big.authorization_policies.len(), 150_000);
+    client.abort();
+    server.stop().await;
+}
