@@ -19,7 +19,7 @@ use weft_core::proto::istio::workload::{address, Address, TunnelProtocol, Worklo
 use weft_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use weft_core::state::{ProxyState, Shared};
 use weft_core::testing::ads::{response, AdsStream, FakeAds};
-use weft_core::xds::{self, Handler, MeshHandler, Synced, XdsConfig};
+use weft_core::xds::Synced;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -75,16 +75,12 @@ async fn subscriptions(stream: &mut AdsStream) -> [DeltaDiscoveryRequest; 2] {
 async fn the_state_follows_the_server_and_outlives_it() {
     let mut server = FakeAds::start().await;
     let addr = server.addr;
-    let state = Arc::new(Shared::new(ProxyState::new("")));
-    let handler = Arc::new(MeshHandler { state: Arc::clone(&state) });
-    let (tx, mut synced) = watch::channel(Synced::new(&handler.type_urls()));
-    let config = XdsConfig {
-        endpoint: server.endpoint(),
-        node_id: "ztunnel~10.0.0.9~ztunnel-a.istio-system~istio-system.svc.cluster.local".into(),
-        metadata: [("NODE_NAME".to_owned(), "node-a".to_owned())].into(),
-        token: Token::Static("t0ken".into()),
-    };
-    let client = tokio::spawn(xds::run(config, handler, tx));
+    let client = server.mesh_client(
+        "ztunnel~10.0.0.9~ztunnel-a.istio-system~istio-system.svc.cluster.local",
+        [("NODE_NAME".to_owned(), "node-a".to_owned())].into(),
+        Token::Static("t0ken".into()),
+    );
+    let (state, mut synced) = (Arc::clone(&client.state), client.synced.clone());
     let has = |s: &Shared<ProxyState>, a: &str| s.load().workload_by_ip(ip(a)).is_some();
 
     let mut stream = server.next_stream().await;
@@ -149,6 +145,6 @@ async fn the_state_follows_the_server_and_outlives_it() {
     stream.respond(response(ADDRESS_TYPE_URL, "m1", vec![workload("search", [10, 0, 0, 4])], &[]));
     until(&mut synced, "the reconnect", |_| has(&state, "10.0.0.4")).await;
     assert!(has(&state, "10.0.0.1"));
-    client.abort();
+    client.task.abort();
     server.stop().await;
 }

@@ -2,6 +2,7 @@
 //! request on it (subscriptions, ACKs, NACKs, `initial_resource_versions`) and its metadata, and
 //! scripts the responses itself. Real gRPC on a real port; no controller involved.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,16 +11,19 @@ use std::time::Duration;
 use prost::Message;
 use prost_types::Any;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::Stream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::cert_manager::Token;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use crate::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use crate::state::{ProxyState, Shared};
+use crate::xds::{self, Handler, MeshHandler, Synced, XdsConfig};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -31,6 +35,14 @@ pub struct FakeAds {
     open: Arc<Mutex<Vec<Responses>>>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// A mesh xDS client (ztunnel's subscription: Address + Authorization) running against a
+/// [`FakeAds`], with the state it fills.
+pub struct MeshClient {
+    pub state: Arc<Shared<ProxyState>>,
+    pub synced: watch::Receiver<Synced>,
+    pub task: tokio::task::JoinHandle<()>,
 }
 
 /// One client stream.
@@ -82,6 +94,15 @@ impl FakeAds {
     /// `http://<addr>`, the client's endpoint.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Starts a [`MeshClient`] naming itself `node_id` with `metadata`, presenting `token`.
+    pub fn mesh_client(&self, node_id: &str, metadata: BTreeMap<String, String>, token: Token) -> MeshClient {
+        let state = Arc::new(Shared::new(ProxyState::new("")));
+        let handler = Arc::new(MeshHandler { state: Arc::clone(&state) });
+        let (tx, synced) = watch::channel(Synced::new(&handler.type_urls()));
+        let config = XdsConfig { endpoint: self.endpoint(), node_id: node_id.to_owned(), metadata, token };
+        MeshClient { state, synced, task: tokio::spawn(xds::run(config, handler, tx)) }
     }
 
     /// The next stream a client opens (bounded wait).

@@ -160,16 +160,12 @@ fn a_refused_resource_is_nacked_alone_and_keeps_its_old_version() {
 async fn a_six_megabyte_resource_is_taken_with_the_rest_of_the_push() {
     use crate::testing::ads::{response, FakeAds};
     let mut server = FakeAds::start().await;
-    let state = Arc::new(Shared::new(ProxyState::new("")));
-    let handler = Arc::new(MeshHandler { state: Arc::clone(&state) });
-    let (tx, mut synced) = watch::channel(Synced::new(&handler.type_urls()));
-    let config = XdsConfig {
-        endpoint: server.endpoint(),
-        node_id: "ztunnel~10.0.0.9~ztunnel-a.istio-system~istio-system.svc.cluster.local".into(),
-        metadata: BTreeMap::new(),
-        token: Token::None,
-    };
-    let client = tokio::spawn(run(config, Arc::clone(&handler), tx));
+    let client = server.mesh_client(
+        "ztunnel~10.0.0.9~ztunnel-a.istio-system~istio-system.svc.cluster.local",
+        BTreeMap::new(),
+        Token::None,
+    );
+    let (state, mut synced) = (Arc::clone(&client.state), client.synced.clone());
     let mut stream = server.next_stream().await;
     stream.next_request().await;
     stream.next_request().await;
@@ -193,6 +189,6 @@ async fn a_six_megabyte_resource_is_taken_with_the_rest_of_the_push() {
     assert_eq!(state.workloads().count(), 2);
     let big = state.workload_by_ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))).unwrap();
     assert_eq!(big.authorization_policies.len(), 150_000);
-    client.abort();
+    client.task.abort();
     server.stop().await;
 }
