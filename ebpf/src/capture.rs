@@ -26,11 +26,13 @@ use crate::{bpffs, routing, Error};
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture.o"));
 
 const PROG_POD: &str = "weft_pod_in";
+const PROG_POD_OUT: &str = "weft_pod_out";
 const PROG_UPLINK: &str = "weft_uplink_in";
 const MAP_ENROLLED: &str = "weft_enrolled";
 const MAP_CONFIG: &str = "weft_config";
 
 const PIN_PROG_POD: &str = "prog_pod";
+const PIN_PROG_POD_OUT: &str = "prog_pod_out";
 const PIN_PROG_UPLINK: &str = "prog_uplink";
 const PIN_MAP_ENROLLED: &str = "map_enrolled";
 const PIN_MAP_CONFIG: &str = "map_config";
@@ -38,6 +40,17 @@ const PIN_LINKS: &str = "links";
 
 /// Value flag in the enrolled map: capture this address's TCP traffic.
 const ENROLLED_CAPTURE: u32 = 1;
+
+/// The mark ztunnel's own sockets carry (SO_MARK): their packets to a pod pass the pod's egress
+/// program instead of being turned back into ztunnel. Distinct from [`CaptureConfig::mark`], the
+/// steering mark that routes assigned packets locally.
+pub const SOCKET_MARK: u32 = 0x53a;
+/// Istio's source address of kubelet's probes: node traffic from it reaches pods uncaptured (the
+/// programs have it built in).
+pub const PROBE_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);
+/// The IPv6 counterpart of [`PROBE_SOURCE_V4`].
+pub const PROBE_SOURCE_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff);
 
 /// What the capture steers where, and where it pins its objects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,8 +100,10 @@ impl CaptureConfig {
                 self.pin_dir.display()
             )));
         }
-        if self.mark == 0 {
-            return Err(Error::Config("mark must not be 0".into()));
+        if self.mark == 0 || self.mark == SOCKET_MARK {
+            return Err(Error::Config(format!(
+                "mark must not be 0 or ztunnel's socket mark {SOCKET_MARK:#x}"
+            )));
         }
         // 0 is unspecified; 253-255 are the default, main and local tables.
         if matches!(self.table, 0 | 253..=255) {
@@ -110,6 +125,7 @@ impl CaptureConfig {
 pub struct Capture {
     cfg: CaptureConfig,
     pod: SchedClassifier,
+    pod_out: SchedClassifier,
     uplink: SchedClassifier,
     enrolled: HashMap<MapData, [u8; 16], u32>,
 }
@@ -118,6 +134,7 @@ pub struct Capture {
 #[derive(Clone, Copy)]
 enum Kind {
     Pod,
+    PodOut,
     Uplink,
 }
 
@@ -125,7 +142,15 @@ impl Kind {
     fn pin_prefix(self) -> &'static str {
         match self {
             Self::Pod => "pod",
+            Self::PodOut => "podout",
             Self::Uplink => "uplink",
+        }
+    }
+
+    fn direction(self) -> TcAttachType {
+        match self {
+            Self::PodOut => TcAttachType::Egress,
+            Self::Pod | Self::Uplink => TcAttachType::Ingress,
         }
     }
 }
@@ -142,39 +167,47 @@ impl Capture {
             load_and_pin(&cfg.pin_dir)?;
         }
         let dir = &cfg.pin_dir;
-        for entry in [PIN_PROG_POD, PIN_PROG_UPLINK, PIN_MAP_ENROLLED, PIN_MAP_CONFIG, PIN_LINKS] {
+        for entry in
+            [PIN_PROG_POD, PIN_PROG_POD_OUT, PIN_PROG_UPLINK, PIN_MAP_ENROLLED, PIN_MAP_CONFIG, PIN_LINKS]
+        {
             if !dir.join(entry).exists() {
                 return Err(Error::IncompletePins { dir: dir.clone(), missing: entry.into() });
             }
         }
         let pod = open_program(&dir.join(PIN_PROG_POD))?;
+        let pod_out = open_program(&dir.join(PIN_PROG_POD_OUT))?;
         let uplink = open_program(&dir.join(PIN_PROG_UPLINK))?;
         let enrolled = HashMap::try_from(open_map(&dir.join(PIN_MAP_ENROLLED))?)
             .map_err(|source| Error::Map { map: MAP_ENROLLED, source })?;
-        let mut config: Array<MapData, [u32; 4]> = Array::try_from(open_map(&dir.join(PIN_MAP_CONFIG))?)
+        let mut config: Array<MapData, [u32; 5]> = Array::try_from(open_map(&dir.join(PIN_MAP_CONFIG))?)
             .map_err(|source| Error::Map { map: MAP_CONFIG, source })?;
         let value = [
             cfg.mark,
             u32::from(cfg.outbound_port),
             u32::from(cfg.inbound_hbone_port),
             u32::from(cfg.inbound_plain_port),
+            SOCKET_MARK,
         ];
         config.set(0, value, 0).map_err(|source| Error::Map { map: MAP_CONFIG, source })?;
         routing::ensure(cfg.mark, cfg.table)?;
         tracing::info!(pin_dir = %dir.display(), "capture open");
-        Ok(Self { cfg, pod, uplink, enrolled })
+        Ok(Self { cfg, pod, pod_out, uplink, enrolled })
     }
 
-    /// Attaches the pod program to a pod's host-side veth (ingress), pinning the link.
-    /// Idempotent; a stale pinned link (the veth was recreated) is replaced.
+    /// Attaches the pod programs to a pod's host-side veth (ingress and egress), pinning the
+    /// links, and sets the veth's `accept_local` (the node's own packets to the pod come back in
+    /// on it). Idempotent; a stale pinned link (the veth was recreated) is replaced.
     pub fn attach_pod(&mut self, host_ifname: &str) -> Result<(), Error> {
-        self.attach(Kind::Pod, host_ifname)
+        self.attach(Kind::Pod, host_ifname)?;
+        self.attach(Kind::PodOut, host_ifname)?;
+        routing::accept_local(host_ifname)
     }
 
-    /// Detaches the pod program from a veth and unpins the link. Idempotent; the interface
+    /// Detaches the pod programs from a veth and unpins the links. Idempotent; the interface
     /// may already be gone.
     pub fn detach_pod(&mut self, host_ifname: &str) -> Result<(), Error> {
-        self.detach(Kind::Pod, host_ifname)
+        self.detach(Kind::Pod, host_ifname)?;
+        self.detach(Kind::PodOut, host_ifname)
     }
 
     /// Attaches the uplink program to the node's interface towards other nodes (ingress).
@@ -234,6 +267,7 @@ impl Capture {
         let pin = self.link_pin(kind, ifname);
         let prog = match kind {
             Kind::Pod => &mut self.pod,
+            Kind::PodOut => &mut self.pod_out,
             Kind::Uplink => &mut self.uplink,
         };
         let attach_err = |what: &'static str| {
@@ -247,7 +281,7 @@ impl Capture {
         };
         if pin.exists() {
             let id = prog.info().map_err(attach_err("reading the program id"))?.id();
-            let (_, attached) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+            let (_, attached) = SchedClassifier::query_tcx(ifname, kind.direction())
                 .map_err(attach_err("querying tcx programs"))?;
             if attached.iter().any(|p| p.id() == id) {
                 return Ok(());
@@ -259,8 +293,8 @@ impl Capture {
         }
         // First in the chain, so no program before ours can let an enrolled pod's packet pass.
         let link_id = prog
-            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
-            .map_err(attach_err("attaching (tcx ingress)"))?;
+            .attach_with_options(ifname, kind.direction(), TcAttachOptions::TcxOrder(LinkOrder::first()))
+            .map_err(attach_err("attaching (tcx)"))?;
         let link = prog.take_link(link_id).map_err(attach_err("taking the link"))?;
         let link = FdLink::try_from(link).map_err(|source| Error::Attach {
             what: "converting the tcx link",
@@ -354,7 +388,9 @@ fn pin_fresh(dir: &Path) -> Result<(), Error> {
             source: Box::new(source),
         })
     })?;
-    for (prog_name, pin_name) in [(PROG_POD, PIN_PROG_POD), (PROG_UPLINK, PIN_PROG_UPLINK)] {
+    for (prog_name, pin_name) in
+        [(PROG_POD, PIN_PROG_POD), (PROG_POD_OUT, PIN_PROG_POD_OUT), (PROG_UPLINK, PIN_PROG_UPLINK)]
+    {
         let what = format!("program {prog_name}");
         let prog: &mut SchedClassifier = ebpf
             .program_mut(prog_name)

@@ -4,7 +4,7 @@
 //!
 //! # What the programs do
 //!
-//! Two tc ingress programs (TCX links, Linux 6.6+), compiled from `src/bpf/capture.c` by
+//! Three tc programs (TCX links, Linux 6.6+), compiled from `src/bpf/capture.c` by
 //! `build.rs` with clang and embedded:
 //!
 //! - `weft_pod_in`, on every pod's host-side veth (attach it to all pods of the node; the
@@ -13,6 +13,13 @@
 //!   transparent upstream socket) is assigned to it. Otherwise, from an enrolled source it goes
 //!   to ztunnel's outbound listener ([`CaptureConfig::outbound_port`], 15001), and to an
 //!   enrolled destination (a same-node caller outside the mesh) to the inbound listeners.
+//! - `weft_pod_out`, on the same veths' egress: what the node sends to an enrolled pod that is
+//!   not ztunnel's own (its sockets carry [`SOCKET_MARK`]) is turned back into the veth's ingress
+//!   with its MAC addresses swapped, where `weft_pod_in` assigns it to its socket or steers it
+//!   to ztunnel's inbound listeners: connections from the node itself (hostNetwork pods, node
+//!   daemons) meet the pod's inbound policy, and replies to ztunnel's transparent sockets reach
+//!   them. Node traffic from Istio's probe source ([`PROBE_SOURCE_V4`], [`PROBE_SOURCE_V6`])
+//!   passes uncaptured, so kubelet's probes work under STRICT as in Istio.
 //! - `weft_uplink_in`, on the node's uplink: TCP to an enrolled pod goes to its existing
 //!   socket, else to ztunnel's HBONE listener (destination port 15008) or its plaintext inbound
 //!   listener (any other port, 15006).
@@ -23,9 +30,10 @@
 //!
 //! ztunnel's listeners must be bound to the wildcard address (`0.0.0.0` or a dual-stack `[::]`)
 //! in the node's network namespace with `IP_TRANSPARENT`, else SYN-ACKs from the original
-//! destination address do not route. Its upstream connections to local pods (transparent, from
-//! the client's address) leave through the veth's egress and are not captured again; the replies
-//! are matched by the existing-socket lookup.
+//! destination address do not route. Its listeners and its upstream connections carry
+//! [`SOCKET_MARK`]: its connections to local pods (transparent, from the client's address) and
+//! the replies of the connections it accepted leave through the veth's egress and are not
+//! captured again; the pods' replies are matched by the existing-socket lookup.
 //!
 //! # Routing
 //!
@@ -66,7 +74,7 @@ mod capture;
 mod error;
 mod routing;
 
-pub use capture::{remove, Capture, CaptureConfig};
+pub use capture::{remove, Capture, CaptureConfig, PROBE_SOURCE_V4, PROBE_SOURCE_V6, SOCKET_MARK};
 pub use error::Error;
 
 /// Whether this kernel loads tc (`sched_cls`) programs, the kind the capture is made of (a

@@ -75,3 +75,11 @@ fn ip(args: &[&str]) -> Result<String, Error> {
     }
     Err(Error::Routing { command, stderr })
 }
+
+/// Lets `ifname` (a pod's host veth) take IPv4 packets whose source is an address of this node:
+/// the node's own connections to a pod, turned back into the veth's ingress by `weft_pod_out`,
+/// carry the node's address, and without `accept_local` the kernel drops them as martians.
+pub(crate) fn accept_local(ifname: &str) -> Result<(), Error> {
+    let path = Path::new("/proc/sys/net/ipv4/conf").join(ifname).join("accept_local");
+    std::fs::write(&path, "1").map_err(|source| Error::Io { what: "writing", path, source })
+}

@@ -144,11 +144,14 @@ fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 }
 
 /// A listener like ztunnel's: wildcard address, IP_TRANSPARENT.
+/// A listener as ztunnel's: IP_TRANSPARENT, and the socket mark whose packets the pod's egress
+/// program lets through.
 fn transparent_listener(ns: &str, addr: SocketAddr) -> TcpListener {
     in_ns(ns, || {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
         socket.set_reuse_address(true).unwrap();
         socket.set_ip_transparent(true).unwrap();
+        socket.set_mark(ebpf::SOCKET_MARK).unwrap();
         if addr.is_ipv6() {
             socket.set_only_v6(false).unwrap();
         }
@@ -298,6 +301,7 @@ fn same_node_pods_meet_through_ztunnel() {
         let mut upstream = in_ns(&topo.node, || {
             let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
             socket.set_ip_transparent(true).unwrap();
+            socket.set_mark(ebpf::SOCKET_MARK).unwrap();
             socket.bind(&sa(from, 0).into()).unwrap();
             socket.connect_timeout(&sa(to, 8080).into(), CONNECT).unwrap();
             let stream: TcpStream = socket.into();
@@ -399,6 +403,7 @@ fn inbound_on_the_uplink_and_transparent_upstream() {
     let mut upstream = in_ns(&topo.node, || {
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
         socket.set_ip_transparent(true).unwrap();
+        socket.set_mark(ebpf::SOCKET_MARK).unwrap();
         socket.bind(&sa(REMOTE, 0).into()).unwrap();
         socket.connect_timeout(&sa(POD, 8080).into(), CONNECT).unwrap();
         let stream: TcpStream = socket.into();

@@ -323,11 +323,14 @@ pub fn pod_segments(segments: &[Segment]) -> Vec<Segment> {
     segments.iter().filter(|s| is_pod_ip(s.src) || is_pod_ip(s.dst)).cloned().collect()
 }
 
-/// The ports pod traffic was sent to on the link.
+/// The ports pod traffic was sent to on the link: 15008 for both directions of HBONE (pod to
+/// pod, and its replies from a pod's 15008 to the other pod's ephemeral port), else the
+/// destination port of a segment to a pod (a plaintext reply to a pod counts its ephemeral port).
 pub fn pod_dports(segments: &[Segment]) -> BTreeMap<u16, usize> {
     let mut ports = BTreeMap::new();
     for s in pod_segments(segments).iter().filter(|s| is_pod_ip(s.dst)) {
-        *ports.entry(s.dport).or_insert(0) += 1;
+        let port = if s.sport == 15008 { 15008 } else { s.dport };
+        *ports.entry(port).or_insert(0) += 1;
     }
     ports
 }

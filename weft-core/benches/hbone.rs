@@ -263,7 +263,10 @@ impl Mesh {
             source_ip: None,
             hbone_addr: self.hbone_addr,
             authority,
-            forwarded_for: Some("10.1.2.3:4567".parse().expect("a valid address")),
+            forwarded: weft_core::hbone::Forwarded {
+                for_addr: Some("10.1.2.3:4567".parse().expect("a valid address")),
+                host: None,
+            },
             baggage: None,
             traceparent: None,
         }

@@ -158,7 +158,11 @@ async fn serve(
     admin: Arc<Admin>,
     watch: drain::Watch,
 ) {
-    let limits = Limits { max_connections: MAX_CONNECTIONS, drain_deadline: Duration::from_secs(1) };
+    let limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        max_per_source: MAX_CONNECTIONS,
+        drain_deadline: Duration::from_secs(1),
+    };
     let name = match endpoint {
         Endpoint::Admin => "admin",
         Endpoint::Metrics => "metrics",

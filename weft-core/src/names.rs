@@ -48,3 +48,11 @@ pub const ROOT_NAMESPACE: &str = "istio-system";
 pub const NODE_NAME_METADATA: &str = "NODE_NAME";
 /// The node metadata key carrying the name of a waypoint's Gateway.
 pub const WAYPOINT_NAME_METADATA: &str = "WAYPOINT_NAME";
+
+/// Istio's source address of kubelet's probes to ambient pods: node traffic from it reaches a
+/// pod uncaptured (Istio's CNI SNATs kubelet's probes to it); any other traffic from the node
+/// meets the pod's inbound policy. The eBPF capture has it built in.
+pub const PROBE_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);
+/// The IPv6 counterpart of [`PROBE_SOURCE_V4`] (Istio's).
+pub const PROBE_SOURCE_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff);

@@ -39,7 +39,7 @@ async fn a_renewed_certificate_is_used_for_new_connections_while_old_streams_sur
         source_ip: None,
         hbone_addr,
         authority: echo,
-        forwarded_for: None,
+        forwarded: Default::default(),
         baggage: None,
         traceparent: None,
     };

@@ -60,7 +60,10 @@ impl Fixture {
             source_ip: None,
             hbone_addr: self.addr,
             authority,
-            forwarded_for: Some("10.1.2.3:4567".parse().unwrap()),
+            forwarded: weft_core::hbone::Forwarded {
+                for_addr: Some("10.1.2.3:4567".parse().unwrap()),
+                host: None,
+            },
             baggage: Some("k8s.namespace.name=client-ns".into()),
             traceparent: None,
         }
@@ -135,7 +138,7 @@ async fn a_256_mib_stream_arrives_intact_and_headers_are_carried() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].authority, hasher);
     assert_eq!(seen[0].peer_identity, identity("client-ns", "client"));
-    assert_eq!(seen[0].forwarded_for, Some("10.1.2.3:4567".parse().unwrap()));
+    assert_eq!(seen[0].forwarded.for_addr, Some("10.1.2.3:4567".parse().unwrap()));
     assert_eq!(seen[0].baggage.as_deref(), Some("k8s.namespace.name=client-ns"));
 }
 
@@ -459,7 +462,7 @@ async fn draining_finishes_open_streams_and_refuses_new_connections() {
         source_ip: None,
         hbone_addr: addr,
         authority: echo,
-        forwarded_for: None,
+        forwarded: Default::default(),
         baggage: None,
         traceparent: None,
     };
@@ -487,7 +490,7 @@ async fn streams_waiting_on_a_failed_dial_share_its_error() {
         source_ip: None,
         hbone_addr: closed,
         authority: closed,
-        forwarded_for: None,
+        forwarded: Default::default(),
         baggage: None,
         traceparent: None,
     };

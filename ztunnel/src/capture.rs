@@ -225,3 +225,14 @@ mod tests {
         task.abort();
     }
 }
+
+#[cfg(test)]
+mod probe_source_tests {
+    /// The capture has Istio's probe source built in; the rest of Weft names it in
+    /// `weft_core::names`. They must agree.
+    #[test]
+    fn the_capture_and_the_platform_agree_on_the_probe_source() {
+        assert_eq!(ebpf::PROBE_SOURCE_V4, weft_core::names::PROBE_SOURCE_V4);
+        assert_eq!(ebpf::PROBE_SOURCE_V6, weft_core::names::PROBE_SOURCE_V6);
+    }
+}

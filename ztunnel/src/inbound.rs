@@ -7,8 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use weft_core::authz::{authorize, Connection, Verdict};
+use weft_core::hbone::Forwarded;
 use weft_core::identity::Identity;
-use weft_core::state::{ProxyState, Service, Workload};
+use weft_core::state::{ProxyState, Service, WaypointDestination, Workload};
 use weft_core::telemetry::{ConnectionLabels, Reporter, SecurityPolicy};
 
 /// Why an inbound connection is refused.
@@ -24,24 +25,51 @@ pub enum InboundRefusal {
     ForgedSource { claimed: IpAddr, identity: String },
 }
 
-/// The source address of an HBONE stream from a peer presenting `identity`: the `forwarded`
-/// address when it names a workload with that very identity, else the peer's own address when
-/// nothing is claimed. A claim of any other address is refused: the header is the peer's word,
-/// and only its certificate is proof.
+/// The source address of an HBONE stream, Istio's way: the outer connection's peer address
+/// (Istio's and Weft's ztunnels open HBONE from the source pod's own address). A `forwarded:
+/// for=` is believed only from a waypoint of the destination (its peer identity is the
+/// waypoint's): a waypoint carries the original client's address. From anyone else, a claim of
+/// the peer's own address, or of another workload of the peer's identity, changes nothing (the
+/// peer address stands); a claim of any other address is refused: the header is the peer's word,
+/// and it may not widen what the certificate and the network prove.
 pub fn hbone_source(
     state: &ProxyState,
     identity: &Identity,
     peer: SocketAddr,
-    forwarded_for: Option<SocketAddr>,
+    forwarded: &Forwarded,
+    destination: &Workload,
 ) -> Result<SocketAddr, InboundRefusal> {
-    let Some(claimed) = forwarded_for else {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let Some(claimed) = forwarded.for_addr else {
         return Ok(peer);
     };
     let claimed = SocketAddr::new(claimed.ip().to_canonical(), claimed.port());
+    if is_waypoint_of(state, identity, destination) {
+        return Ok(claimed);
+    }
+    if claimed.ip() == peer.ip() {
+        return Ok(peer);
+    }
     match state.workload_by_ip(claimed.ip()) {
-        Some(w) if w.identity == *identity => Ok(claimed),
+        Some(w) if w.identity == *identity => Ok(peer),
         _ => Err(InboundRefusal::ForgedSource { claimed: claimed.ip(), identity: identity.to_string() }),
     }
+}
+
+/// Whether `identity` is that of a waypoint serving `destination` (its own, or one of its
+/// services'): the pods of that waypoint's service, or the workload at its address.
+fn is_waypoint_of(state: &ProxyState, identity: &Identity, destination: &Workload) -> bool {
+    let services = destination.services.keys().filter_map(|key| state.service_by_key(key));
+    let waypoints = destination.waypoint.iter().chain(services.filter_map(|s| s.waypoint.as_ref()));
+    waypoints.into_iter().any(|waypoint| match &waypoint.destination {
+        WaypointDestination::Service(key) => state.endpoints(key).iter().any(|w| w.identity == *identity),
+        WaypointDestination::Address(addr) => match state.service_by_address(&addr.network, addr.ip) {
+            Some(service) => state.endpoints(&service.key()).iter().any(|w| w.identity == *identity),
+            None => {
+                state.workload_by_address(&addr.network, addr.ip).is_some_and(|w| w.identity == *identity)
+            }
+        },
+    })
 }
 
 /// Whether `src` may reach `dst` (a workload address and port on this node `node`). For HBONE,
@@ -166,24 +194,48 @@ mod tests {
     }
 
     #[test]
-    fn a_forwarded_source_must_be_a_workload_of_the_peers_identity() {
-        let state = node_mesh();
+    fn the_source_is_the_peer_address_and_forwarded_is_believed_only_from_the_destinations_waypoint() {
+        let mut state = node_mesh();
+        let web1 = state.workload_by_ip(ip("10.0.1.5")).cloned().unwrap();
         let remote = weft_core::testing::identity("shop", "remote");
-        let peer = sa("172.30.0.2:40000");
-        let cases = [
-            (None, Ok(peer)),
-            (Some("10.0.2.9:41000"), Ok(sa("10.0.2.9:41000"))),
-            (Some("[::ffff:10.0.2.9]:41000"), Ok(sa("10.0.2.9:41000"))),
-            // Another workload's address, and one the mesh does not know.
-            (Some("10.0.1.1:4444"), Err(ip("10.0.1.1"))),
-            (Some("8.8.8.8:53"), Err(ip("8.8.8.8"))),
+        // 10.0.2.9 is shop/remote's own pod; 10.0.1.1 another workload's.
+        let peer = sa("10.0.2.9:40000");
+        // The waypoint of web-1: its own pod, bound by address.
+        let waypoint_identity = weft_core::testing::identity("shop", "waypoint");
+        add_workload(&mut state, workload("shop", "waypoint", "10.0.1.200"));
+        let mut bound = (*web1).clone();
+        bound.waypoint = Some(weft_core::state::Waypoint {
+            destination: WaypointDestination::Address(weft_core::state::NetworkIp {
+                network: String::new(),
+                ip: ip("10.0.1.200"),
+            }),
+            port: 15008,
+        });
+        let for_ = |a: &str| Forwarded { for_addr: Some(sa(a)), host: None };
+        // (identity, claimed, destination bound to the waypoint) -> source, or the refused claim
+        type Case<'a> = (&'a Identity, Option<&'a str>, bool, Result<&'a str, &'a str>);
+        let cases: [Case; 8] = [
+            (&remote, None, false, Ok("10.0.2.9:40000")),
+            (&remote, Some("10.0.2.9:41000"), false, Ok("10.0.2.9:40000")),
+            (&remote, Some("[::ffff:10.0.2.9]:41000"), false, Ok("10.0.2.9:40000")),
+            // Another workload's address, and one the mesh does not know: refused.
+            (&remote, Some("10.0.1.1:4444"), false, Err("10.0.1.1")),
+            (&remote, Some("8.8.8.8:53"), false, Err("8.8.8.8")),
+            // The destination's waypoint carries the original client.
+            (&waypoint_identity, Some("10.0.1.1:4444"), true, Ok("10.0.1.1:4444")),
+            // A waypoint that is not the destination's is anyone else.
+            (&waypoint_identity, Some("10.0.1.1:4444"), false, Err("10.0.1.1")),
+            // Not the waypoint's identity, even to a bound destination.
+            (&remote, Some("10.0.1.1:4444"), true, Err("10.0.1.1")),
         ];
-        for (claimed, want) in cases {
-            let got = hbone_source(&state, &remote, peer, claimed.map(sa));
+        for (identity, claimed, to_bound, want) in cases {
+            let forwarded = claimed.map(for_).unwrap_or_default();
+            let destination = if to_bound { &bound } else { &*web1 };
+            let got = hbone_source(&state, identity, peer, &forwarded, destination);
             match (got, want) {
-                (Ok(got), Ok(want)) => assert_eq!(got, want, "{claimed:?}"),
-                (Err(InboundRefusal::ForgedSource { claimed: c, .. }), Err(want)) => assert_eq!(c, want),
-                (got, want) => panic!("{claimed:?}: got {got:?}, want {want:?}"),
+                (Ok(got), Ok(want)) => assert_eq!(got, sa(want), "{claimed:?}"),
+                (Err(InboundRefusal::ForgedSource { claimed: c, .. }), Err(want)) => assert_eq!(c, ip(want)),
+                (got, want) => panic!("{identity} {claimed:?}: got {got:?}, want {want:?}"),
             }
         }
     }

@@ -46,7 +46,8 @@ impl Mesh {
         Node::start(self.ca.clone(), self.state.clone(), "node-a", ip(SERVER), any_port()).await
     }
 
-    /// Opens an HBONE stream to node-a as `ns/name` calling from `from`, to `app`.
+    /// Opens an HBONE stream to node-a as `ns/name` calling from `from` (the outer connection's
+    /// source, and `for=`), to `app`.
     async fn hbone(
         &self,
         node: &Node,
@@ -55,14 +56,30 @@ impl Mesh {
         from: &str,
         app: SocketAddr,
     ) -> Result<weft_core::hbone::H2Stream, ClientError> {
+        self.hbone_claiming(node, ns, name, from, from, app).await
+    }
+
+    /// [`Mesh::hbone`] from `from` with `forwarded: for=` claiming `claimed`.
+    async fn hbone_claiming(
+        &self,
+        node: &Node,
+        ns: &str,
+        name: &str,
+        from: &str,
+        claimed: &str,
+        app: SocketAddr,
+    ) -> Result<weft_core::hbone::H2Stream, ClientError> {
         let pool = Pool::new(ClientSettings::default());
         pool.connect(ConnectRequest {
             certificate: self.ca.cert(&identity(ns, name)),
             expected: vec![identity("server-ns", "server")],
-            source_ip: None,
+            source_ip: Some(ip(from)),
             hbone_addr: node.addrs.hbone,
             authority: app,
-            forwarded_for: Some(SocketAddr::new(ip(from), 40000)),
+            forwarded: weft_core::hbone::Forwarded {
+                for_addr: Some(SocketAddr::new(ip(claimed), 40000)),
+                host: Some("server.server-ns.svc.cluster.local".into()),
+            },
             baggage: None,
             traceparent: None,
         })
@@ -109,14 +126,15 @@ async fn a_forwarded_address_the_certificate_does_not_prove_is_refused() {
     let mesh = Mesh::new();
     let node = mesh.node_a().await;
     let (app, accepted) = who_am_i(SocketAddr::new(ip(SERVER), 0)).await;
-    // other-ns/other's certificate claiming client-ns/client's address, and an address outside
-    // the mesh: both refused with 400, the pod never reached.
+    // other-ns/other, connecting from its own address, with its certificate, claiming
+    // client-ns/client's address, and an address outside the mesh: both refused with 400, the
+    // pod never reached.
     for claimed in [CLIENT, "8.8.8.8"] {
-        let err = mesh.hbone(&node, "other-ns", "other", claimed, app).await.unwrap_err();
+        let err = mesh.hbone_claiming(&node, "other-ns", "other", OTHER, claimed, app).await.unwrap_err();
         assert!(matches!(err, ClientError::Status { status, .. } if status == 400), "{claimed}: {err}");
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
-    // Its own address is believed.
+    // Its own address is the source, whatever port `for=` names.
     let mut stream = mesh.hbone(&node, "other-ns", "other", OTHER, app).await.unwrap();
     assert_eq!(exchange(&mut stream, b"ok").await.ip(), ip(OTHER));
 }

@@ -22,7 +22,10 @@ use ebpf::{Capture, CaptureConfig};
 use nix::sched::{setns, CloneFlags};
 use weft_core::cert_manager::CertManager;
 use weft_core::drain;
-use weft_core::hbone::{ClientError, ClientSettings, ConnectRequest, Pool};
+use weft_core::hbone::{
+    forward, ClientError, ClientSettings, ConnectInfo, ConnectRequest, H2Stream, Inbound, Pool, Refusal,
+    Server, ServerSettings,
+};
 use weft_core::state::{ProxyState, Shared};
 use weft_core::telemetry::Metrics;
 use weft_core::testing::{identity, LocalSource, TestCa};
@@ -34,6 +37,10 @@ const POD: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 5);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
 /// A second address of the remote namespace that is no workload of the mesh.
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 3);
+/// Istio's (and Weft's) probe source, an address of the node.
+const PROBE: Ipv4Addr = ebpf::PROBE_SOURCE_V4;
+/// The node's own address towards the pod.
+const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 const APP_PORT: u16 = 8080;
 const REMOTE_PORT: u16 = 9000;
 const POD_VETH: &str = "vpod";
@@ -86,6 +93,8 @@ ip -n {remote} addr add {REMOTE}/24 dev up0
 ip -n {remote} addr add {OUTSIDE}/24 dev up0
 ip -n {remote} link set up0 up
 ip -n {remote} route add 10.10.1.0/24 via 192.168.77.1
+ip -n {node} addr add {PROBE}/32 dev lo
+ip -n {remote} addr add {PROBE}/32 dev lo
 "#
         );
         let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
@@ -156,7 +165,20 @@ fn who_am_i_in(ns: &str, addr: SocketAddr) {
 /// Connects from `ns` to `to`, returns the address the server saw and checks the echo; `None`
 /// if the connection was refused, reset or closed without an answer.
 fn call(ns: &str, to: SocketAddr) -> Option<IpAddr> {
-    let mut stream = in_ns(ns, || TcpStream::connect_timeout(&to, IO_TIMEOUT)).ok()?;
+    call_from(ns, None, to)
+}
+
+/// [`call`] from the source address `from`, when given.
+fn call_from(ns: &str, from: Option<IpAddr>, to: SocketAddr) -> Option<IpAddr> {
+    let connect = || -> std::io::Result<TcpStream> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        if let Some(from) = from {
+            socket.bind(&SocketAddr::new(from, 0).into())?;
+        }
+        socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
+        Ok(socket.into())
+    };
+    let mut stream = in_ns(ns, connect).ok()?;
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
@@ -255,7 +277,10 @@ fn pods_see_their_real_callers_through_the_capture() {
                 source_ip: None,
                 hbone_addr: SocketAddr::new(POD.into(), 15008),
                 authority: SocketAddr::new(POD.into(), APP_PORT),
-                forwarded_for: Some(SocketAddr::new(REMOTE.into(), 41000)),
+                forwarded: weft_core::hbone::Forwarded {
+                    for_addr: Some(SocketAddr::new(REMOTE.into(), 41000)),
+                    host: None,
+                },
                 baggage: None,
                 traceparent: None,
             })
@@ -290,7 +315,10 @@ fn pods_see_their_real_callers_through_the_capture() {
                 source_ip: None,
                 hbone_addr: SocketAddr::new(POD.into(), 15008),
                 authority: SocketAddr::new(POD.into(), APP_PORT),
-                forwarded_for: Some(SocketAddr::new(REMOTE.into(), 41001)),
+                forwarded: weft_core::hbone::Forwarded {
+                    for_addr: Some(SocketAddr::new(REMOTE.into(), 41001)),
+                    host: None,
+                },
                 baggage: None,
                 traceparent: None,
             })
@@ -298,4 +326,128 @@ fn pods_see_their_real_callers_through_the_capture() {
             .err()
     });
     assert!(matches!(denied, Some(ClientError::Status { status, .. }) if status == 401), "{denied:?}");
+}
+
+/// An HBONE server standing in for Istio's ztunnel on the remote node: it identifies the source
+/// by the outer connection's peer address and admits only `allowed` (an `ipBlocks` ALLOW), then
+/// connects to the authority; it keeps what each CONNECT said.
+struct AddressCheckingPeer {
+    certificate: Arc<weft_core::tls::WorkloadCertificate>,
+    allowed: std::sync::Mutex<IpAddr>,
+    seen: std::sync::Mutex<Vec<ConnectInfo>>,
+}
+
+impl Inbound for AddressCheckingPeer {
+    type Accepted = tokio::net::TcpStream;
+
+    async fn tls_config(&self, _local: SocketAddr) -> Result<Arc<rustls::ServerConfig>, String> {
+        Ok(self.certificate.server_config())
+    }
+
+    async fn accept(&self, info: ConnectInfo) -> Result<tokio::net::TcpStream, Refusal> {
+        let (peer, authority) = (info.peer_addr.ip().to_canonical(), info.authority);
+        self.seen.lock().unwrap().push(info);
+        let allowed = *self.allowed.lock().unwrap();
+        if peer != allowed {
+            return Err(Refusal::denied(format!("{peer} is not in ipBlocks [{allowed}/32]")));
+        }
+        tokio::net::TcpStream::connect(authority).await.map_err(|e| Refusal::unavailable(e.to_string()))
+    }
+
+    async fn serve(&self, upstream: tokio::net::TcpStream, tunnel: H2Stream) {
+        forward(tunnel, upstream, SocketAddr::from((REMOTE, REMOTE_PORT))).await
+    }
+}
+
+/// Runs `peer` on REMOTE:15008 in the remote namespace until the returned trigger is dropped.
+fn run_peer(ns: &str, peer: Arc<AddressCheckingPeer>) -> drain::Trigger {
+    let listener = in_ns(ns, || TcpListener::bind(SocketAddr::from((REMOTE, 15008))).unwrap());
+    listener.set_nonblocking(true).unwrap();
+    let (trigger, watch) = drain::channel();
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        // The peer's own connections (to the authority) are made in the remote namespace too.
+        setns(File::open(path).unwrap(), CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            Server::new(listener, ServerSettings::default(), peer).run(watch).await;
+        });
+    });
+    trigger
+}
+
+#[test]
+fn the_outer_hbone_connection_leaves_from_the_pods_own_address() {
+    let Some(topo) = Topology::new() else { return };
+    let _capture = topo.capture();
+    let (ca, state) = mesh();
+    let remote = endpoint_of(
+        workload("remote-ns", "remote", &REMOTE.to_string(), "node-b"),
+        "remote-ns",
+        "remote",
+        &[(80, u32::from(REMOTE_PORT))],
+    );
+    add_workload(&state, remote);
+    add_service(&state, service("remote-ns", "remote", "10.96.0.50", &[(80, u32::from(REMOTE_PORT))]));
+    let _ztunnel = Ztunnel::start(&topo.node, ca.clone(), state.clone());
+    who_am_i_in(&topo.remote, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), REMOTE_PORT));
+    let peer = Arc::new(AddressCheckingPeer {
+        certificate: ca.cert(&identity("remote-ns", "remote")),
+        allowed: std::sync::Mutex::new(POD.into()),
+        seen: Default::default(),
+    });
+    let _peer = run_peer(&topo.remote, peer.clone());
+
+    // To the pod and through the Service's VIP: the peer admits the pod's address, as an
+    // ipBlocks ALLOW for the pod on Istio's ztunnel does.
+    assert_eq!(call(&topo.pod, SocketAddr::from((REMOTE, REMOTE_PORT))), Some(REMOTE.into()), "to the pod");
+    assert_eq!(call(&topo.pod, "10.96.0.50:80".parse().unwrap()), Some(REMOTE.into()), "to the VIP");
+    let seen = peer.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for (info, host) in seen.iter().zip([None, Some("remote.remote-ns.svc.cluster.local")]) {
+        assert_eq!(info.peer_addr.ip().to_canonical(), IpAddr::from(POD), "outer source: {info:?}");
+        assert_eq!(info.peer_identity, identity("app-ns", "app"));
+        assert_eq!(info.forwarded.for_addr.map(|a| a.ip()), Some(POD.into()), "for=: {info:?}");
+        assert_eq!(info.forwarded.host.as_deref(), host, "host=: {info:?}");
+        assert!(info.traceparent.as_deref().is_some_and(weft_core::hbone::is_traceparent), "{info:?}");
+        assert_eq!(info.authority, SocketAddr::from((REMOTE, REMOTE_PORT)));
+    }
+    // The node's address is not the source: a peer that admits only the node refuses the pod.
+    *peer.allowed.lock().unwrap() = IpAddr::from([192, 168, 77, 1]);
+    assert_eq!(
+        call(&topo.pod, SocketAddr::from((REMOTE, REMOTE_PORT))),
+        None,
+        "a node-only ALLOW let the pod in"
+    );
+}
+
+#[test]
+fn node_traffic_meets_the_pods_inbound_policy_and_probes_pass() {
+    let Some(topo) = Topology::new() else { return };
+    let _capture = topo.capture();
+    let (ca, state) = mesh();
+    let _ztunnel = Ztunnel::start(&topo.node, ca.clone(), state.clone());
+    who_am_i_in(&topo.pod, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), APP_PORT));
+    who_am_i_in(&topo.node, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 9100));
+    let app = SocketAddr::from((POD, APP_PORT));
+
+    // PERMISSIVE: the node's own connection is admitted through ztunnel, from the node's address.
+    assert_eq!(call(&topo.node, app), Some(NODE_ADDR.into()), "node to a PERMISSIVE pod");
+    // The pod calling a service of the node: the node's replies reach ztunnel's socket.
+    assert_eq!(call(&topo.pod, SocketAddr::from((NODE_ADDR, 9100))), Some(POD.into()), "pod to the node");
+
+    // STRICT: the node is refused like any plaintext caller; the probe source still gets in.
+    add_policy(&state, strict());
+    let mut strict_app = workload("app-ns", "app", &POD.to_string(), "node-a");
+    strict_app.authorization_policies = vec![STRICT.into()];
+    add_workload(&state, strict_app);
+    assert_eq!(call(&topo.node, app), None, "STRICT let the node in");
+    assert_eq!(call_from(&topo.node, Some(PROBE.into()), app), Some(PROBE.into()), "probe under STRICT");
+    // Only the node's own probes: another host sending from the probe address is captured.
+    assert_eq!(
+        call_from(&topo.remote, Some(PROBE.into()), app),
+        None,
+        "STRICT let a remote probe address in"
+    );
 }

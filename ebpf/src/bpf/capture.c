@@ -7,6 +7,7 @@
 // make the packet local, so the kernel delivers it to the assigned socket.
 //
 // weft_pod_in    on every pod's host-side veth (ingress = traffic leaving the pod)
+// weft_pod_out   on every pod's host-side veth (egress = traffic the node sends to the pod)
 // weft_uplink_in on the node's uplink (ingress = traffic from other nodes)
 //
 // Return codes: TC_ACT_UNSPEC ("not ours", the next tcx program or the default action runs,
@@ -39,7 +40,8 @@ enum {
 	CFG_OUTBOUND_PORT = 1,
 	CFG_HBONE_PORT = 2,
 	CFG_PLAIN_PORT = 3,
-	CFG_LEN = 4,
+	CFG_SOCKET_MARK = 4, // on ztunnel's own sockets: their packets pass weft_pod_out
+	CFG_LEN = 5,
 };
 
 struct config {
@@ -293,6 +295,72 @@ int weft_uplink_in(struct __sk_buff *skb)
 	if (assign_existing(skb, &pkt, cfg->v[CFG_MARK]))
 		return TC_ACT_OK;
 	return steer_inbound(skb, &pkt, cfg);
+}
+
+// Istio's source address for kubelet's probes (169.254.7.127 and
+// fd16:9254:7127:1337:ffff:ffff:ffff:ffff): node traffic from it reaches pods uncaptured.
+static __always_inline int is_probe_source(struct addr_key *key)
+{
+	const __u8 *a = key->addr;
+	int v4 = a[10] == 0xff && a[11] == 0xff && a[12] == 169 && a[13] == 254 && a[14] == 7 &&
+		 a[15] == 127;
+	int v6 = a[0] == 0xfd && a[1] == 0x16 && a[2] == 0x92 && a[3] == 0x54 && a[4] == 0x71 &&
+		 a[5] == 0x27 && a[6] == 0x13 && a[7] == 0x37;
+
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		v4 = v4 && a[i] == 0;
+#pragma unroll
+	for (int i = 8; i < 16; i++)
+		v6 = v6 && a[i] == 0xff;
+	return v4 || v6;
+}
+
+// Host side of a pod's veth: egress carries what the node sends to the pod: ztunnel's own
+// connections (marked), replies routed to the pod, and connections from the node itself
+// (hostNetwork pods, node daemons). The last must meet the pod's inbound policy like any other
+// caller, so a packet to an enrolled pod that is not ztunnel's is turned around: its MAC
+// addresses swapped, it re-enters the node on this veth's ingress, where weft_pod_in assigns it
+// to its socket (a reply to ztunnel's transparent socket) or steers it to ztunnel's inbound
+// listeners (a new connection from the node). Only the node's own probes, from the probe source,
+// pass (a pod cannot send from it here: whatever a pod sends meets weft_pod_in first).
+// aya names the tc program section "classifier".
+SEC("classifier")
+int weft_pod_out(struct __sk_buff *skb)
+{
+	void *data, *data_end;
+	struct packet pkt = {};
+	struct ethhdr *eth;
+	__u8 mac[ETH_ALEN];
+	__u32 zero = 0;
+	struct config *cfg;
+	int kind;
+
+	kind = parse(skb, &pkt);
+	if (kind == PARSE_OTHER || !is_enrolled(&pkt.dst))
+		return TC_ACT_UNSPEC;
+	cfg = bpf_map_lookup_elem(&weft_config, &zero);
+	if (!cfg)
+		return TC_ACT_SHOT;
+	if (skb->mark == cfg->v[CFG_SOCKET_MARK])
+		return TC_ACT_UNSPEC;
+	if (kind == PARSE_OPAQUE)
+		return TC_ACT_SHOT;
+	if (skb->sk && is_probe_source(&pkt.src))
+		return TC_ACT_UNSPEC;
+
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+#pragma unroll
+	for (int i = 0; i < ETH_ALEN; i++) {
+		mac[i] = eth->h_dest[i];
+		eth->h_dest[i] = eth->h_source[i];
+		eth->h_source[i] = mac[i];
+	}
+	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 }
 
 // No GPL-only helper is used, so the workspace licence applies.

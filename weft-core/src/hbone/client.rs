@@ -16,7 +16,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, Instrument};
 
 use super::stream::H2Stream;
-use super::{forwarded_for, BAGGAGE, FORWARDED, TRACEPARENT};
+use super::{Forwarded, BAGGAGE, FORWARDED, TRACEPARENT};
 use crate::identity::Identity;
 use crate::tls::{PeerError, WorkloadCertificate};
 
@@ -25,21 +25,29 @@ use crate::tls::{PeerError, WorkloadCertificate};
 pub struct ClientSettings {
     /// Streams one connection carries before the pool opens another (Istio's client: 100).
     pub max_streams_per_connection: usize,
-    /// A connection with no stream for this long is closed.
+    /// A connection with no stream for this long is closed (shorter than the server's 60 s, so
+    /// the client normally closes first).
     pub idle_timeout: Duration,
     /// Deadline for TCP connect plus TLS and HTTP/2 handshakes.
     pub connect_timeout: Duration,
     /// Deadline for the CONNECT response once the request is sent.
     pub response_timeout: Duration,
+    /// Bind a request's `source_ip` with IP_TRANSPARENT, so the outer connection may leave from
+    /// a pod's address rather than one of this host's (needs CAP_NET_ADMIN).
+    pub transparent: bool,
+    /// SO_MARK on the outer connections, for the node's capture and routing to tell them apart.
+    pub mark: Option<u32>,
 }
 
 impl Default for ClientSettings {
     fn default() -> Self {
         ClientSettings {
             max_streams_per_connection: 100,
-            idle_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(45),
             connect_timeout: super::HANDSHAKE_TIMEOUT,
             response_timeout: Duration::from_secs(30),
+            transparent: false,
+            mark: None,
         }
     }
 }
@@ -51,15 +59,17 @@ pub struct ConnectRequest {
     pub certificate: Arc<WorkloadCertificate>,
     /// Identities the server may present (the destination's, or its waypoint's).
     pub expected: Vec<Identity>,
-    /// Source address for the outer connection, if it must be bound.
+    /// Source address for the outer connection, if it must be bound (ztunnel: the source pod's,
+    /// as Istio's ztunnel does: the server identifies the source by it).
     pub source_ip: Option<IpAddr>,
     /// Where the HBONE server listens (`podIP:15008`).
     pub hbone_addr: SocketAddr,
     /// `:authority`, the destination the tunnel leads to.
     pub authority: SocketAddr,
-    /// The original client, sent in `forwarded`.
-    pub forwarded_for: Option<SocketAddr>,
+    /// The `forwarded` header: the original client and the Service it called.
+    pub forwarded: Forwarded,
     pub baggage: Option<String>,
+    /// The W3C `traceparent` of this connection or request.
     pub traceparent: Option<String>,
 }
 
@@ -306,9 +316,7 @@ impl Pool {
 
         let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
         let socket = socket.map_err(|source| ClientError::Connect { addr, source })?;
-        if let Some(ip) = key.source_ip {
-            socket.bind(SocketAddr::new(ip, 0)).map_err(|source| ClientError::Connect { addr, source })?;
-        }
+        self.prepare(&socket, key.source_ip).map_err(|source| ClientError::Connect { addr, source })?;
         let tcp = tokio::time::timeout_at(deadline, socket.connect(addr))
             .await
             .map_err(|_| timeout("TCP connect"))?
@@ -367,6 +375,20 @@ impl Pool {
         Ok(conn)
     }
 
+    /// Marks the outer connection's socket and binds its source address, if any.
+    fn prepare(&self, socket: &TcpSocket, source_ip: Option<IpAddr>) -> std::io::Result<()> {
+        let settings = &self.inner.settings;
+        let sock = socket2::SockRef::from(socket);
+        if let Some(mark) = settings.mark {
+            sock.set_mark(mark)?;
+        }
+        let Some(ip) = source_ip else { return Ok(()) };
+        if settings.transparent {
+            sock.set_ip_transparent(true)?;
+        }
+        socket.bind(SocketAddr::new(ip.to_canonical(), 0))
+    }
+
     async fn open_stream(&self, request: &ConnectRequest, slot: Slot) -> Result<H2Stream, ClientError> {
         let addr = request.hbone_addr;
         let conn = slot.0.clone();
@@ -381,8 +403,8 @@ impl Pool {
         let mut sender = slot.0.sender.clone().ready().await.map_err(h2_error)?;
 
         let mut builder = Request::builder().method(Method::CONNECT).uri(request.authority.to_string());
-        if let Some(client) = request.forwarded_for {
-            builder = builder.header(FORWARDED, forwarded_for(client));
+        if let Some(forwarded) = request.forwarded.to_header() {
+            builder = builder.header(FORWARDED, forwarded);
         }
         if let Some(baggage) = &request.baggage {
             builder = builder.header(BAGGAGE, baggage);

@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, Instrument};
 
 use super::stream::H2Stream;
-use super::{parse_forwarded_for, BAGGAGE, FORWARDED, TRACEPARENT};
+use super::{is_traceparent, Forwarded, BAGGAGE, FORWARDED, TRACEPARENT};
 use crate::accept::{self, Limits};
 use crate::drain;
 use crate::identity::Identity;
@@ -33,8 +33,15 @@ pub struct ServerSettings {
     pub max_streams_per_connection: u32,
     /// Concurrent connections; further accepts wait.
     pub max_connections: usize,
+    /// Concurrent connections from one source address; more are refused at once, so one pod
+    /// (or one node's proxy) cannot take the listener's connections from everyone else.
+    pub max_connections_per_source: usize,
     /// TLS and HTTP/2 handshake deadline.
     pub handshake_timeout: Duration,
+    /// A connection that has carried no stream for this long is closed (gracefully: a GOAWAY
+    /// the client sees before it opens another stream). Longer than the client pool's idle
+    /// timeout, so a client normally closes first.
+    pub idle_timeout: Duration,
     /// After a drain begins, how long connections may take to finish before they are cut.
     pub drain_deadline: Duration,
 }
@@ -44,7 +51,9 @@ impl Default for ServerSettings {
         ServerSettings {
             max_streams_per_connection: 200,
             max_connections: 10_000,
+            max_connections_per_source: accept::MAX_CONNECTIONS_PER_SOURCE,
             handshake_timeout: super::HANDSHAKE_TIMEOUT,
+            idle_timeout: Duration::from_secs(60),
             drain_deadline: Duration::from_secs(5),
         }
     }
@@ -63,9 +72,11 @@ pub struct ConnectInfo {
     pub local_addr: SocketAddr,
     /// `:authority`: where the client wants to go.
     pub authority: SocketAddr,
-    /// The original client from the `forwarded` header, if sent.
-    pub forwarded_for: Option<SocketAddr>,
+    /// The `forwarded` header as sent: the peer's word, to be believed only from a peer trusted
+    /// for it.
+    pub forwarded: Forwarded,
     pub baggage: Option<String>,
+    /// The W3C `traceparent`, when a well-formed one was sent.
     pub traceparent: Option<String>,
 }
 
@@ -168,6 +179,7 @@ impl<I: Inbound> Server<I> {
     pub async fn run(self, drain: drain::Watch) {
         let limits = Limits {
             max_connections: self.settings.max_connections,
+            max_per_source: self.settings.max_connections_per_source,
             drain_deadline: self.settings.drain_deadline,
         };
         let settings = Arc::new(self.settings);
@@ -274,12 +286,24 @@ impl<I: Inbound> Connection<I> {
 
         let mut streams = JoinSet::new();
         let mut draining = false;
+        let idle = self.settings.idle_timeout;
         loop {
+            while streams.try_join_next().is_some() {}
             let next = if draining {
                 conn.accept().await
             } else {
+                // Only a connection without streams can be idle: the timer runs while none is
+                // open and starts over when the last one ends.
+                let idle_for = if streams.is_empty() { idle } else { Duration::MAX };
                 tokio::select! {
+                    Some(_) = streams.join_next(), if !streams.is_empty() => continue,
                     _ = self.drain.signaled() => {
+                        draining = true;
+                        conn.graceful_shutdown();
+                        continue;
+                    }
+                    _ = sleep_or_never(idle_for) => {
+                        debug!(%peer, ?idle, "closing an HBONE connection idle for {idle:?}");
                         draining = true;
                         conn.graceful_shutdown();
                         continue;
@@ -287,7 +311,6 @@ impl<I: Inbound> Connection<I> {
                     next = conn.accept() => next,
                 }
             };
-            while streams.try_join_next().is_some() {}
             match next {
                 None => break,
                 Some(Ok((request, respond))) => {
@@ -372,11 +395,19 @@ impl<I: Inbound> Stream<I> {
             peer_addr: self.peer,
             local_addr: self.local,
             authority,
-            forwarded_for: header(FORWARDED).as_deref().and_then(parse_forwarded_for),
+            forwarded: header(FORWARDED).as_deref().map(Forwarded::parse).unwrap_or_default(),
             baggage: header(BAGGAGE),
-            traceparent: header(TRACEPARENT),
+            traceparent: header(TRACEPARENT).filter(|t| is_traceparent(t)),
         })
     }
+}
+
+/// Sleeps for `d`, or forever when `d` is [`Duration::MAX`].
+async fn sleep_or_never(d: Duration) {
+    if d == Duration::MAX {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(d).await;
 }
 
 fn status_only(status: StatusCode) -> Response<()> {

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use weft_core::names;
 
 pub use netns::{command_in, in_netns, ip, ip_in, list_netns, netns_path, spawn_in, sysctl_in};
 pub use plan::{Addressing, Cidr, ClusterSpec, FabricPlan, NodePlan, Plan, PlanError, PodPlan, PodSpec};
@@ -315,6 +316,14 @@ fn build(state: &mut State) -> Result<(), ClusterError> {
             // The pods' next hop: link scope, so the node never picks it as a source address.
             let gateway = Cidr::host(*gateway).to_string();
             ip_in(ns, &["addr", "add", &gateway, "dev", "lo", "scope", "link"])?;
+        }
+        // Istio's probe source, for the node's own health checks of its pods (the capture lets
+        // node traffic from it through to the pods): link scope, never picked as a source.
+        let probe = Cidr::host(names::PROBE_SOURCE_V4.into()).to_string();
+        ip_in(ns, &["addr", "add", &probe, "dev", "lo", "scope", "link"])?;
+        if dual_stack {
+            let probe = Cidr::host(names::PROBE_SOURCE_V6.into()).to_string();
+            ip_in(ns, &["addr", "add", &probe, "dev", "lo", "scope", "link", "nodad"])?;
         }
         for other in plan.nodes.iter().filter(|o| o.name != node.name) {
             for (cidr, via) in other.pod_cidrs.iter().zip(&other.link_addrs) {

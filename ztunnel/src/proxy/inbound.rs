@@ -50,10 +50,18 @@ impl<S: CertificateSource> Inbound for Hbone<S> {
         let authority = canonical(info.authority);
         let identity = &info.peer_identity;
         let state = ctx.state();
-        let client = match hbone_source(&state, identity, canonical(info.peer_addr), info.forwarded_for) {
+        // The source is the outer connection's peer (or, from the destination's waypoint, the
+        // client it forwards); an unknown destination is refused by `check` below.
+        let peer = canonical(info.peer_addr);
+        let source = match local_workload(&state, &ctx.node, authority.ip()) {
+            Some(destination) => hbone_source(&state, identity, peer, &info.forwarded, destination),
+            None => Ok(peer),
+        };
+        let client = match source {
             Ok(client) => client,
             Err(refusal) => {
-                warn!(peer = %info.peer_addr, %identity, %authority, %refusal, "HBONE connection refused");
+                warn!(%peer, %identity, %authority, %refusal, traceparent = info.traceparent.as_deref(),
+                    "HBONE connection refused");
                 return Err(Refusal::bad_request(refusal.to_string()));
             }
         };

@@ -73,14 +73,20 @@ pub struct ListenAddrs {
 /// Tuning of the data path; [`Default`] is what production uses.
 #[derive(Clone, Debug)]
 pub struct ProxyOptions {
-    /// Listeners and upstream sockets use IP_TRANSPARENT (needs CAP_NET_ADMIN). Only tests
-    /// without that capability turn it off: capture does not work without it.
+    /// Listeners and upstream sockets use IP_TRANSPARENT, and upstream sockets (plain and HBONE)
+    /// carry the capture's [`ebpf::SOCKET_MARK`] so the capture lets them pass (both need
+    /// CAP_NET_ADMIN). Only tests without that capability turn it off: capture does not work
+    /// without it.
     pub transparent: bool,
     /// Deadline for every upstream connect (TCP, or HBONE handshake plus CONNECT response),
     /// and for obtaining a certificate.
     pub connect_timeout: Duration,
     /// Concurrent connections per listener; further accepts wait.
     pub max_connections: usize,
+    /// Concurrent connections per listener from one source address; more are reset at once.
+    pub max_connections_per_source: usize,
+    /// An HBONE connection that has carried no stream for this long is closed.
+    pub hbone_idle_timeout: Duration,
     /// After a drain begins, how long connections may take to finish before they are cut.
     pub drain_deadline: Duration,
 }
@@ -133,6 +139,8 @@ impl Default for ProxyOptions {
             transparent: true,
             connect_timeout: Duration::from_secs(5),
             max_connections: 10_000,
+            max_connections_per_source: accept::MAX_CONNECTIONS_PER_SOURCE,
+            hbone_idle_timeout: ServerSettings::default().idle_timeout,
             drain_deadline: Duration::from_secs(5),
         }
     }
@@ -175,6 +183,8 @@ impl<S: CertificateSource> Proxy<S> {
         let pool = Pool::new(ClientSettings {
             connect_timeout: options.connect_timeout,
             response_timeout: options.connect_timeout,
+            transparent: options.transparent,
+            mark: options.transparent.then_some(ebpf::SOCKET_MARK),
             ..ClientSettings::default()
         });
         let ctx = Arc::new(Ctx {
@@ -202,6 +212,8 @@ impl<S: CertificateSource> Proxy<S> {
             node = %ctx.node, transparent = ctx.options.transparent, "ztunnel listening");
         let settings = ServerSettings {
             max_connections: ctx.options.max_connections,
+            max_connections_per_source: ctx.options.max_connections_per_source,
+            idle_timeout: ctx.options.hbone_idle_timeout,
             drain_deadline: ctx.options.drain_deadline,
             ..ServerSettings::default()
         };
@@ -285,8 +297,11 @@ async fn serve<S, F, Fut>(
     F: Fn(Arc<Ctx<S>>, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let limits =
-        Limits { max_connections: ctx.options.max_connections, drain_deadline: ctx.options.drain_deadline };
+    let limits = Limits {
+        max_connections: ctx.options.max_connections,
+        max_per_source: ctx.options.max_connections_per_source,
+        drain_deadline: ctx.options.drain_deadline,
+    };
     accept::serve(&listener, name, limits, drain, |stream, peer| {
         handler(ctx.clone(), stream, canonical(peer))
     })

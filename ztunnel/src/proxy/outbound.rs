@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 use weft_core::cert_manager::CertificateSource;
-use weft_core::hbone::ConnectRequest;
+use weft_core::hbone::{new_traceparent, ConnectRequest, Forwarded};
 use weft_core::telemetry::ResponseFlags;
 
 use super::socket::{self, Counted};
@@ -43,23 +43,31 @@ pub(super) async fn handle<S: CertificateSource>(ctx: Arc<Ctx<S>>, client: TcpSt
                 guard.set_response_flags(ResponseFlags::Connect);
                 return socket::reset(client);
             };
+            // Istio's client: the outer connection from the pod's own address (the server
+            // identifies the source by it), `for=` the pod's address and `host=` the Service
+            // called by VIP, a new trace id per connection.
+            let traceparent = new_traceparent();
             let request = ConnectRequest {
                 certificate,
                 expected: tunnel.expected_identities.clone(),
-                source_ip: None,
+                source_ip: Some(peer.ip()),
                 hbone_addr: tunnel.connect_to,
                 authority: tunnel.authority,
-                forwarded_for: Some(peer),
+                forwarded: Forwarded {
+                    for_addr: Some(peer),
+                    host: tunnel.service.as_ref().map(|s| s.hostname.clone()),
+                },
                 baggage: Some(baggage),
-                traceparent: None,
+                traceparent: Some(traceparent.clone()),
             };
             return match ctx.pool.connect(request).await {
                 Ok(stream) => {
-                    debug!(%dst, via = %tunnel.connect_to, authority = %tunnel.authority, "HBONE tunnel opened");
+                    debug!(%dst, via = %tunnel.connect_to, authority = %tunnel.authority, %traceparent,
+                        "HBONE tunnel opened");
                     copy(client, Counted::new(stream, guard), dst).await;
                 }
                 Err(e) => {
-                    warn!(%dst, via = %tunnel.connect_to, error = %e, "HBONE tunnel failed");
+                    warn!(%dst, via = %tunnel.connect_to, error = %e, %traceparent, "HBONE tunnel failed");
                     guard.set_response_flags(tunnel_flags(&e));
                     socket::reset(client);
                 }

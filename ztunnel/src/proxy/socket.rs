@@ -19,13 +19,15 @@ const BACKLOG: i32 = 1024;
 
 /// A listener on `addr`. With `transparent`, IP_TRANSPARENT is set so the listener can accept
 /// connections the eBPF capture assigned to it whatever their destination address, and answer
-/// from that address. An IPv6 wildcard listener also accepts IPv4 (dual stack).
+/// from that address, and the socket carries [`ebpf::SOCKET_MARK`]. An IPv6 wildcard listener also accepts IPv4 (dual stack).
 pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if transparent {
         // Works for IPv6 sockets too: Linux sets the same flag as IPV6_TRANSPARENT.
         socket.set_ip_transparent(true)?;
+        // Accepted connections inherit the mark: their packets to a pod pass the capture.
+        socket.set_mark(ebpf::SOCKET_MARK)?;
     }
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
@@ -40,6 +42,8 @@ pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
 /// (any port), bound with IP_TRANSPARENT when `transparent` so it may be a pod's address rather
 /// than one of this node's: the server then sees its real caller. If that bind fails (no
 /// CAP_NET_ADMIN, another address family) the connection is made from the node's address.
+/// With `transparent` the socket also carries [`ebpf::SOCKET_MARK`]: the capture lets ztunnel's
+/// own connections to a pod through instead of steering them back into ztunnel.
 pub async fn connect(
     source: Option<IpAddr>,
     to: SocketAddr,
@@ -47,6 +51,9 @@ pub async fn connect(
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let socket = if to.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    if transparent {
+        SockRef::from(&socket).set_mark(ebpf::SOCKET_MARK)?;
+    }
     if let Some(ip) = source {
         if let Err(e) = bind_source(&socket, ip, to, transparent) {
             debug!(source = %ip, %to, error = %e, "cannot connect from the client's address; using the node's");
@@ -76,13 +83,7 @@ pub fn is_local(ip: IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || std::net::TcpListener::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
-/// Closes `stream` with a reset (SO_LINGER 0), so the client sees a refusal, not an empty reply.
-pub fn reset(stream: TcpStream) {
-    if let Err(e) = SockRef::from(&stream).set_linger(Some(Duration::ZERO)) {
-        debug!(error = %e, "cannot set SO_LINGER 0; closing normally");
-    }
-    drop(stream);
-}
+pub use weft_core::accept::reset;
 
 /// An upstream stream counting its bytes into a connection's metrics: bytes written to it
 /// travel from the client to the server (`received`), bytes read from it back (`sent`). The
