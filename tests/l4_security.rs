@@ -393,3 +393,58 @@ fn thousands_of_idle_hbone_connections_and_a_connection_storm_starve_no_one() {
         assert!(!log.contains("Too many open files"), "{node}'s ztunnel ran out of file descriptors");
     }
 }
+
+#[test]
+fn a_six_megabyte_policy_reaches_every_ztunnel_with_the_rest_of_the_config() {
+    if !usable("bigpolicy") {
+        return;
+    }
+    let yaml = namespace("demo", true)
+        + &pod("demo", "client", "node-a")
+        + &pod("demo", "intruder", "node-a")
+        + &pod("demo", "echo", "node-b")
+        + &pod("demo", "local", "node-a");
+    let t = TestMesh::up("bigpolicy", &[("mesh.yaml", yaml)]);
+    let (client_ns, intruder_ns) = (t.netns("demo", "client"), t.netns("demo", "intruder"));
+    let (echo, local) =
+        (format!("http://{}:8080/", t.ip("demo", "echo")), format!("http://{}:8080/", t.ip("demo", "local")));
+    get_json(&client_ns, &echo);
+    get_json(&intruder_ns, &local);
+
+    // An ALLOW naming 60,000 principals, demo/client among them: one 6 MB resource, beyond
+    // gRPC's default 4 MiB message.
+    let mut big = String::from(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: big, namespace: demo}\n\
+         spec:\n  selector: {matchLabels: {app: echo}}\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals:\n",
+    );
+    big.push_str("        - cluster.local/ns/demo/sa/client\n");
+    for i in 0..60_000 {
+        big.push_str(&format!(
+            "        - cluster.local/ns/tenant-{i:05}/sa/a-service-account-with-a-long-name-{i:05}\n"
+        ));
+    }
+    assert!(big.len() > 6_000_000, "{}", big.len());
+    t.write_config("big.yaml", &big);
+    // And a small DENY for node-a's pod, pushed after it.
+    t.write_config(
+        "small.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: small, namespace: demo}\n\
+         spec:\n  selector: {matchLabels: {app: local}}\n  action: DENY\n  rules:\n  - from:\n    - source:\n        \
+         principals: [cluster.local/ns/demo/sa/intruder]\n",
+    );
+    let applied = poll(Duration::from_secs(30), || {
+        (curl(&intruder_ns, 2, &[&echo]).is_err() && curl(&intruder_ns, 2, &[&local]).is_err()).then_some(())
+    });
+    assert!(
+        applied.is_some(),
+        "the big ALLOW (node-b) and the small DENY (node-a) did not both apply\n{}",
+        t.logs()
+    );
+    get_json(&client_ns, &echo);
+    get_json(&client_ns, &local);
+    for node in ["node-a", "node-b"] {
+        let log = std::fs::read_to_string(t.mesh.log_path(&up::ztunnel_process(node))).unwrap();
+        assert!(!log.contains("NACK"), "{node} refused a resource:\n{log}");
+        assert!(!log.contains("xDS stream ended"), "{node} lost its xDS stream:\n{log}");
+    }
+}

@@ -209,6 +209,66 @@ async fn idle_connections_are_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_closes_a_connection_that_carries_no_stream() {
+    let settings = ServerSettings { idle_timeout: Duration::from_millis(300), ..ServerSettings::default() };
+    let fx = start(Arc::new(TestCa::new()), settings).await;
+    let echo = echo_server().await;
+    // The client would keep it for minutes: only the server's idle timeout closes it.
+    let pool = Pool::new(ClientSettings::default());
+    // A stream open longer than the idle timeout keeps the connection.
+    let mut stream = pool.connect(fx.request(fx.client_cert(), echo)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stream.write_all(b"still open").await.unwrap();
+    stream.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut stream).await.unwrap(), b"still open");
+    drop(stream);
+    assert_eq!(pool.connections_open(), 1);
+    // Once it carries none, the server closes it (GOAWAY); the pool notices.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.connections_open() > 0 {
+        assert!(Instant::now() < deadline, "the server kept an idle connection past 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fx.assert_still_serving().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_address_cannot_take_more_than_its_share_of_connections() {
+    let settings = ServerSettings { max_connections_per_source: 3, ..ServerSettings::default() };
+    let fx = start(Arc::new(TestCa::new()), settings).await;
+    let echo = echo_server().await;
+    // Three connections from 127.0.0.1 (one stream each), each held open.
+    let pool = Pool::new(ClientSettings { max_streams_per_connection: 1, ..ClientSettings::default() });
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(pool.connect(fx.request(fx.client_cert(), echo)).await.expect("within the share"));
+    }
+    // A fourth from the same address is reset at once.
+    let refused = pool.connect(fx.request(fx.client_cert(), echo)).await;
+    assert!(refused.is_err(), "a fourth connection from one source was served");
+    // Another source address is served.
+    let other = Pool::new(ClientSettings::default());
+    let mut request = fx.request(fx.client_cert(), echo);
+    request.source_ip = Some("127.0.0.2".parse().unwrap());
+    let mut stream = other.connect(request).await.expect("another source is served");
+    stream.write_all(b"x").await.unwrap();
+    stream.shutdown().await.unwrap();
+    assert_eq!(read_all(&mut stream).await.unwrap(), b"x");
+    // Closing them makes room again.
+    drop(held);
+    drop(pool);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let fresh = Pool::new(ClientSettings::default());
+        if fresh.connect(fx.request(fx.client_cert(), echo)).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "closed connections' places were never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_travels_in_each_direction() {
     let fx = start(Arc::new(TestCa::new()), ServerSettings::default()).await;
     // Upstream closes its write half first, then keeps reading and reports what it got.
