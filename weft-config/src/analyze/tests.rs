@@ -664,6 +664,42 @@ const UNENFORCED: &[Unenforced] = &[
         "istio-injection asks for sidecar injection, and Weft has no sidecars: not enforced; the pods of namespace legacy are not in the mesh",
         "label the namespace istio.io/dataplane-mode=ambient",
     ),
+    // Services and pods.
+    (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: named}\nspec: {selector: {app: reviews}, ports: [{port: 80, targetPort: http}]}\n",
+        "Service default/named",
+        "spec.ports[0].targetPort",
+        "the named targetPort \"http\" is not resolved (Weft does not read the pods' container ports): ztunnels find no endpoint for port 80 of this Service, so mesh connections to it fail",
+        "container port's number",
+    ),
+    (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: example.com}\n",
+        "Service default/ext",
+        "spec.type",
+        "an ExternalName Service is not translated",
+        "",
+    ),
+    (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: vip}\nspec: {clusterIP: 10.0.0.300, ports: [{port: 80}]}\n",
+        "Service default/vip",
+        "spec.clusterIP",
+        "cluster IP \"10.0.0.300\" is not an IP address: ignored",
+        "write an IP address",
+    ),
+    (
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p1, labels: {app: reviews}}\nstatus: {podIP: not-an-ip}\n",
+        "Pod default/p1",
+        "status.podIP",
+        "pod IP \"not-an-ip\" is not an IP address: ignored",
+        "leave status to Kubernetes",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  rules: [{to: [{operation: {ports: [http]}}]}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.rules[0].to[0].operation.ports[0]",
+        "rules[0].to[0].operation.ports[0] (\"http\" is not a port number) left out of the waypoint's configuration",
+        "write ports as numbers",
+    ),
     // Kinds Weft does not implement.
     (
         "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm}\nspec: {address: 10.0.0.9}\n",

@@ -25,22 +25,27 @@
 //!   Service without one, a gateway of another class, a ServiceEntry, another kind);
 //! - PeerAuthentication DISABLE (enforced as PERMISSIVE) and `portLevelMtls` without a selector;
 //! - a Namespace asking for sidecar injection (`istio-injection`, `istio.io/rev`) and not ambient;
+//! - a Service's named `targetPort` (not resolved: connections to that port find no endpoint), an
+//!   ExternalName Service (not translated), cluster and pod IPs that are not IP addresses;
+//! - ports that are not numbers in a policy for a waypoint (left out of its configuration);
 //! - everything that only a waypoint enforces, and the waypoint Gateways themselves: there is no
 //!   waypoint proxy yet ([`NO_WAYPOINT_PROXY`]; `Check::waypoint_pending` makes every such
 //!   entry, so they all go with it when the waypoint lands).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
 
 use weft_core::names::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL};
 
 use crate::decode::Object;
-use crate::kube::{KubeGateway, Service, WAYPOINT_GATEWAY_CLASS};
+use crate::kube::{KubeGateway, Pod, Service, WAYPOINT_GATEWAY_CLASS};
 use crate::meta::{labels_to_string, Labels, ObjectMeta, PolicyTargetReference, WorkloadSelector};
 use crate::networking::{ClientTlsMode, DestinationRule, VirtualService};
 use crate::security::{
     AuthorizationAction, AuthorizationPolicy, MtlsMode, PeerAuthentication, RequestAuthentication, Rule,
 };
+use crate::types::IntOrString;
 
 use super::{AnalyzeOptions, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL};
 
@@ -195,6 +200,8 @@ impl<'a> Check<'a> {
             Object::RequestAuthentication(r) => self.request_authentication(i, r),
             Object::PeerAuthentication(pa) => self.peer_authentication(i, pa),
             Object::Namespace(n) => self.namespace(i, &n.metadata),
+            Object::Service(svc) => self.service(i, svc),
+            Object::Pod(pod) => self.pod(i, pod),
             _ => {}
         }
     }
@@ -446,8 +453,8 @@ impl<'a> Check<'a> {
         let refs = target_refs(spec.target_ref.as_ref(), &spec.target_refs);
         if refs.is_empty() {
             self.ztunnel_rules(i, p);
-        } else {
-            self.targets(i, &p.metadata, &refs);
+        } else if self.targets(i, &p.metadata, &refs) {
+            self.waypoint_ports(i, &spec.rules);
         }
     }
 
@@ -476,7 +483,8 @@ impl<'a> Check<'a> {
     }
 
     /// A policy bound by `targetRefs`: applied in the waypoints they reach, nowhere else.
-    fn targets(&mut self, i: usize, meta: &ObjectMeta, refs: &[(String, &PolicyTargetReference)]) {
+    /// Returns whether any target is a waypoint.
+    fn targets(&mut self, i: usize, meta: &ObjectMeta, refs: &[(String, &PolicyTargetReference)]) -> bool {
         let mut waypoints = BTreeSet::new();
         let mut first = None;
         for (field, r) in refs {
@@ -489,9 +497,33 @@ impl<'a> Check<'a> {
                 Target::Missing => {}
             }
         }
-        if let Some(field) = first {
-            self.waypoint_pending(i, &field, &waypoints);
+        if let Some(field) = &first {
+            self.waypoint_pending(i, field, &waypoints);
         }
+        first.is_some()
+    }
+
+    /// Ports that are not numbers, which the waypoint translation leaves out.
+    fn waypoint_ports(&mut self, i: usize, rules: &[Rule]) {
+        let bad: Vec<(String, String)> = rules
+            .iter()
+            .enumerate()
+            .flat_map(|(r, rule)| {
+                rule.malformed_l4().into_iter().map(move |(f, why)| (format!("rules[{r}].{f}"), why))
+            })
+            .filter(|(f, _)| f.contains(".operation."))
+            .collect();
+        let Some((first, _)) = bad.first() else { return };
+        let listed = bad.iter().map(|(f, why)| format!("{f} ({why})")).collect::<Vec<_>>().join(", ");
+        self.push(
+            i,
+            &format!("spec.{first}"),
+            format!(
+                "{listed} left out of the waypoint's configuration: a port condition that held only these \
+                 matches every port there"
+            ),
+            Some("write ports as numbers (1-65535)"),
+        );
     }
 
     /// Where one target reference takes a policy, as the waypoint translation attaches it.
@@ -695,6 +727,56 @@ impl<'a> Check<'a> {
                     Some(DISABLE_FIX),
                 );
             }
+        }
+    }
+
+    // ---- workloads and services ---------------------------------------------------------
+
+    fn service(&mut self, i: usize, svc: &Service) {
+        if svc.spec.type_.as_deref() == Some("ExternalName") {
+            self.push(
+                i,
+                "spec.type",
+                "an ExternalName Service is not translated: ztunnels learn nothing of it, and connections to \
+                 the name it points to pass through as plain TCP"
+                    .into(),
+                None,
+            );
+            return;
+        }
+        for ip in svc.cluster_ips().into_iter().filter(|ip| ip.parse::<IpAddr>().is_err()) {
+            self.push(
+                i,
+                "spec.clusterIP",
+                format!("cluster IP {ip:?} is not an IP address: ignored, ztunnels get no address for it"),
+                Some("write an IP address, or leave clusterIP to Kubernetes"),
+            );
+        }
+        for (j, port) in svc.spec.ports.iter().enumerate() {
+            if let Some(IntOrString::String(name)) = &port.target_port {
+                self.push(
+                    i,
+                    &format!("spec.ports[{j}].targetPort"),
+                    format!(
+                        "the named targetPort {name:?} is not resolved (Weft does not read the pods' container \
+                         ports): ztunnels find no endpoint for port {} of this Service, so mesh connections to it \
+                         fail",
+                        port.port
+                    ),
+                    Some("write the container port's number as targetPort"),
+                );
+            }
+        }
+    }
+
+    fn pod(&mut self, i: usize, pod: &Pod) {
+        for ip in pod.ips().into_iter().filter(|ip| ip.parse::<IpAddr>().is_err()) {
+            self.push(
+                i,
+                "status.podIP",
+                format!("pod IP {ip:?} is not an IP address: ignored, ztunnels get no address for it"),
+                Some("leave status to Kubernetes (or write an IP address)"),
+            );
         }
     }
 
