@@ -117,7 +117,8 @@ pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot
 ///
 /// Simplifications against Istio: `workload_name` is the pod's name (Istio derives the owning
 /// Deployment's), and a Service's named `targetPort` maps to target port 0, as resolving it needs
-/// the pod's container ports, which the model does not keep.
+/// the pod's container ports, which the model does not keep: ztunnel then finds no endpoint for
+/// that port (`weft_config::not_enforced` says so).
 pub fn workload(model: &Model, pod: &Pod, trust_domain: &str, cluster_id: &str) -> Option<Workload> {
     workload_indexed(model, &Index::of(model), pod, trust_domain, cluster_id)
 }
@@ -134,13 +135,8 @@ fn workload_indexed(
     let addresses: Vec<Vec<u8>> = pod
         .ips()
         .into_iter()
-        .filter_map(|ip| match ip.parse::<IpAddr>() {
-            Ok(ip) => Some(ip_bytes(ip)),
-            Err(_) => {
-                warn!(pod = %meta.name, namespace = %meta.namespace, ip, "pod IP is not an IP address; ignored");
-                None
-            }
-        })
+        // One that is not an IP is left out (`weft_config::not_enforced` reports it).
+        .filter_map(|ip| ip.parse::<IpAddr>().ok().map(ip_bytes))
         .collect();
     if addresses.is_empty() {
         return None;
@@ -189,13 +185,9 @@ pub fn service(model: &Model, svc: &KubeService) -> Option<Service> {
     let addresses = svc
         .cluster_ips()
         .into_iter()
-        .filter_map(|ip| match ip.parse::<IpAddr>() {
-            Ok(ip) => Some(NetworkAddress { network: String::new(), address: ip_bytes(ip) }),
-            Err(_) => {
-                warn!(service = %meta.name, namespace = %meta.namespace, ip, "cluster IP is not an IP address; ignored");
-                None
-            }
-        })
+        // One that is not an IP is left out (`weft_config::not_enforced` reports it).
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .map(|ip| NetworkAddress { network: String::new(), address: ip_bytes(ip) })
         .collect();
     Some(Service {
         name: meta.name.clone(),
@@ -214,14 +206,11 @@ pub fn service(model: &Model, svc: &KubeService) -> Option<Service> {
 ///
 /// Rules with L7 fields (methods, paths, hosts, request principals, remote IPs, `when`) fail
 /// closed, as Istio converts them: an ALLOW rule is dropped (it allows nothing), a DENY rule is
-/// enforced without them ([`Rule::without_l7`]: it denies more). Each case is logged.
+/// enforced without them ([`Rule::without_l7`]: it denies more). Nothing is logged here: what
+/// that means for each policy is said once by `weft_config::not_enforced`, which the controller
+/// logs ([`crate::unenforced`]) and `weft analyze` prints.
 pub fn authorization(policy: &AuthorizationPolicy) -> Option<Authorization> {
-    convert(policy)
-        .map_err(|why| {
-            let meta = &policy.metadata;
-            warn!(policy = %meta.name, namespace = %meta.namespace, "AuthorizationPolicy not sent to ztunnels: {why}");
-        })
-        .ok()
+    convert(policy).ok()
 }
 
 /// [`authorization`], saying why a policy is not for ztunnel.
@@ -250,13 +239,8 @@ fn convert(policy: &AuthorizationPolicy) -> Result<Authorization, String> {
     for rule in &spec.rules {
         match (group(rule, &meta.namespace), action) {
             (Ok(group), _) => groups.push(group),
-            (Err(why), security::Action::Allow) => {
-                warn!(policy = %meta.name, namespace = %meta.namespace, "ALLOW rule dropped at L4 (allows less): {why}");
-            }
-            (Err(why), _) => {
-                warn!(policy = %meta.name, namespace = %meta.namespace, "DENY rule widened at L4 (denies more): {why}");
-                groups.push(group(&rule.without_l7(), &meta.namespace).unwrap_or_default());
-            }
+            (Err(_), security::Action::Allow) => {}
+            (Err(_), _) => groups.push(group(&rule.without_l7(), &meta.namespace).unwrap_or_default()),
         }
     }
     Ok(Authorization {
