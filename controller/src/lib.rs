@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod model;
 pub mod sources;
 pub mod translate;
+pub mod unenforced;
 pub mod waypoints;
 pub mod xds;
 
@@ -226,11 +227,14 @@ impl Controller {
     }
 }
 
-/// Translates the model into a snapshot on every change, until the model's source stops.
+/// Translates the model into a snapshot on every change, until the model's source stops, and
+/// logs what it holds that is not enforced as written (each entry once, see [`unenforced`]).
 async fn publish_snapshots(mut model: watch::Receiver<Arc<Model>>, xds: XdsServer, trust_domain: String) {
+    let mut reporter = unenforced::Reporter::default();
     loop {
         let current = model.borrow_and_update().clone();
         let snapshot = translate::snapshot(&current, &trust_domain, translate::DEFAULT_CLUSTER_ID);
+        reporter.report(&current);
         tracing::debug!(version = snapshot.version(), objects = current.len(), "publishing xDS snapshot");
         xds.update(snapshot);
         if model.changed().await.is_err() {

@@ -61,7 +61,9 @@ impl Model {
     pub fn apply(&mut self, change: Change) -> bool {
         match change {
             Change::Upsert(object) => {
-                if matches!(*object, Object::Ignored(_) | Object::Unsupported(_)) {
+                // Kinds Weft does not implement are kept (translation skips them) so that they
+                // are reported as not enforced; kinds with no mesh configuration are not.
+                if matches!(*object, Object::Ignored(_)) {
                     return false;
                 }
                 let key = ObjectKey::of(&object);

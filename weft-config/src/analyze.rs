@@ -5,7 +5,7 @@
 //! Rules (errors unless marked):
 //! - invalid YAML (line and column), unknown kind or apiVersion, missing required fields and
 //!   wrong types (from the loader);
-//! - unknown fields (warning) and kinds Weft does not implement (warning);
+//! - unknown fields (warning);
 //! - a VirtualService without hosts that no other VirtualService delegates to;
 //! - a VirtualService destination subset that no DestinationRule for that host defines (Istio
 //!   answers 503 for it);
@@ -27,7 +27,12 @@
 //! - a waypoint in use (`istio.io/use-waypoint` on a Namespace, Service, ServiceEntry, Pod or pod
 //!   template; `istio.io/use-waypoint-namespace` names another namespace) with no Gateway API
 //!   Gateway of class `istio-waypoint` by that name declared;
-//! - the same object defined twice (warning).
+//! - the same object defined twice (warning);
+//! - what Weft accepts but does not enforce as written (warnings, listed in [`unenforced`], which
+//!   the controller logs too): kinds it does not implement, Istio gateways, ServiceEntry,
+//!   Telemetry, routing and JWT rules without a waypoint, L7 fields in policies ztunnel enforces,
+//!   CUSTOM and AUDIT, PeerAuthentication DISABLE, and everything only a waypoint enforces (no
+//!   waypoint proxy yet).
 //!
 //! Visibility (`exportTo`) is not modeled: any DestinationRule or Service in the set counts.
 
@@ -40,6 +45,8 @@ use super::kube::{KubeGateway, WAYPOINT_GATEWAY_CLASS};
 use super::meta::{labels_to_string, Labels, PolicyTargetReference, WorkloadSelector};
 use super::networking::{Destination, DestinationRule, VirtualService};
 use super::yaml::{LoadError, LoadedDoc};
+
+pub mod unenforced;
 
 /// Istio's root namespace: mesh-wide policies live there.
 pub const ROOT_NAMESPACE: &str = weft_core::names::ROOT_NAMESPACE;
@@ -126,6 +133,7 @@ pub fn analyze_with(docs: &[LoadedDoc], options: &AnalyzeOptions) -> Vec<Finding
     a.peer_authentication_conflicts();
     a.policy_targets();
     a.waypoints();
+    a.unenforced();
     let mut findings = a.findings;
     findings.sort_by(|x, y| (&x.file, x.line).cmp(&(&y.file, y.line)));
     findings
@@ -163,7 +171,7 @@ impl<'a> Analysis<'a> {
         });
     }
 
-    /// Documents that did not load, unknown fields, unsupported kinds.
+    /// Documents that did not load, unknown fields.
     fn loading(&mut self, doc: &'a LoadedDoc) {
         let decoded = match &doc.result {
             Ok(decoded) => decoded,
@@ -201,16 +209,8 @@ impl<'a> Analysis<'a> {
             };
             self.push(Severity::Warning, &entry, &w.field, "unknown field, ignored".into(), Some(suggestion));
         }
-        match &decoded.object {
-            Object::Unsupported(o) => self.push(
-                Severity::Warning,
-                &entry,
-                "",
-                format!("{} ({}) is not supported by Weft; it has no effect", o.kind, o.api_version),
-                None,
-            ),
-            Object::Ignored(_) => {}
-            _ => self.objects.push(entry),
+        if !matches!(decoded.object, Object::Ignored(_)) {
+            self.objects.push(entry);
         }
     }
 
@@ -630,6 +630,17 @@ impl<'a> Analysis<'a> {
                 r.kind
             )),
         );
+    }
+
+    // ---- what is not enforced -----------------------------------------------------------
+
+    fn unenforced(&mut self) {
+        let entries = std::mem::take(&mut self.objects);
+        let objects: Vec<&Object> = entries.iter().map(|e| e.object).collect();
+        for n in unenforced::not_enforced(&objects, self.options) {
+            self.push(Severity::Warning, &entries[n.object], &n.field, n.message, n.fix);
+        }
+        self.objects = entries;
     }
 
     // ---- waypoints ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ pub mod telemetry;
 pub mod types;
 pub mod yaml;
 
+pub use analyze::unenforced::{not_enforced, NotEnforced};
 pub use analyze::{analyze, analyze_with, AnalyzeOptions, Finding, Severity};
 pub use decode::{
     decode, decode_with, DecodeError, DecodeOptions, Decoded, FieldWarning, Object, OtherObject,

@@ -1,7 +1,8 @@
 //! `weft analyze` as a user runs it: the real binary over the manifests in `tests/analyze/`.
 //! Every `bad/` file fails (exit 1) with the messages its `# expect:` lines give; every `good/`
-//! file (Istio's documented examples) passes alone and all together; `warn/` files print their
-//! warnings and pass.
+//! file (Istio's documented examples) passes alone and all together, warning exactly what its
+//! `# expect:` lines say Weft does not enforce; `warn/` files print their warnings and pass; and
+//! `examples/unenforced` warns once for each object it holds that Weft does not enforce.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] functions unwrap too
 
@@ -72,16 +73,58 @@ fn every_bad_manifest_fails_with_its_messages() {
     }
 }
 
+/// Each warning line matches one `# expect:` line of `path`, and each of those one warning.
+fn check_warnings_exactly(path: &Path, stdout: &str) {
+    let expected = expectations(path);
+    let warnings: Vec<&str> = stdout.lines().filter(|l| l.contains(": warning: ")).collect();
+    assert_eq!(warnings.len(), expected.len(), "{}:\n{stdout}", path.display());
+    for e in &expected {
+        let hits = warnings.iter().filter(|w| w.contains(e.as_str())).count();
+        assert_eq!(hits, 1, "{}: expected once\n  {e}\nin\n{stdout}", path.display());
+    }
+}
+
 #[test]
-fn istios_documented_examples_pass_alone_and_together() {
+fn istios_documented_examples_pass_alone_and_together_warning_what_is_not_enforced() {
     for path in corpus("good") {
         let (code, stdout) = analyze(&path);
-        assert_eq!((code, stdout.lines().count()), (0, 1), "{}:\n{stdout}", path.display());
-        assert!(stdout.starts_with("0 errors, 0 warnings in "), "{stdout}");
+        assert_eq!(code, 0, "{}:\n{stdout}", path.display());
+        assert!(stdout.lines().last().unwrap().starts_with("0 errors, "), "{stdout}");
+        check_warnings_exactly(&path, &stdout);
     }
     let (code, stdout) = analyze(Path::new("good"));
     assert_eq!(code, 0, "{stdout}");
-    assert!(stdout.starts_with("0 errors, 0 warnings in "), "{stdout}");
+    assert!(stdout.lines().last().unwrap().starts_with("0 errors, "), "{stdout}");
+}
+
+#[test]
+fn the_unenforced_example_warns_once_per_object_with_the_fix() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/unenforced");
+    let (code, stdout) = analyze(&example);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.ends_with("0 errors, 6 warnings in 13 objects from 1 file\n"), "{stdout}");
+    let expected = [
+        "warning: AuthorizationPolicy shop/product-service-authz spec.rules[0].to[0].operation.methods: ztunnel \
+         enforces this policy and cannot check L7 fields (rules[0].to[0].operation.methods, \
+         rules[0].to[0].operation.paths), so it drops that rule and no rule is left: the policy allows nothing, so \
+         the workloads it selects (app=products) will refuse every connection that no other ALLOW policy allows \
+         (fix: check requests in a waypoint instead: target the Service (or its waypoint Gateway) with targetRefs \
+         in place of a selector, and bind the Service to the waypoint with the istio.io/use-waypoint label",
+        "warning: RequestAuthentication shop/products-jwt spec.selector: ",
+        "warning: Gateway shop/shop-gateway: Istio Gateway is not enforced",
+        "warning: VirtualService shop/shop spec.gateways: routes for gateway shop-gateway are not enforced",
+        "warning: ServiceEntry shop/payments-api: ServiceEntry is not enforced",
+        "warning: Telemetry istio-system/mesh-default: Telemetry is not enforced",
+    ];
+    for e in expected {
+        assert_eq!(stdout.lines().filter(|l| l.contains(e)).count(), 1, "expected once\n  {e}\nin\n{stdout}");
+        assert!(stdout
+            .lines()
+            .any(|l| l.contains(e) && l.starts_with(&format!("{}/mesh.yaml:", example.display()))));
+    }
+    for clean in ["products-l4", "PeerAuthentication", "Namespace shop", "Deployment"] {
+        assert!(!stdout.contains(clean), "{clean} warns:\n{stdout}");
+    }
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use tracing::warn;
 use weft_config::kube::{Pod, Service as KubeService};
 use weft_config::meta::Labels;
-use weft_config::security::{AuthorizationAction, AuthorizationPolicy, Rule};
+use weft_config::security::{parse_ip_block, parse_port, AuthorizationAction, AuthorizationPolicy, Rule};
 use weft_config::types::IntOrString;
 use weft_config::Object;
 use weft_core::proto::istio::security::{
@@ -117,7 +117,8 @@ pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot
 ///
 /// Simplifications against Istio: `workload_name` is the pod's name (Istio derives the owning
 /// Deployment's), and a Service's named `targetPort` maps to target port 0, as resolving it needs
-/// the pod's container ports, which the model does not keep.
+/// the pod's container ports, which the model does not keep: ztunnel then finds no endpoint for
+/// that port (`weft_config::not_enforced` says so).
 pub fn workload(model: &Model, pod: &Pod, trust_domain: &str, cluster_id: &str) -> Option<Workload> {
     workload_indexed(model, &Index::of(model), pod, trust_domain, cluster_id)
 }
@@ -134,13 +135,8 @@ fn workload_indexed(
     let addresses: Vec<Vec<u8>> = pod
         .ips()
         .into_iter()
-        .filter_map(|ip| match ip.parse::<IpAddr>() {
-            Ok(ip) => Some(ip_bytes(ip)),
-            Err(_) => {
-                warn!(pod = %meta.name, namespace = %meta.namespace, ip, "pod IP is not an IP address; ignored");
-                None
-            }
-        })
+        // One that is not an IP is left out (`weft_config::not_enforced` reports it).
+        .filter_map(|ip| ip.parse::<IpAddr>().ok().map(ip_bytes))
         .collect();
     if addresses.is_empty() {
         return None;
@@ -189,13 +185,9 @@ pub fn service(model: &Model, svc: &KubeService) -> Option<Service> {
     let addresses = svc
         .cluster_ips()
         .into_iter()
-        .filter_map(|ip| match ip.parse::<IpAddr>() {
-            Ok(ip) => Some(NetworkAddress { network: String::new(), address: ip_bytes(ip) }),
-            Err(_) => {
-                warn!(service = %meta.name, namespace = %meta.namespace, ip, "cluster IP is not an IP address; ignored");
-                None
-            }
-        })
+        // One that is not an IP is left out (`weft_config::not_enforced` reports it).
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .map(|ip| NetworkAddress { network: String::new(), address: ip_bytes(ip) })
         .collect();
     Some(Service {
         name: meta.name.clone(),
@@ -210,22 +202,18 @@ pub fn service(model: &Model, svc: &KubeService) -> Option<Service> {
 }
 
 /// The ztunnel form of an AuthorizationPolicy, or `None` when ztunnel cannot enforce it: AUDIT
-/// and CUSTOM actions, policies bound by `targetRef(s)` (a waypoint's), and rules with L7 fields
-/// (methods, paths, hosts, request principals, remote IPs, `when`), which belong to a waypoint.
-/// Each case is logged.
+/// and CUSTOM actions, and policies bound by `targetRef(s)` (a waypoint's).
 ///
-/// Istio instead keeps such a policy and drops the L7 parts of its rules (an ALLOW then allows
-/// less, a DENY denies more); Weft leaves the policy out so ztunnel never enforces half of it.
+/// Rules with L7 fields (methods, paths, hosts, request principals, remote IPs, `when`) fail
+/// closed, as Istio converts them: an ALLOW rule is dropped (it allows nothing), a DENY rule is
+/// enforced without them ([`Rule::without_l7`]: it denies more). Nothing is logged here: what
+/// that means for each policy is said once by `weft_config::not_enforced`, which the controller
+/// logs ([`crate::unenforced`]) and `weft analyze` prints.
 pub fn authorization(policy: &AuthorizationPolicy) -> Option<Authorization> {
-    convert(policy)
-        .map_err(|why| {
-            let meta = &policy.metadata;
-            warn!(policy = %meta.name, namespace = %meta.namespace, "AuthorizationPolicy not sent to ztunnels: {why}");
-        })
-        .ok()
+    convert(policy).ok()
 }
 
-/// [`authorization`] without the logging: why a policy is not for ztunnel.
+/// [`authorization`], saying why a policy is not for ztunnel.
 fn convert(policy: &AuthorizationPolicy) -> Result<Authorization, String> {
     let meta = &policy.metadata;
     let spec = &policy.spec;
@@ -244,20 +232,15 @@ fn convert(policy: &AuthorizationPolicy) -> Result<Authorization, String> {
         (None, ROOT_NAMESPACE) => security::Scope::Global,
         (None, _) => security::Scope::Namespace,
     };
-    // Rules ztunnel cannot evaluate fail closed, as Istio converts them: an ALLOW rule with L7
-    // (or malformed) parts is dropped, so it allows nothing; a DENY rule loses its L7 parts, so
-    // it denies more (and a malformed DENY rule denies everything in scope).
+    // An ALLOW rule ztunnel cannot evaluate (L7 fields, malformed ports or CIDRs) is dropped; a
+    // DENY rule loses its L7 fields, and one still malformed denies everything in scope (a group
+    // without rules matches every connection).
     let mut groups = Vec::new();
     for rule in &spec.rules {
         match (group(rule, &meta.namespace), action) {
             (Ok(group), _) => groups.push(group),
-            (Err(why), security::Action::Allow) => {
-                warn!(policy = %meta.name, namespace = %meta.namespace, "ALLOW rule dropped at L4 (allows less): {why}");
-            }
-            (Err(why), _) => {
-                warn!(policy = %meta.name, namespace = %meta.namespace, "DENY rule widened at L4 (denies more): {why}");
-                groups.push(group(&l4_only(rule), &meta.namespace).unwrap_or_default());
-            }
+            (Err(_), security::Action::Allow) => {}
+            (Err(_), _) => groups.push(group(&rule.without_l7(), &meta.namespace).unwrap_or_default()),
         }
     }
     Ok(Authorization {
@@ -269,47 +252,16 @@ fn convert(policy: &AuthorizationPolicy) -> Result<Authorization, String> {
     })
 }
 
-/// `rule` without what only a waypoint can evaluate.
-fn l4_only(rule: &Rule) -> Rule {
-    let mut rule = rule.clone();
-    rule.when.clear();
-    for to in &mut rule.to {
-        let op = &mut to.operation;
-        op.hosts.clear();
-        op.not_hosts.clear();
-        op.methods.clear();
-        op.not_methods.clear();
-        op.paths.clear();
-        op.not_paths.clear();
-    }
-    for from in &mut rule.from {
-        let source = &mut from.source;
-        source.request_principals.clear();
-        source.not_request_principals.clear();
-        source.remote_ip_blocks.clear();
-        source.not_remote_ip_blocks.clear();
-    }
-    rule
-}
-
 /// One rule as Istio converts it: the `to` matches and the `from` matches each become one `Rules`
 /// (their matches OR'd), and the group requires both (an empty rule: no `Rules`, matches all).
+/// An error when the rule has L7 fields or a malformed port or CIDR.
 fn group(rule: &Rule, namespace: &str) -> Result<Group, String> {
-    if !rule.when.is_empty() {
-        return Err("`when` conditions are L7 (a waypoint's)".to_owned());
+    if let Some(field) = rule.l7_fields().first() {
+        return Err(format!("{field} is L7 (a waypoint's)"));
     }
     let mut to = Vec::new();
     for t in &rule.to {
         let op = &t.operation;
-        if !(op.hosts.is_empty()
-            && op.not_hosts.is_empty()
-            && op.methods.is_empty()
-            && op.not_methods.is_empty()
-            && op.paths.is_empty()
-            && op.not_paths.is_empty())
-        {
-            return Err("hosts, methods and paths are L7 (a waypoint's)".to_owned());
-        }
         to.push(Match {
             destination_ports: ports(&op.ports)?,
             not_destination_ports: ports(&op.not_ports)?,
@@ -319,13 +271,6 @@ fn group(rule: &Rule, namespace: &str) -> Result<Group, String> {
     let mut from = Vec::new();
     for f in &rule.from {
         let s = &f.source;
-        if !(s.request_principals.is_empty()
-            && s.not_request_principals.is_empty()
-            && s.remote_ip_blocks.is_empty()
-            && s.not_remote_ip_blocks.is_empty())
-        {
-            return Err("requestPrincipals and remoteIpBlocks are L7 (a waypoint's)".to_owned());
-        }
         from.push(Match {
             namespaces: string_matches(&s.namespaces, false),
             not_namespaces: string_matches(&s.not_namespaces, false),
@@ -378,19 +323,9 @@ fn service_accounts(values: &[String], namespace: &str) -> Vec<ServiceAccountMat
 fn ip_blocks(values: &[String]) -> Result<Vec<security::Address>, String> {
     values
         .iter()
-        .map(|v| {
-            let bad = || format!("ipBlock {v:?} is not an IP or CIDR");
-            let (ip, len) = match v.split_once('/') {
-                Some((ip, len)) => (ip, Some(len.parse::<u32>().map_err(|_| bad())?)),
-                None => (v.as_str(), None),
-            };
-            let ip: IpAddr = ip.parse().map_err(|_| bad())?;
-            let max = if ip.is_ipv4() { 32 } else { 128 };
-            let length = len.unwrap_or(max);
-            if length > max {
-                return Err(bad());
-            }
-            Ok(security::Address { address: ip_bytes(ip), length })
+        .map(|v| match parse_ip_block(v) {
+            Some((ip, length)) => Ok(security::Address { address: ip_bytes(ip), length: u32::from(length) }),
+            None => Err(format!("ipBlock {v:?} is not an IP or CIDR")),
         })
         .collect()
 }
@@ -398,10 +333,7 @@ fn ip_blocks(values: &[String]) -> Result<Vec<security::Address>, String> {
 fn ports(values: &[String]) -> Result<Vec<u32>, String> {
     values
         .iter()
-        .map(|p| match p.parse::<u16>() {
-            Ok(port) if port != 0 => Ok(u32::from(port)),
-            _ => Err(format!("port {p:?} is not a port number")),
-        })
+        .map(|p| parse_port(p).map(u32::from).ok_or_else(|| format!("port {p:?} is not a port number")))
         .collect()
 }
 

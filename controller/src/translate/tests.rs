@@ -412,13 +412,52 @@ spec: {rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]}
         let policy = got[i].as_ref().unwrap_or_else(|| panic!("{name} is sent"));
         assert_eq!((policy.name.as_str(), policy.action, policy.groups.len()), (name, allow, 0));
     }
-    // A DENY rule loses its L7 parts: here nothing is left, so it denies every caller.
+    // A DENY rule loses its L7 parts: here nothing is left, so it denies every caller (a group
+    // without rules matches every connection).
     let jwt = got[1].as_ref().unwrap();
     assert_eq!(jwt.action, deny);
     assert_eq!(jwt.groups.len(), 1);
-    assert!(jwt.groups[0].rules.iter().all(|r| r.matches.iter().all(|m| *m == Match::default())));
+    assert!(jwt.groups[0].rules.is_empty(), "{jwt:?}");
     // Policies for a waypoint (targetRefs) and AUDIT are not ztunnel's.
     assert_eq!((got[3].is_none(), got[4].is_none()), (true, true));
+}
+
+/// DENY rules with L7 fields, as ztunnel's engine (weft-core's) then decides: each denies every
+/// connection its remaining L4 fields match, and one left with none denies every connection.
+#[test]
+fn deny_rules_with_l7_fields_fail_closed_at_ztunnel() {
+    use weft_core::authz::{Connection, Policy};
+    let deny = |rules: &str| {
+        let yaml = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {{action: DENY, rules: {rules}}}\n"
+        );
+        let authorization = policies(&yaml).remove(0).expect("a DENY policy is sent");
+        Policy::try_from(authorization).unwrap()
+    };
+    let caller = weft_core::Identity::new(TD, "shop", "web").unwrap();
+    let conn = |port: u16| Connection {
+        src_identity: Some(caller.clone()),
+        src_ip: "10.0.0.1".parse().unwrap(),
+        dst: std::net::SocketAddr::new("10.0.0.2".parse().unwrap(), port),
+    };
+    // (rules, denies port 80, denies port 8080)
+    let cases = [
+        (r#"[{to: [{operation: {paths: [/admin]}}]}]"#, true, true),
+        (r#"[{to: [{operation: {ports: ["8080"], methods: [POST]}}]}]"#, false, true),
+        (
+            r#"[{from: [{source: {requestPrincipals: ["*"]}}], to: [{operation: {ports: ["80"]}}]}]"#,
+            true,
+            false,
+        ),
+        (r#"[{when: [{key: "request.headers[x]", values: ["1"]}]}]"#, true, true),
+        (r#"[{to: [{operation: {paths: [/a]}}, {operation: {ports: ["22"]}}]}]"#, true, true),
+        (r#"[{from: [{source: {namespaces: [other]}}], to: [{operation: {paths: [/a]}}]}]"#, false, false),
+        (r#"[{to: [{operation: {ports: [http], methods: [GET]}}]}]"#, true, true),
+    ];
+    for (rules, port_80, port_8080) in cases {
+        let policy = deny(rules);
+        assert_eq!((policy.matches(&conn(80)), policy.matches(&conn(8080))), (port_80, port_8080), "{rules}");
+    }
 }
 
 #[test]

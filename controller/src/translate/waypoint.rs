@@ -536,7 +536,8 @@ fn policy(p: &IstioPolicy) -> wp::AuthorizationPolicy {
     }
 }
 
-/// Ports that are not numbers cannot match a request: they are dropped (`weft analyze` reports them).
+/// Ports that are not numbers cannot match a request: they are dropped (`weft analyze` reports
+/// them, and the controller logs them: `weft_config::not_enforced`).
 fn port_numbers(ports: &[String]) -> Vec<u32> {
     ports.iter().filter_map(|p| p.parse::<u16>().ok()).map(u32::from).collect()
 }

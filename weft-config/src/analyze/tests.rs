@@ -62,8 +62,34 @@ fn findings(extra: &str) -> Vec<Finding> {
     analyze(&docs)
 }
 
+/// The errors of [`findings`] (the base holds things Weft does not enforce, which warn).
+fn errors(extra: &str) -> Vec<Finding> {
+    findings(extra).into_iter().filter(|f| f.severity == Severity::Error).collect()
+}
+
+/// What [`unenforced::not_enforced`] says of these documents, as `Kind ns/name field: message`.
+fn unenforced_of(docs: &[crate::yaml::LoadedDoc]) -> Vec<String> {
+    let objects: Vec<&Object> = docs
+        .iter()
+        .filter_map(|d| d.result.as_ref().ok())
+        .map(|d| &d.object)
+        .filter(|o| !matches!(o, Object::Ignored(_)))
+        .collect();
+    unenforced::not_enforced(&objects, &AnalyzeOptions::default()).iter().map(ToString::to_string).collect()
+}
+
+/// A finding as `not_enforced` renders it (without the file and line).
+fn without_position(f: &Finding) -> String {
+    let shown = f.to_string();
+    let prefix = format!("{}:{}: {}: ", f.file, f.line, f.severity);
+    shown.strip_prefix(&prefix).unwrap_or(&shown).to_owned()
+}
+
+/// No errors, and no warning but what Weft does not enforce (the base's ServiceEntry,
+/// DestinationRule and waypoint, and some of the good configurations below, which are Istio's
+/// and valid).
 #[test]
-fn the_base_and_good_configurations_have_no_findings() {
+fn the_base_and_good_configurations_have_no_findings_but_what_is_not_enforced() {
     let good = r#"
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -125,8 +151,17 @@ apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {istio.io/use-waypoint: waypoint, istio.io/use-waypoint-namespace: default}}
 "#;
-    let found = findings(good);
-    assert!(found.is_empty(), "{:#?}", found.iter().map(ToString::to_string).collect::<Vec<_>>());
+    let mut docs = load_yaml(BASE, "base.yaml");
+    docs.extend(load_yaml(good, "case.yaml"));
+    let unenforced = unenforced_of(&docs);
+    let found = analyze(&docs);
+    let shown: Vec<String> = found.iter().map(ToString::to_string).collect();
+    assert!(!unenforced.is_empty());
+    assert_eq!(found.len(), unenforced.len(), "{shown:#?}");
+    for f in &found {
+        assert_eq!(f.severity, Severity::Warning, "{f}");
+        assert!(unenforced.contains(&without_position(f)), "{f}\nnot in {unenforced:#?}");
+    }
 }
 
 /// (manifest, severity, field, message substring)
@@ -304,14 +339,17 @@ fn each_rule_reports_its_finding() {
             found.iter().any(|f| f.severity == *severity && f.field == *field && f.message.contains(message)),
             "{manifest}\nwanted {severity} {field:?}: {message}\ngot {shown:#?}"
         );
-        assert!(found.iter().all(|f| f.file == "case.yaml"), "{shown:#?}");
+        // The case adds findings of its own only: the base's stay what they are alone.
+        let base: Vec<String> =
+            analyze(&load_yaml(BASE, "base.yaml")).iter().map(ToString::to_string).collect();
+        assert!(found.iter().all(|f| f.file == "case.yaml" || base.contains(&f.to_string())), "{shown:#?}");
     }
 }
 
 #[test]
 fn findings_point_at_the_field_line_and_print_in_one_line() {
     let text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination:\n        host: reviews\n        subset: v9\n";
-    let found = findings(text);
+    let found = errors(text);
     assert_eq!(found.len(), 1, "{found:#?}");
     assert_eq!(found[0].line, 10);
     assert_eq!(
@@ -320,21 +358,21 @@ fn findings_point_at_the_field_line_and_print_in_one_line() {
          defined by DestinationRule default/reviews (it has subsets v1, v2); requests routed to it fail with 503 \
          (fix: add a subset named v9 to DestinationRule default/reviews)"
     );
-    let found = findings("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ports:\n  - name: http\n    port: eighty\n");
+    let found = errors("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ports:\n  - name: http\n    port: eighty\n");
     assert_eq!(found[0].line, 7);
     assert_eq!(found[0].object, "Service default/s");
 }
 
 #[test]
 fn suggestions_name_the_likely_fix() {
-    let typo = findings(
+    let typo = errors(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [reviews]\n  http: [{route: [{destination: {host: reviews, subset: v22}}]}]\n",
     );
     assert_eq!(
         typo[0].suggestion.as_deref(),
         Some("add a subset named v22 to DestinationRule default/reviews")
     );
-    let short = findings(
+    let short = errors(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: x}\nspec:\n  hosts: [reviews.default.svc.cluster.local]\n  http: [{route: [{destination: {host: reviews.default}}]}]\n",
     );
     assert_eq!(
@@ -343,7 +381,7 @@ fn suggestions_name_the_likely_fix() {
             "write the full name reviews.default.svc.cluster.local: Istio takes names with a dot as written"
         )
     );
-    let host = findings(
+    let host = errors(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [ratingz]\n  http: [{route: [{destination: {host: ratings}}]}]\n",
     );
     assert_eq!(host[0].suggestion.as_deref(), Some("did you mean `ratings`?"));
@@ -363,5 +401,434 @@ fn hosts_match_wildcards_both_ways() {
     ];
     for (a, b, want) in cases {
         assert_eq!(hosts_match(a, b), want, "{a} vs {b}");
+    }
+}
+
+/// (manifest, object, field, message substring, fix substring; "" for no fix)
+type Unenforced = (&'static str, &'static str, &'static str, &'static str, &'static str);
+
+/// A Service bound to the base's waypoint, for the cases that need one.
+const BOUND: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: bound, labels: {istio.io/use-waypoint: waypoint}}\nspec: {selector: {app: reviews}, ports: [{port: 80}]}\n---\n";
+
+const UNENFORCED: &[Unenforced] = &[
+    // Gateways.
+    (
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec: {selector: {istio: ingressgateway}, servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ['*']}]}\n",
+        "Gateway default/gw",
+        "",
+        "Istio Gateway is not enforced: Weft runs no ingress or egress gateway",
+        "Service of type LoadBalancer or NodePort",
+    ),
+    (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: ingress}\nspec: {gatewayClassName: istio}\n",
+        "Gateway.gateway.networking.k8s.io default/ingress",
+        "spec.gatewayClassName",
+        "a Gateway of class istio is not enforced: Weft runs no gateway proxy",
+        "LoadBalancer",
+    ),
+    (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp2}\nspec: {gatewayClassName: istio-waypoint}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s, labels: {istio.io/use-waypoint: wp2}}\nspec: {ports: [{port: 80}]}\n",
+        "Gateway.gateway.networking.k8s.io default/wp2",
+        "",
+        "no waypoint proxy yet: nothing serves this waypoint, so the connections ztunnels send to it (for Service default/s) fail",
+        "remove the istio.io/use-waypoint label from Service default/s until Weft's waypoint lands",
+    ),
+    // VirtualService.
+    (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [shop.example.com]\n  gateways: [gw]\n  http: [{route: [{destination: {host: reviews}}]}]\n",
+        "VirtualService default/r",
+        "spec.gateways",
+        "routes for gateway gw are not enforced: Weft runs no gateway proxy",
+        "LoadBalancer",
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [reviews]\n  http: [{route: [{destination: {host: reviews}}]}]\n",
+        "VirtualService default/r",
+        "spec.hosts",
+        "mesh routes apply only in a waypoint, and no Service among its hosts uses one: not enforced",
+        "istio.io/use-waypoint",
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  tcp: [{route: [{destination: {host: bound}}]}]\n",
+        "VirtualService default/r",
+        "spec.hosts",
+        "applies in waypoint default/waypoint; no waypoint proxy yet: not enforced",
+        "",
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  tcp: [{route: [{destination: {host: bound}}]}]\n",
+        "VirtualService default/r",
+        "spec.tcp",
+        "TCP and TLS routes are not translated for a waypoint",
+        "",
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: parent}\nspec:\n  hosts: [reviews]\n  http: [{delegate: {name: child}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: child}\nspec:\n  http: [{route: [{destination: {host: reviews}}]}]\n",
+        "VirtualService default/child",
+        "spec.hosts",
+        "Weft does not follow delegate",
+        "merge its routes",
+    ),
+    // DestinationRule.
+    (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: ratings, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}\n",
+        "DestinationRule default/d",
+        "spec.host",
+        "no Service matching host ratings uses one: not enforced; ztunnel balances connections over all the host's endpoints",
+        "istio.io/use-waypoint",
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: bound}\n",
+        "DestinationRule default/d",
+        "spec.host",
+        "applies in waypoint default/waypoint; no waypoint proxy yet: not enforced",
+        "",
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: ratings, workloadSelector: {matchLabels: {app: reviews}}}\n",
+        "DestinationRule default/d",
+        "spec.workloadSelector",
+        "is for sidecars, which Weft does not have: not enforced",
+        "remove workloadSelector",
+    ),
+    (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: api.example.com, trafficPolicy: {tls: {mode: SIMPLE}}}\n",
+        "DestinationRule default/d",
+        "spec.trafficPolicy.tls.mode",
+        "TLS mode SIMPLE is not enforced: Weft originates no TLS",
+        "",
+    ),
+    // ServiceEntry, Telemetry, RequestAuthentication.
+    (
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se}\nspec: {hosts: [api.example.org], ports: [{number: 443, name: tls, protocol: TLS}]}\n",
+        "ServiceEntry default/se",
+        "",
+        "ServiceEntry is not enforced: ztunnels learn no address for its hosts, so connections to them pass through as plain TCP",
+        "use a Kubernetes Service",
+    ),
+    (
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t}\nspec: {tracing: [{providers: [{name: zipkin}]}]}\n",
+        "Telemetry default/t",
+        "",
+        "Telemetry is not enforced: Weft's proxies export their built-in Istio metrics",
+        "",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  jwtRules: [{issuer: me}]\n",
+        "RequestAuthentication default/j",
+        "spec.selector",
+        "a RequestAuthentication with a selector is for sidecars; in ambient mode only a waypoint checks JWTs: not enforced (tokens are not validated",
+        "targetRefs",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: me}]\n",
+        "RequestAuthentication default/j",
+        "spec.targetRefs[0]",
+        "applies in waypoint default/waypoint; no waypoint proxy yet: not enforced",
+        "",
+    ),
+    // AuthorizationPolicy at ztunnel.
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/web]}}], to: [{operation: {methods: [GET], paths: [/api]}}]}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.rules[0].to[0].operation.methods",
+        "cannot check L7 fields (rules[0].to[0].operation.methods, rules[0].to[0].operation.paths), so it drops that rule and no rule is left: the policy allows nothing, so the workloads it selects (app=reviews) will refuse every connection that no other ALLOW policy allows",
+        "target the Service (or its waypoint Gateway) with targetRefs in place of a selector, and bind the Service to the waypoint with the istio.io/use-waypoint label",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  rules:\n  - from: [{source: {namespaces: [default]}}]\n  - from: [{source: {requestPrincipals: ['*']}}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.rules[1].from[0].source.requestPrincipals",
+        "so it drops that rule: every workload of namespace default will refuse connections that only it would allow (fix",
+        "targetRefs",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [/admin]}}]}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.rules[0].to[0].operation.paths",
+        "so it enforces that rule without them and denies more than written: rules[0] has no field left and denies every connection to the workloads it selects (app=reviews)",
+        "targetRefs",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: istio-system}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {ports: ['8080'], methods: [POST]}}]}]\n",
+        "AuthorizationPolicy istio-system/p",
+        "spec.rules[0].to[0].operation.methods",
+        "denies more than written: it denies every connection its remaining fields match",
+        "targetRefs",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: DENY\n  rules: [{when: [{key: source.ip, values: [10.0.0.1]}]}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.rules[0].when",
+        "rules[0] has no field left and denies every connection to every workload of namespace default",
+        "targetRefs",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  rules: [{to: [{operation: {ports: [http]}}]}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.rules[0].to[0].operation.ports[0]",
+        "ztunnel cannot use rules[0].to[0].operation.ports[0] (\"http\" is not a port number), so it drops that rule",
+        "write ports as numbers",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  action: DENY\n  rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.rules[0].from[0].source.ipBlocks[0]",
+        "so that rule denies every connection to the workloads it selects (app=reviews)",
+        "IPs or CIDRs",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: CUSTOM\n  provider: {name: ext-authz}\n  rules: [{}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.action",
+        "action CUSTOM (external authorization by provider ext-authz) is not enforced",
+        "ALLOW or DENY rules",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {action: AUDIT, rules: [{}]}\n",
+        "AuthorizationPolicy default/p",
+        "spec.action",
+        "action AUDIT is not enforced: Weft writes no audit log",
+        "",
+    ),
+    // AuthorizationPolicy targets.
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.targetRefs[0]",
+        "applies in waypoint default/waypoint; no waypoint proxy yet: not enforced",
+        "",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: ratings}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.targetRefs[0]",
+        "targets Service default/ratings, which uses no waypoint (only a waypoint applies it): not enforced",
+        "istio.io/use-waypoint",
+    ),
+    (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: ingress}\nspec: {gatewayClassName: istio}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: ingress}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.targetRefs[0]",
+        "targets Gateway default/ingress of class istio, and Weft runs no gateway proxy: not enforced",
+        "LoadBalancer",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.targetRefs[0]",
+        "applies only to policies in the root namespace istio-system: not enforced",
+        "move the policy to the root namespace",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: istio-system}\nspec:\n  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]\n",
+        "AuthorizationPolicy istio-system/p",
+        "spec.targetRefs[0]",
+        "applies in waypoint default/waypoint; no waypoint proxy yet: not enforced",
+        "",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: external}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.targetRefs[0]",
+        "targets ServiceEntry default/external, and ServiceEntries are not translated: not enforced",
+        "",
+    ),
+    // PeerAuthentication.
+    (
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: pa}\nspec: {mtls: {mode: DISABLE}}\n",
+        "PeerAuthentication default/pa",
+        "spec.mtls.mode",
+        "DISABLE is enforced as PERMISSIVE: ztunnel accepts plaintext too",
+        "write PERMISSIVE",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: pa}\nspec: {selector: {matchLabels: {app: reviews}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: DISABLE}}}\n",
+        "PeerAuthentication default/pa",
+        "spec.portLevelMtls.8080.mode",
+        "DISABLE is enforced as PERMISSIVE",
+        "write PERMISSIVE",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: pa}\nspec: {mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: PERMISSIVE}}}\n",
+        "PeerAuthentication default/pa",
+        "spec.portLevelMtls",
+        "portLevelMtls needs a selector; without one it is not enforced",
+        "add a selector",
+    ),
+    // Sidecar injection.
+    (
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy, labels: {istio-injection: enabled}}\n",
+        "Namespace legacy",
+        "metadata.labels.istio-injection",
+        "istio-injection asks for sidecar injection, and Weft has no sidecars: not enforced; the pods of namespace legacy are not in the mesh",
+        "label the namespace istio.io/dataplane-mode=ambient",
+    ),
+    // Services and pods.
+    (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: named}\nspec: {selector: {app: reviews}, ports: [{port: 80, targetPort: http}]}\n",
+        "Service default/named",
+        "spec.ports[0].targetPort",
+        "the named targetPort \"http\" is not resolved (Weft does not read the pods' container ports): ztunnels find no endpoint for port 80 of this Service, so mesh connections to it fail",
+        "container port's number",
+    ),
+    (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: example.com}\n",
+        "Service default/ext",
+        "spec.type",
+        "an ExternalName Service is not translated",
+        "",
+    ),
+    (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: vip}\nspec: {clusterIP: 10.0.0.300, ports: [{port: 80}]}\n",
+        "Service default/vip",
+        "spec.clusterIP",
+        "cluster IP \"10.0.0.300\" is not an IP address: ignored",
+        "write an IP address",
+    ),
+    (
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p1, labels: {app: reviews}}\nstatus: {podIP: not-an-ip}\n",
+        "Pod default/p1",
+        "status.podIP",
+        "pod IP \"not-an-ip\" is not an IP address: ignored",
+        "leave status to Kubernetes",
+    ),
+    (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  rules: [{to: [{operation: {ports: [http]}}]}]\n",
+        "AuthorizationPolicy default/p",
+        "spec.rules[0].to[0].operation.ports[0]",
+        "rules[0].to[0].operation.ports[0] (\"http\" is not a port number) left out of the waypoint's configuration",
+        "write ports as numbers",
+    ),
+    // Kinds Weft does not implement.
+    (
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm}\nspec: {address: 10.0.0.9}\n",
+        "WorkloadEntry default/vm",
+        "",
+        "WorkloadEntry (networking.istio.io/v1) is not supported by Weft; it has no effect",
+        "",
+    ),
+];
+
+#[test]
+fn each_thing_not_enforced_warns_once_with_what_happens_and_the_fix() {
+    for (manifest, object, field, message, fix) in UNENFORCED {
+        let text =
+            if manifest.contains("bound") { format!("{BOUND}{manifest}") } else { manifest.to_string() };
+        let found = findings(&text);
+        let shown: Vec<String> = found.iter().map(ToString::to_string).collect();
+        let hits: Vec<&Finding> = found
+            .iter()
+            .filter(|f| f.file == "case.yaml" && f.object == *object && f.field == *field)
+            .collect();
+        assert_eq!(hits.len(), 1, "{manifest}\nwanted one {object} {field:?}\ngot {shown:#?}");
+        let hit = hits[0];
+        assert_eq!(hit.severity, Severity::Warning, "{hit}");
+        let line = hit.to_string();
+        assert!(line.contains(message), "{manifest}\nwanted {message}\ngot {line}");
+        match *fix {
+            "" => assert_eq!(hit.suggestion, None, "{line}"),
+            fix => assert!(
+                hit.suggestion.as_deref().is_some_and(|s| s.contains(fix)),
+                "wanted fix {fix}\ngot {line}"
+            ),
+        }
+        assert!(found.iter().all(|f| f.severity == Severity::Warning), "{shown:#?}");
+    }
+}
+
+#[test]
+fn what_weft_enforces_draws_no_warning() {
+    let enforced = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l4, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/client], notNamespaces: [legacy], ipBlocks: [10.0.0.0/8]}}]
+    to: [{operation: {ports: ["8080"], notPorts: ["9090"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-legacy, namespace: shop}
+spec: {action: DENY, rules: [{from: [{source: {namespaces: [legacy], notPrincipals: ["*"]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-nothing, namespace: shop}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: web, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: PERMISSIVE}}}
+"#;
+    let found = analyze(&load_yaml(enforced, "enforced.yaml"));
+    assert!(found.is_empty(), "{:#?}", found.iter().map(ToString::to_string).collect::<Vec<_>>());
+}
+
+/// `examples/unenforced`: each thing not enforced warns exactly once, naming the object, what
+/// happens and the fix; the enforced objects next to them draw nothing.
+#[test]
+fn the_unenforced_example_warns_once_per_object_it_does_not_enforce() {
+    let text = include_str!("../../../examples/unenforced/mesh.yaml");
+    let found = analyze(&load_yaml(text, "mesh.yaml"));
+    let shown: Vec<String> = found.iter().map(ToString::to_string).collect();
+    // (object, field, message substring, fix substring)
+    let expected = [
+        (
+            "AuthorizationPolicy shop/product-service-authz",
+            "spec.rules[0].to[0].operation.methods",
+            "ztunnel enforces this policy and cannot check L7 fields (rules[0].to[0].operation.methods, \
+             rules[0].to[0].operation.paths), so it drops that rule and no rule is left: the policy allows \
+             nothing, so the workloads it selects (app=products) will refuse every connection that no other \
+             ALLOW policy allows",
+            "with targetRefs in place of a selector, and bind the Service to the waypoint with the istio.io/use-waypoint label",
+        ),
+        (
+            "RequestAuthentication shop/products-jwt",
+            "spec.selector",
+            "only a waypoint checks JWTs: not enforced",
+            "targetRefs",
+        ),
+        ("Gateway shop/shop-gateway", "", "Istio Gateway is not enforced", "LoadBalancer"),
+        ("VirtualService shop/shop", "spec.gateways", "routes for gateway shop-gateway are not enforced", "LoadBalancer"),
+        ("ServiceEntry shop/payments-api", "", "ServiceEntry is not enforced", "Kubernetes Service"),
+        ("Telemetry istio-system/mesh-default", "", "Telemetry is not enforced", ""),
+    ];
+    assert_eq!(found.len(), expected.len(), "{shown:#?}");
+    for (object, field, message, fix) in expected {
+        let hits: Vec<&Finding> = found.iter().filter(|f| f.object == object && f.field == field).collect();
+        assert_eq!(hits.len(), 1, "{object} {field:?} in {shown:#?}");
+        let f = hits[0];
+        assert_eq!(f.severity, Severity::Warning, "{f}");
+        assert!(f.message.contains(message), "wanted {message}\ngot {f}");
+        assert!(f.suggestion.as_deref().unwrap_or_default().contains(fix), "wanted fix {fix}\ngot {f}");
+    }
+    let clean = [
+        "Namespace shop",
+        "Service shop/productpage",
+        "Service shop/products",
+        "Deployment shop/productpage",
+        "Deployment shop/products",
+        "PeerAuthentication istio-system/default",
+        "AuthorizationPolicy shop/products-l4",
+    ];
+    for object in clean {
+        assert!(found.iter().all(|f| f.object != object), "{object} warns: {shown:#?}");
     }
 }
