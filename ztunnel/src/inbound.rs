@@ -106,8 +106,10 @@ pub fn local_workload<'s>(state: &'s ProxyState, node: &str, ip: IpAddr) -> Opti
 }
 
 /// The labels of an inbound connection as the destination reports it. The destination service
-/// is guessed as Istio's ztunnel does (the tunnel carries only the pod's address): the one service
-/// of the destination workload whose target port is the port connected to, if exactly one is.
+/// is found as Istio's ztunnel does (the tunnel carries only the pod's address): the service the
+/// client's `forwarded: host=` names, when the destination is one of its endpoints (a peer's word
+/// that can only choose among the destination's own services); else the one service of the
+/// destination workload whose target port is the port connected to, if exactly one is.
 pub fn labels(
     state: &ProxyState,
     security: SecurityPolicy,
@@ -115,6 +117,7 @@ pub fn labels(
     src_ip: IpAddr,
     dst: Option<&Workload>,
     dst_port: u16,
+    host: Option<&str>,
 ) -> ConnectionLabels {
     let mut labels = ConnectionLabels::new(Reporter::Destination, security);
     if let Some(source) = state.workload_by_ip(src_ip.to_canonical()) {
@@ -125,7 +128,10 @@ pub fn labels(
     }
     if let Some(dst) = dst {
         labels = labels.with_destination(dst);
-        if let Some(service) = inbound_service(state, dst, dst_port) {
+        let named = host.and_then(|host| {
+            dst.services.keys().filter_map(|key| state.service_by_key(key)).find(|s| s.hostname == host)
+        });
+        if let Some(service) = named.or_else(|| inbound_service(state, dst, dst_port)) {
             labels = labels.with_destination_service(service);
         }
     }
@@ -237,6 +243,33 @@ mod tests {
                 (Err(InboundRefusal::ForgedSource { claimed: c, .. }), Err(want)) => assert_eq!(c, ip(want)),
                 (got, want) => panic!("{identity} {claimed:?}: got {got:?}, want {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn the_destination_service_is_the_one_host_names_when_the_pod_serves_it() {
+        let mut state = node_mesh();
+        // web-1 also backs `admin`, on another port; `empty` it does not back.
+        let mut web1 = workload("shop", "web-1", "10.0.1.5");
+        web1 = endpoint_of(endpoint_of(web1, "shop", "web", &[(80, 8080)]), "shop", "admin", &[(9090, 9090)]);
+        add_workload(&mut state, web1);
+        add_service(&mut state, service("shop", "admin", "10.96.0.40", &[(9090, 9090)]));
+        let web1 = state.workload_by_ip(ip("10.0.1.5")).cloned().unwrap();
+        let service_of = |port: u16, host: Option<&str>| {
+            labels(&state, SecurityPolicy::MutualTls, None, ip("10.0.2.9"), Some(&web1), port, host)
+                .destination_service
+        };
+        // (port, host=) -> destination_service
+        let cases = [
+            (8080, None, "web.shop.svc.cluster.local"),
+            (8080, Some("admin.shop.svc.cluster.local"), "admin.shop.svc.cluster.local"),
+            // A service the pod does not back: ignored, the guess stands.
+            (8080, Some("empty.shop.svc.cluster.local"), "web.shop.svc.cluster.local"),
+            (9090, None, "admin.shop.svc.cluster.local"),
+            (7000, None, "unknown"),
+        ];
+        for (port, host, want) in cases {
+            assert_eq!(service_of(port, host), want, "{port} {host:?}");
         }
     }
 

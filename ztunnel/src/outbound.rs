@@ -197,6 +197,7 @@ pub fn route(
         source_ip,
         Some(&destination),
         to.port(),
+        None,
     );
     if let Some(service) = &tunnel.service {
         inbound_labels = inbound_labels.with_destination_service(service);

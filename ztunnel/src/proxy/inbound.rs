@@ -70,8 +70,15 @@ impl<S: CertificateSource> Inbound for Hbone<S> {
             let checked =
                 check(&state, &ctx.node, presented.map(|w| &**w), Some(identity), client.ip(), authority);
             let dst = checked.as_ref().ok().map(|w| &**w).or(presented.map(|w| &**w));
-            let labels =
-                labels(&state, SecurityPolicy::MutualTls, Some(identity), client.ip(), dst, authority.port());
+            let labels = labels(
+                &state,
+                SecurityPolicy::MutualTls,
+                Some(identity),
+                client.ip(),
+                dst,
+                authority.port(),
+                info.forwarded.host.as_deref(),
+            );
             (checked, labels)
         };
         drop(state);
@@ -121,8 +128,15 @@ pub(super) async fn handle_plain<S: CertificateSource>(
         let state = ctx.state();
         let checked = check(&state, &ctx.node, None, None, peer.ip(), dst);
         let dst_workload = local_workload(&state, &ctx.node, dst.ip()).cloned();
-        let labels =
-            labels(&state, SecurityPolicy::Unknown, None, peer.ip(), dst_workload.as_deref(), dst.port());
+        let labels = labels(
+            &state,
+            SecurityPolicy::Unknown,
+            None,
+            peer.ip(),
+            dst_workload.as_deref(),
+            dst.port(),
+            None,
+        );
         (checked, labels)
     };
     if let Err(refusal) = checked {
