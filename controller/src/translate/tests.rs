@@ -191,6 +191,9 @@ fn workloads_list_their_services_and_policies() {
     assert_eq!(old.authorization_policies, ["istio-system/mesh-deny", strict]);
 }
 
+/// `(service port, target port)`s of a workload's PortList.
+type Pairs = &'static [(u32, u32)];
+
 #[test]
 fn named_target_ports_resolve_per_pod_from_its_container_ports() {
     let m = model(
@@ -254,7 +257,7 @@ status: {podIP: 10.0.1.6}
     let pairs = |ports: &[Port]| ports.iter().map(|p| (p.service_port, p.target_port)).collect::<Vec<_>>();
     assert_eq!(pairs(&api.ports), [(80, 8080), (443, 443), (9090, 0)]);
 
-    let cases: [(&str, &str, &[(u32, u32)]); 6] = [
+    let cases: [(&str, &str, Pairs); 6] = [
         ("names the port: resolved", "a", &[(80, 8080), (443, 443), (9090, 9100)]),
         ("names it with another number", "b", &[(80, 8080), (443, 443), (9090, 9200)]),
         ("names no port so: left out", "c", &[(80, 8080), (443, 443)]),

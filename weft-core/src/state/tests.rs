@@ -213,12 +213,17 @@ fn config_dump_lists_everything_sorted() {
     assert_eq!(dump["policies"][0]["groups"][0]["clauses"][0]["matches"][0]["source_ips"][0], "10.0.0.0/8");
 }
 
+/// `(service port, target port)`s of an endpoint's mapping.
+type Mapping = &'static [(u32, u32)];
+/// `(workload name, target port)`s of the candidates, by uid.
+type Candidates = &'static [(&'static str, u16)];
+
 #[test]
 fn endpoint_candidates_resolve_the_target_port_per_endpoint() {
     let mut state = ProxyState::new("");
     // Port 80's target port is named (0 in the service); 443's is 8443.
     add_service(&mut state, service("shop", "named", "10.96.0.50", &[(80, 0), (443, 8443)]));
-    let endpoints: [(&str, &str, &[(u32, u32)]); 5] = [
+    let endpoints: [(&str, &str, Mapping); 5] = [
         // Names the port 8080, and another pod 9090: each is reached on its own number.
         ("http-8080", "10.0.1.1", &[(80, 8080), (443, 8443)]),
         ("http-9090", "10.0.1.2", &[(80, 9090), (443, 8443)]),
@@ -233,7 +238,7 @@ fn endpoint_candidates_resolve_the_target_port_per_endpoint() {
         add_workload(&mut state, endpoint_of(workload("shop", name, addr), "shop", "named", ports));
     }
     let service = state.service_by_key(&service_key("shop", "named")).unwrap().clone();
-    let cases: [(&str, Option<u16>, &[(&str, u16)]); 4] = [
+    let cases: [(&str, Option<u16>, Candidates); 4] = [
         (
             "named target port: only the endpoints whose mapping resolves it, on their own number",
             Some(80),
