@@ -50,6 +50,37 @@ pub struct PodSpec {
     pub service_account: Option<String>,
     #[serde(default)]
     pub host_network: bool,
+    /// The pod's containers, as far as the mesh reads them: their ports, which a Service's named
+    /// `targetPort` resolves against ([`Pod::container_port`]).
+    #[serde(default)]
+    pub containers: Vec<Container>,
+    #[serde(flatten)]
+    pub unmodeled: Unmodeled,
+}
+
+/// One of `spec.containers`: its name and ports; the rest (image, command, ...) kept opaque.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+    #[serde(flatten)]
+    pub unmodeled: Unmodeled,
+}
+
+/// One of a container's `ports`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    /// What a Service's `targetPort` may name it by.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub container_port: u16,
+    /// `TCP` (default), `UDP` or `SCTP`.
+    #[serde(default)]
+    pub protocol: Option<String>,
     #[serde(flatten)]
     pub unmodeled: Unmodeled,
 }
@@ -93,6 +124,18 @@ impl Pod {
             }
         }
         ips
+    }
+
+    /// The number of the TCP container port named `name`, the first such port of the first
+    /// container that has one, as Istio resolves a Service's named `targetPort` for a pod (its
+    /// `FindPortName`); `None` when no container names a TCP port so.
+    pub fn container_port(&self, name: &str) -> Option<u16> {
+        self.spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .find(|p| p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .map(|p| p.container_port)
     }
 }
 

@@ -52,7 +52,9 @@ pub struct Workload {
     pub workload_name: String,
     pub cluster_id: String,
     /// Services this workload is an endpoint of, `namespace/hostname` -> service port -> target
-    /// port (0: a named target port the controller could not resolve).
+    /// port, resolved for this workload (a named target port: its container port of that name).
+    /// A port the workload does not serve (no container port of that name) is absent; a target
+    /// port of 0 is treated as absent.
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
     /// `namespace/name` of the policies that apply to it by selector (the controller also lists
     /// namespace- and mesh-wide ones; they are found by scope too, and counted once).
@@ -67,7 +69,7 @@ pub struct Service {
     pub namespace: String,
     pub hostname: String,
     pub addresses: Vec<NetworkIp>,
-    /// Service port -> target port (0: named, resolved per endpoint).
+    /// Service port -> target port (0: named, resolved per endpoint in [`Workload::services`]).
     pub ports: BTreeMap<u16, u16>,
     /// Identities an endpoint of this service may also present.
     #[serde(serialize_with = "display_all")]
@@ -395,9 +397,10 @@ impl ProxyState {
     /// The endpoints a connection to `port` of `service` may be sent to, by uid: healthy (or
     /// any, with `health_policy: ALLOW_ALL`), with an address, and with the target port
     /// resolved, the endpoint's own mapping first (a named target port is 0 in the service and
-    /// resolved per endpoint), else the service's. An endpoint whose target port stays unknown
-    /// is not a candidate. `None` for `port` asks for any port (target port 0), as a waypoint's
-    /// pods are found.
+    /// resolved per endpoint), else the service's, as Istio's ztunnel resolves it. An endpoint
+    /// whose target port stays unknown is not a candidate: for a named target port, one whose
+    /// mapping lacks the port (its pod names no such container port) or maps it to 0. `None` for
+    /// `port` asks for any port (target port 0), as a waypoint's pods are found.
     pub fn endpoint_candidates(&self, service: &Service, port: Option<u16>) -> Vec<Endpoint> {
         let key = service.key();
         let service_target = port.and_then(|p| service.ports.get(&p).copied()).unwrap_or(0);

@@ -367,7 +367,10 @@ mod tests {
     fn apiserver_objects_decode_with_their_kind_set() {
         let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "web", "namespace": "shop", "managedFields": [{"manager": "kubectl"}]},
-            "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "web:1"}]},
+            "spec": {"nodeName": "node-a", "containers": [{
+                "name": "app", "image": "web:1",
+                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+            }]},
             "status": {"podIP": "10.0.0.5", "phase": "Running"},
         }))
         .unwrap();
@@ -375,6 +378,8 @@ mod tests {
         let Object::Pod(decoded) = decode_object(&pod, &target).unwrap() else { panic!("not a pod") };
         assert_eq!(decoded.status.pod_ip.as_deref(), Some("10.0.0.5"));
         assert!(decoded.metadata.managed_fields.is_empty());
+        // Container ports come through: a Service's named targetPort resolves against them.
+        assert_eq!(decoded.container_port("http"), Some(8080));
 
         // A custom object whose spec does not decode is skipped, named by its key.
         let resource = CUSTOM_KINDS[0].api_resource();

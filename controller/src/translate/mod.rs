@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use tracing::warn;
-use weft_config::kube::{Pod, Service as KubeService};
+use weft_config::kube::{Pod, Service as KubeService, ServicePort};
 use weft_config::meta::Labels;
 use weft_config::security::{parse_ip_block, parse_port, AuthorizationAction, AuthorizationPolicy, Rule};
 use weft_config::types::IntOrString;
@@ -115,10 +115,12 @@ pub fn snapshot(model: &Model, trust_domain: &str, cluster_id: &str) -> Snapshot
 /// The `Workload` of a pod with at least one IP, in the mesh or not (a ztunnel needs to know
 /// non-mesh pods too, to send them plaintext: `tunnel_protocol` NONE).
 ///
-/// Simplifications against Istio: `workload_name` is the pod's name (Istio derives the owning
-/// Deployment's), and a Service's named `targetPort` maps to target port 0, as resolving it needs
-/// the pod's container ports, which the model does not keep: ztunnel then finds no endpoint for
-/// that port (`weft_config::not_enforced` says so).
+/// Its `services` give each selecting Service's ports with the target port resolved for this pod
+/// ([`workload_ports`]): a named `targetPort` becomes the number of the pod's container port of
+/// that name, and a port the pod does not name is left out, so the pod is no endpoint of it.
+///
+/// Simplification against Istio: `workload_name` is the pod's name (Istio derives the owning
+/// Deployment's).
 pub fn workload(model: &Model, pod: &Pod, trust_domain: &str, cluster_id: &str) -> Option<Workload> {
     workload_indexed(model, &Index::of(model), pod, trust_domain, cluster_id)
 }
@@ -373,8 +375,9 @@ impl<'m> Index<'m> {
     }
 }
 
-/// `namespace/hostname` -> ports, for the Services in the pod's namespace whose selector matches
-/// its labels. A Service without a selector (or with an empty one) selects no pod.
+/// `namespace/hostname` -> ports ([`workload_ports`]), for the Services in the pod's namespace
+/// whose selector matches its labels. A Service without a selector (or with an empty one) selects
+/// no pod.
 fn services_of(index: &Index<'_>, pod: &Pod) -> BTreeMap<String, PortList> {
     Index::in_namespace(&index.services, &pod.metadata.namespace)
         .iter()
@@ -385,7 +388,7 @@ fn services_of(index: &Index<'_>, pod: &Pod) -> BTreeMap<String, PortList> {
                 svc.metadata.namespace,
                 hostname(&svc.metadata.name, &svc.metadata.namespace)
             );
-            (key, PortList { ports: service_ports(svc) })
+            (key, PortList { ports: workload_ports(svc, pod) })
         })
         .collect()
 }
@@ -412,21 +415,44 @@ fn policies_of(index: &Index<'_>, pod: &Pod) -> Vec<String> {
         .collect()
 }
 
-/// A Service's ports: numeric `targetPort`s as given, absent ones as the port, named ones as 0
-/// (see [`workload`]).
+/// A Service's ports as its `Service` resource carries them: numeric `targetPort`s as given,
+/// absent ones as the port, named ones as 0 (Istio's "resolved per endpoint": each workload's
+/// [`workload_ports`] gives the number).
 fn service_ports(svc: &KubeService) -> Vec<Port> {
     svc.spec
         .ports
         .iter()
         .map(|p| Port {
             service_port: u32::from(p.port),
-            target_port: match &p.target_port {
-                None => u32::from(p.port),
-                Some(IntOrString::Int(n)) => u32::try_from(*n).unwrap_or(0),
-                Some(IntOrString::String(_)) => 0,
-            },
+            target_port: target_port(p, |_| Some(0)).unwrap_or(0),
         })
         .collect()
+}
+
+/// A Service's ports as one selected pod serves them, for the pod's `Workload.services`: as
+/// [`service_ports`], but a named `targetPort` resolved to the pod's TCP container port of that
+/// name ([`Pod::container_port`]), and left out when the pod has none, as Istio does (and as
+/// Kubernetes leaves such a pod out of the port's endpoints), so no proxy sends that port's
+/// traffic to this pod.
+fn workload_ports(svc: &KubeService, pod: &Pod) -> Vec<Port> {
+    svc.spec
+        .ports
+        .iter()
+        .filter_map(|p| {
+            let target_port = target_port(p, |name| pod.container_port(name).map(u32::from))?;
+            Some(Port { service_port: u32::from(p.port), target_port })
+        })
+        .collect()
+}
+
+/// The target port of `port`: the port itself when absent, the number when numeric, `named`'s
+/// answer when a name (`None`: nothing serves it).
+fn target_port(port: &ServicePort, named: impl FnOnce(&str) -> Option<u32>) -> Option<u32> {
+    match &port.target_port {
+        None => Some(u32::from(port.port)),
+        Some(IntOrString::Int(n)) => Some(u32::try_from(*n).unwrap_or(0)),
+        Some(IntOrString::String(name)) => named(name),
+    }
 }
 
 /// The waypoint of a Service: its own `istio.io/use-waypoint` label (`none` opts out), else its

@@ -170,13 +170,11 @@ fn workloads_list_their_services_and_policies() {
     let ports = |list: &[(u32, u32)]| PortList {
         ports: list.iter().map(|&(service_port, target_port)| Port { service_port, target_port }).collect(),
     };
-    // The empty selector of `all` selects nothing; `web` in legacy is another namespace's.
+    // The empty selector of `all` selects nothing; `web` in legacy is another namespace's. The
+    // pod names no container port `metrics`, so it is no endpoint of port 9090.
     assert_eq!(
         web.services,
-        BTreeMap::from([(
-            "shop/web.shop.svc.cluster.local".to_owned(),
-            ports(&[(80, 8080), (443, 443), (9090, 0)])
-        )])
+        BTreeMap::from([("shop/web.shop.svc.cluster.local".to_owned(), ports(&[(80, 8080), (443, 443)]))])
     );
     let mut names = web.authorization_policies.clone();
     names.sort();
@@ -191,6 +189,90 @@ fn workloads_list_their_services_and_policies() {
 
     let old = workload(&m, pod(&m, "legacy", "old"), TD, CLUSTER).unwrap();
     assert_eq!(old.authorization_policies, ["istio-system/mesh-deny", strict]);
+}
+
+/// `(service port, target port)`s of a workload's PortList.
+type Pairs = &'static [(u32, u32)];
+
+#[test]
+fn named_target_ports_resolve_per_pod_from_its_container_ports() {
+    let m = model(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {app: api}
+  ports:
+  - {name: numeric, port: 80, targetPort: 8080}
+  - {name: absent, port: 443}
+  - {name: named, port: 9090, targetPort: metrics}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: shop, labels: {app: api}}
+spec:
+  containers: [{name: main, ports: [{name: http, containerPort: 8080}, {name: metrics, containerPort: 9100, protocol: TCP}]}]
+status: {podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: shop, labels: {app: api}}
+spec:
+  containers: [{name: main, ports: [{name: metrics, containerPort: 9200}]}]
+status: {podIP: 10.0.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: shop, labels: {app: api}}
+spec:
+  containers: [{name: main, ports: [{name: web, containerPort: 9100}]}]
+status: {podIP: 10.0.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: shop, labels: {app: api}}
+spec:
+  containers:
+  - {name: main, ports: [{containerPort: 8080}]}
+  - {name: exporter, ports: [{name: metrics, containerPort: 9300}]}
+status: {podIP: 10.0.1.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: e, namespace: shop, labels: {app: api}}
+spec:
+  containers: [{name: main, ports: [{name: metrics, containerPort: 9100, protocol: UDP}]}]
+status: {podIP: 10.0.1.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: f, namespace: shop, labels: {app: api}}
+status: {podIP: 10.0.1.6}
+"#,
+    );
+    // The Service itself keeps 0 for the named port, as Istio's does.
+    let api = service(&m, svc(&m, "shop", "api")).unwrap();
+    let pairs = |ports: &[Port]| ports.iter().map(|p| (p.service_port, p.target_port)).collect::<Vec<_>>();
+    assert_eq!(pairs(&api.ports), [(80, 8080), (443, 443), (9090, 0)]);
+
+    let cases: [(&str, &str, Pairs); 6] = [
+        ("names the port: resolved", "a", &[(80, 8080), (443, 443), (9090, 9100)]),
+        ("names it with another number", "b", &[(80, 8080), (443, 443), (9090, 9200)]),
+        ("names no port so: left out", "c", &[(80, 8080), (443, 443)]),
+        ("named in its second container", "d", &[(80, 8080), (443, 443), (9090, 9300)]),
+        ("named, but UDP: left out", "e", &[(80, 8080), (443, 443)]),
+        ("no containers given: left out", "f", &[(80, 8080), (443, 443)]),
+    ];
+    for (what, name, want) in cases {
+        let w = workload(&m, pod(&m, "shop", name), TD, CLUSTER).unwrap();
+        let [(key, list)] = &w.services.iter().collect::<Vec<_>>()[..] else {
+            panic!("{what}: {:?}", w.services)
+        };
+        assert_eq!(key.as_str(), "shop/api.shop.svc.cluster.local", "{what}");
+        assert_eq!(pairs(&list.ports), *want, "{what}");
+    }
 }
 
 #[test]

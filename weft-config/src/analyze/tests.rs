@@ -666,13 +666,6 @@ const UNENFORCED: &[Unenforced] = &[
     ),
     // Services and pods.
     (
-        "apiVersion: v1\nkind: Service\nmetadata: {name: named}\nspec: {selector: {app: reviews}, ports: [{port: 80, targetPort: http}]}\n",
-        "Service default/named",
-        "spec.ports[0].targetPort",
-        "the named targetPort \"http\" is not resolved (Weft does not read the pods' container ports): ztunnels find no endpoint for port 80 of this Service, so mesh connections to it fail",
-        "container port's number",
-    ),
-    (
         "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: example.com}\n",
         "Service default/ext",
         "spec.type",

@@ -25,8 +25,7 @@
 //!   Service without one, a gateway of another class, a ServiceEntry, another kind);
 //! - PeerAuthentication DISABLE (enforced as PERMISSIVE) and `portLevelMtls` without a selector;
 //! - a Namespace asking for sidecar injection (`istio-injection`, `istio.io/rev`) and not ambient;
-//! - a Service's named `targetPort` (not resolved: connections to that port find no endpoint), an
-//!   ExternalName Service (not translated), cluster and pod IPs that are not IP addresses;
+//! - an ExternalName Service (not translated), cluster and pod IPs that are not IP addresses;
 //! - ports that are not numbers in a policy for a waypoint (left out of its configuration);
 //! - everything that only a waypoint enforces, and the waypoint Gateways themselves: there is no
 //!   waypoint proxy yet ([`NO_WAYPOINT_PROXY`]; `Check::waypoint_pending` makes every such
@@ -45,7 +44,6 @@ use crate::networking::{ClientTlsMode, DestinationRule, VirtualService};
 use crate::security::{
     AuthorizationAction, AuthorizationPolicy, MtlsMode, PeerAuthentication, RequestAuthentication, Rule,
 };
-use crate::types::IntOrString;
 
 use super::{AnalyzeOptions, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL};
 
@@ -751,21 +749,6 @@ impl<'a> Check<'a> {
                 format!("cluster IP {ip:?} is not an IP address: ignored, ztunnels get no address for it"),
                 Some("write an IP address, or leave clusterIP to Kubernetes"),
             );
-        }
-        for (j, port) in svc.spec.ports.iter().enumerate() {
-            if let Some(IntOrString::String(name)) = &port.target_port {
-                self.push(
-                    i,
-                    &format!("spec.ports[{j}].targetPort"),
-                    format!(
-                        "the named targetPort {name:?} is not resolved (Weft does not read the pods' container \
-                         ports): ztunnels find no endpoint for port {} of this Service, so mesh connections to it \
-                         fail",
-                        port.port
-                    ),
-                    Some("write the container port's number as targetPort"),
-                );
-            }
         }
     }
 

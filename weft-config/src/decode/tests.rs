@@ -152,7 +152,8 @@ spec:
 
     let pod = decode(value(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: shop, uid: u1, labels: {app: web}}\n\
-         spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: c, image: i}]}\n\
+         spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: c, image: i, ports: \
+         [{name: http, containerPort: 8080, hostPort: 80}, {name: dns, containerPort: 53, protocol: UDP}]}]}\n\
          status: {phase: Running, podIP: 10.1.0.5, podIPs: [{ip: 10.1.0.5}, {ip: 'fd00::5'}]}\n",
     ))
     .unwrap();
@@ -162,6 +163,9 @@ spec:
     assert_eq!(pod.service_account(), "web");
     assert_eq!(pod.spec.node_name.as_deref(), Some("node-a"));
     assert_eq!(pod.status.phase.as_deref(), Some("Running"));
+    assert_eq!(pod.container_port("http"), Some(8080));
+    assert_eq!(pod.container_port("dns"), None, "a UDP port serves no named TCP target port");
+    assert_eq!(pod.container_port("web"), None);
 }
 
 #[test]

@@ -212,3 +212,57 @@ fn config_dump_lists_everything_sorted() {
     assert_eq!(dump["policies"][0]["action"], "Allow");
     assert_eq!(dump["policies"][0]["groups"][0]["clauses"][0]["matches"][0]["source_ips"][0], "10.0.0.0/8");
 }
+
+/// `(service port, target port)`s of an endpoint's mapping.
+type Mapping = &'static [(u32, u32)];
+/// `(workload name, target port)`s of the candidates, by uid.
+type Candidates = &'static [(&'static str, u16)];
+
+#[test]
+fn endpoint_candidates_resolve_the_target_port_per_endpoint() {
+    let mut state = ProxyState::new("");
+    // Port 80's target port is named (0 in the service); 443's is 8443.
+    add_service(&mut state, service("shop", "named", "10.96.0.50", &[(80, 0), (443, 8443)]));
+    let endpoints: [(&str, &str, Mapping); 5] = [
+        // Names the port 8080, and another pod 9090: each is reached on its own number.
+        ("http-8080", "10.0.1.1", &[(80, 8080), (443, 8443)]),
+        ("http-9090", "10.0.1.2", &[(80, 9090), (443, 8443)]),
+        // Names no port so: the controller leaves 80 out of its mapping.
+        ("web", "10.0.1.3", &[(443, 8443)]),
+        // No mapping at all for the service's ports.
+        ("bare", "10.0.1.4", &[]),
+        // 80 mapped to 0 (unresolved, as an older controller sent it).
+        ("zero", "10.0.1.5", &[(80, 0), (443, 8443)]),
+    ];
+    for (name, addr, ports) in endpoints {
+        add_workload(&mut state, endpoint_of(workload("shop", name, addr), "shop", "named", ports));
+    }
+    let service = state.service_by_key(&service_key("shop", "named")).unwrap().clone();
+    let cases: [(&str, Option<u16>, Candidates); 4] = [
+        (
+            "named target port: only the endpoints whose mapping resolves it, on their own number",
+            Some(80),
+            &[("http-8080", 8080), ("http-9090", 9090)],
+        ),
+        (
+            "numeric target port: an endpoint without a mapping falls back to the service's",
+            Some(443),
+            &[("bare", 8443), ("http-8080", 8443), ("http-9090", 8443), ("web", 8443), ("zero", 8443)],
+        ),
+        ("a port the service does not have", Some(81), &[]),
+        (
+            "any port (a waypoint's pods): every endpoint, target port 0",
+            None,
+            &[("bare", 0), ("http-8080", 0), ("http-9090", 0), ("web", 0), ("zero", 0)],
+        ),
+    ];
+    for (what, port, want) in cases {
+        let got: Vec<(String, u16)> = state
+            .endpoint_candidates(&service, port)
+            .into_iter()
+            .map(|e| (e.workload.name.clone(), e.target_port))
+            .collect();
+        let want: Vec<(String, u16)> = want.iter().map(|&(n, p)| (n.to_owned(), p)).collect();
+        assert_eq!(got, want, "{what}");
+    }
+}

@@ -13,7 +13,8 @@ const WAYPOINT_POD: &str = "10.0.1.99";
 /// A mesh with: a client; service `web` (80 -> 8080) with two healthy endpoints and an unhealthy
 /// one; a legacy service whose endpoint is outside the mesh; a service without endpoints; a
 /// waypoint `shop-wp` (service + pod); `reviews` (a service bound to the waypoint) and `ratings`
-/// (a pod bound to it); `named`, whose target port is named and resolved per endpoint.
+/// (a pod bound to it); `named`, whose target port is named and resolved per endpoint (named-1
+/// names it 9090; named-2 and named-3 do not name it).
 fn mesh() -> ProxyState {
     let mut state = ProxyState::new("");
     add_workload(&mut state, workload("shop", "client", CLIENT));
@@ -53,10 +54,13 @@ fn mesh() -> ProxyState {
         &mut state,
         endpoint_of(workload("shop", "named-1", "10.0.1.60"), "shop", "named", &[(80, 9090)]),
     );
-    // Lists the service but its pod lacks the named port: never picked.
+    // Selected by the service, but its pod names no container port so: the controller leaves
+    // the port out of its mapping. Never picked.
+    add_workload(&mut state, endpoint_of(workload("shop", "named-2", "10.0.1.61"), "shop", "named", &[]));
+    // The port mapped to 0 (unresolved): never picked either.
     add_workload(
         &mut state,
-        endpoint_of(workload("shop", "named-2", "10.0.1.61"), "shop", "named", &[(80, 0)]),
+        endpoint_of(workload("shop", "named-3", "10.0.1.62"), "shop", "named", &[(80, 0)]),
     );
 
     add_workload(&mut state, workload("shop", "lonely", "10.0.1.70"));
@@ -263,6 +267,30 @@ fn round_robin_over_healthy_endpoints_per_service() {
         .map(|d| pick(d))
         .collect();
     assert_eq!(picks, ["10.0.1.5", "10.0.1.60", "10.0.2.5", "10.0.1.5"]);
+}
+
+#[test]
+fn a_named_target_port_reaches_only_the_pods_naming_it_each_on_its_own_number() {
+    let mut state = mesh();
+    // A second pod naming the port, with another number, on another node.
+    let mut other = endpoint_of(workload("shop", "named-4", "10.0.2.60"), "shop", "named", &[(80, 9091)]);
+    other.node = "node-b".into();
+    add_workload(&mut state, other);
+    let rr = RoundRobin::default();
+    let picks: Vec<Want> =
+        (0..4).map(|_| summary(decide(&state, ip(CLIENT), addr("10.96.0.50:80"), &rr))).collect();
+    // Round robin over named-1 and named-4 only, each on the number its pod gives the name.
+    let named_1 = || Want::Hbone {
+        connect_to: "10.0.1.60:15008",
+        authority: "10.0.1.60:9090",
+        expected: vec![sa("named-1")],
+    };
+    let named_4 = || Want::Hbone {
+        connect_to: "10.0.2.60:15008",
+        authority: "10.0.2.60:9091",
+        expected: vec![sa("named-4")],
+    };
+    assert_eq!(picks, [named_1(), named_4(), named_1(), named_4()]);
 }
 
 #[test]
