@@ -411,14 +411,14 @@ fn a_six_megabyte_policy_reaches_every_ztunnel_with_the_rest_of_the_config() {
     get_json(&client_ns, &echo);
     get_json(&intruder_ns, &local);
 
-    // An ALLOW naming 60,000 principals, demo/client among them: one 6 MB resource, beyond
+    // An ALLOW naming 75,000 principals, demo/client among them: one 6 MB resource, beyond
     // gRPC's default 4 MiB message.
     let mut big = String::from(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: big, namespace: demo}\n\
          spec:\n  selector: {matchLabels: {app: echo}}\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals:\n",
     );
     big.push_str("        - cluster.local/ns/demo/sa/client\n");
-    for i in 0..60_000 {
+    for i in 0..75_000 {
         big.push_str(&format!(
             "        - cluster.local/ns/tenant-{i:05}/sa/a-service-account-with-a-long-name-{i:05}\n"
         ));
