@@ -37,6 +37,11 @@ pub fn http(matches: Vec<wp::HttpMatch>, destinations: Vec<wp::WeightedDestinati
     wp::HttpRoute { virtual_service: VS.into(), matches, destinations, ..Default::default() }
 }
 
+/// A match entry on the uri alone.
+pub fn uri(m: wp::StringMatch) -> wp::HttpMatch {
+    wp::HttpMatch { uri: Some(m), ..Default::default() }
+}
+
 /// A match entry on one header.
 pub fn header(name: &str, m: wp::StringMatch) -> wp::HttpMatch {
     wp::HttpMatch { headers: [(name.to_owned(), m)].into(), ..Default::default() }
