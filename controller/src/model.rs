@@ -157,19 +157,19 @@ fn waypoint_from(labels: &BTreeMap<String, String>, namespace: &str) -> Option<O
     Some(Some(WaypointRef { namespace, name: name.clone() }))
 }
 
+/// A model of the objects in `yaml` (each must load), for the controller's unit tests.
+#[cfg(test)]
+pub(crate) fn from_yaml(yaml: &str) -> Model {
+    let mut model = Model::default();
+    for doc in weft_config::load_yaml(yaml, "test.yaml") {
+        model.apply(Change::Upsert(Box::new(doc.result.expect("test YAML loads").object)));
+    }
+    model
+}
+
 #[cfg(test)]
 mod tests {
-    use weft_config::load_yaml;
-
-    use super::*;
-
-    fn model(yaml: &str) -> Model {
-        let mut model = Model::default();
-        for doc in load_yaml(yaml, "test.yaml") {
-            model.apply(Change::Upsert(Box::new(doc.result.unwrap().object)));
-        }
-        model
-    }
+    use super::{from_yaml as model, *};
 
     fn pod<'a>(model: &'a Model, ns: &str, name: &str) -> &'a Pod {
         model.pods().find(|p| p.metadata.namespace == ns && p.metadata.name == name).unwrap()

@@ -35,15 +35,7 @@ mod tests {
     use weft_config::load_yaml;
 
     use super::*;
-    use crate::model::{Change, ObjectKey};
-
-    fn model(yaml: &str) -> Model {
-        let mut model = Model::default();
-        for doc in load_yaml(yaml, "test.yaml") {
-            model.apply(Change::Upsert(Box::new(doc.result.unwrap().object)));
-        }
-        model
-    }
+    use crate::model::{from_yaml as model, Change, ObjectKey};
 
     /// The example `weft analyze` is tested on: the controller logs the same entries, once.
     #[test]
