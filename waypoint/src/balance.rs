@@ -184,12 +184,13 @@ pub fn choose(
         }
         candidates.retain(|e| in_subset_labels(&e.workload, subset));
     }
+    let no_endpoint = || BalanceError::NoHealthyEndpoint {
+        host: host.to_owned(),
+        subset: target.subset.map(str::to_owned),
+        port: target.port,
+    };
     if candidates.is_empty() {
-        return Err(BalanceError::NoHealthyEndpoint {
-            host: host.to_owned(),
-            subset: target.subset.map(str::to_owned),
-            port: target.port,
-        });
+        return Err(no_endpoint());
     }
 
     let cluster = Cluster { host, subset: target.subset, port: target.port };
@@ -197,13 +198,7 @@ pub fn choose(
     // `pick` returns an index below the (non-zero) length; the swap_remove cannot fail then.
     let endpoint = candidates.swap_remove(index.min(candidates.len() - 1));
     // Candidates have an address (`endpoint_candidates` keeps only those).
-    let Some(ip) = endpoint.workload.address_like(request.original_destination.ip()) else {
-        return Err(BalanceError::NoHealthyEndpoint {
-            host: host.to_owned(),
-            subset: target.subset.map(str::to_owned),
-            port: target.port,
-        });
-    };
+    let ip = endpoint.workload.address_like(request.original_destination.ip()).ok_or_else(no_endpoint)?;
     let address = SocketAddr::new(ip, endpoint.target_port);
     Ok(Upstream::Endpoint { endpoint, address })
 }
