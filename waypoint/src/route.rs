@@ -38,9 +38,9 @@
 //!   has one.
 //!
 //! Left to the caller: path normalization (Envoy's happens before routing and authorization
-//! alike), the mesh lookup of a destination (503 with flag NC when the host is not a service or
-//! the subset is not defined), endpoints, and traffic addressed to a workload rather than a
-//! service. Nothing a request carries can panic here.
+//! alike), the mesh lookup of a destination and its endpoints ([`crate::balance`]: 503 with flag
+//! NC when the host is not a service or the subset is not defined), and traffic addressed to a
+//! workload rather than a service. Nothing a request carries can panic here.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;

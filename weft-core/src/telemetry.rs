@@ -68,6 +68,8 @@ pub enum ResponseFlags {
     UpstreamOverflow,
     /// `NR`: no route for the request (404), or no filter chain.
     NoRouteFound,
+    /// `NC`: the route's destination is no known service or subset (503).
+    NoClusterFound,
     /// `URX`: retries (HTTP) or connect attempts (TCP) exhausted.
     UpstreamRetryLimitExceeded,
     /// `UT`: the upstream request timed out (504).
@@ -319,6 +321,7 @@ impl ResponseFlags {
             ResponseFlags::UpstreamConnectionFailure => "UF",
             ResponseFlags::UpstreamOverflow => "UO",
             ResponseFlags::NoRouteFound => "NR",
+            ResponseFlags::NoClusterFound => "NC",
             ResponseFlags::UpstreamRetryLimitExceeded => "URX",
             ResponseFlags::UpstreamRequestTimeout => "UT",
             ResponseFlags::DelayInjected => "DI",
