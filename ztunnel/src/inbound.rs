@@ -44,11 +44,13 @@ pub fn hbone_source(
         return Ok(peer);
     };
     let claimed = SocketAddr::new(claimed.ip().to_canonical(), claimed.port());
-    if is_waypoint_of(state, identity, destination) {
-        return Ok(claimed);
-    }
+    // Every stream of Istio's and Weft's clients claims the peer's own address: settle that
+    // without looking for waypoints.
     if claimed.ip() == peer.ip() {
         return Ok(peer);
+    }
+    if is_waypoint_of(state, identity, destination) {
+        return Ok(claimed);
     }
     match state.workload_by_ip(claimed.ip()) {
         Some(w) if w.identity == *identity => Ok(peer),
