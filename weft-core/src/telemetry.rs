@@ -47,6 +47,8 @@ pub enum Reporter {
     Source,
     /// The server's ztunnel (inbound).
     Destination,
+    /// The waypoint between them (Istio's waypoint reports as `waypoint`).
+    Waypoint,
 }
 
 /// How a connection or request ended, in the vocabulary Istio's dashboards read: Istio
@@ -306,6 +308,7 @@ impl EncodeLabelValue for Reporter {
         encoder.write_str(match self {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
+            Reporter::Waypoint => "waypoint",
         })
     }
 }

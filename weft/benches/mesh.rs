@@ -23,17 +23,17 @@
 //! The cluster is removed on every path: a guard on return and panic, a signal thread on
 //! Ctrl-C/SIGTERM, and `weft up` itself removes a leftover cluster of the same name first.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use weft::cluster;
 use weft::up::{self, Mesh, UpOptions};
+
+mod support;
+use support::*;
 
 /// The cluster's name (its namespaces are `weft-bench-*`; nothing else is touched).
 const CLUSTER: &str = "bench";
@@ -58,18 +58,12 @@ const CONNECTIONS: usize = 4;
 /// Sent at the full rate and thrown away, then measured.
 const WARMUP: Duration = Duration::from_secs(3);
 const MEASURE: Duration = Duration::from_secs(15);
-/// A response later than this fails the request (and the connection).
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often ztunnel RSS is sampled during the mesh latency run.
-const RSS_SAMPLE: Duration = Duration::from_millis(200);
 
 /// The targets of issue 4, per 1,000 requests/s for the ztunnel figures (each ztunnel).
 const TARGET_RATIO: f64 = 0.6;
 const TARGET_ADDED_P99_US: f64 = 100.0;
 const TARGET_VCPU_PER_KRPS: f64 = 0.03;
 const TARGET_RSS_MB_PER_KRPS: f64 = 8.0;
-/// A 1-minute load average above this means others' work shares the cores with the bench.
-const BUSY_LOAD: f64 = 1.0;
 
 fn main() -> anyhow::Result<()> {
     // `cargo test --all-targets` runs bench targets too, without `--bench`: building a cluster
@@ -90,7 +84,13 @@ fn main() -> anyhow::Result<()> {
         let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output()?;
         ensure!(found.status.success(), "{tool} is not installed (the bench needs iperf3 and iproute2)");
     }
-    let bin_dir = bin_dir()?;
+    let bin_dir = bin_dir(
+        &[
+            ("ztunnel", &["ztunnel", "weft-core", "ebpf"]),
+            ("controller", &["controller", "weft-core", "weft-config"]),
+        ],
+        "cargo build --release -p ztunnel -p controller",
+    )?;
     // One run at a time: a second run's `weft up` would remove the first one's cluster.
     let lock = std::fs::File::create(LOCK).with_context(|| format!("creating {LOCK}"))?;
     let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
@@ -105,9 +105,9 @@ fn main() -> anyhow::Result<()> {
         manifests.display(),
         bin_dir.display()
     );
-    watch_signals();
+    watch_signals(CLUSTER);
     let up_started = Instant::now();
-    let guard = Guard::new(up::up(&UpOptions::new(&manifests, CLUSTER, &bin_dir)).context("weft up")?);
+    let guard = Guard { mesh: up::up(&UpOptions::new(&manifests, CLUSTER, &bin_dir)).context("weft up")? };
     eprintln!("up in {:.1} s", up_started.elapsed().as_secs_f64());
     let report = measure(&guard.mesh)?;
     let load_end = loadavg();
@@ -119,17 +119,18 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
-    let ztunnels = Ztunnels::find(mesh)?;
+    let ztunnels = ztunnels(mesh)?;
     let paths = [Pair::new(mesh, PLAIN)?, Pair::new(mesh, MESH)?];
     let _iperf_servers: Vec<Server> =
-        paths.iter().map(|p| Server::iperf(&p.server_netns)).collect::<anyhow::Result<_>>()?;
+        paths.iter().map(|p| iperf_server(&p.server_netns)).collect::<anyhow::Result<_>>()?;
     for path in &paths {
         wait_listening(&path.server_netns, IPERF_PORT)?;
     }
     // One request each way first: the mesh path's HBONE connection (TLS handshake, certificates)
     // is made before anything is timed.
     for path in &paths {
-        let mut conn = Connection::open(path)?;
+        let addr = SocketAddr::new(path.server, HTTP_PORT);
+        let mut conn = Connection::open(&path.client_netns, addr, &addr.to_string())?;
         let (status, body) = conn.get(&format!("/bytes/{BODY_BYTES}"))?;
         ensure!(
             status == 200 && body == BODY_BYTES,
@@ -175,111 +176,6 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
     Ok(Report { plain_tput, mesh_tput, plain_lat, mesh_lat, rss_idle, rss_after_throughput })
 }
 
-/// Where `cargo bench` put weft-app, and so the workspace's other release binaries (built by
-/// `cargo build --release -p ztunnel -p controller`); a warning when older than their sources.
-fn bin_dir() -> anyhow::Result<PathBuf> {
-    let dir = Path::new(env!("CARGO_BIN_EXE_weft-app")).parent().unwrap().to_path_buf();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let build = "cargo build --release -p ztunnel -p controller";
-    for (binary, crates) in [
-        ("ztunnel", &["ztunnel", "weft-core", "ebpf"][..]),
-        ("controller", &["controller", "weft-core", "weft-config"]),
-    ] {
-        let path = dir.join(binary);
-        let built = std::fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .with_context(|| format!("{} is missing: build it first with `{build}`", path.display()))?;
-        let newest = crates.iter().filter_map(|c| newest_source(&workspace.join(c))).max();
-        if let Some((source, modified)) = newest.filter(|(m, _)| *m > built).map(|(m, p)| (p, m)) {
-            // A warning, not an error: others' uncommitted edits make the binaries look stale
-            // all the time on a shared tree. The output says so, next to the figures.
-            eprintln!(
-                "WARNING: {} is older than {} (modified {:.0} s later): the figures are for the \
-                 binary, not the working tree; rebuild with `{build}`",
-                path.display(),
-                source.display(),
-                modified.duration_since(built).unwrap_or_default().as_secs_f64()
-            );
-        }
-    }
-    Ok(dir)
-}
-
-/// The newest modification time of a crate's sources (`src/`, `build.rs`, `Cargo.toml`, C
-/// programs), and which file it is.
-fn newest_source(dir: &Path) -> Option<(SystemTime, PathBuf)> {
-    let mut newest: Option<(SystemTime, PathBuf)> = None;
-    let mut stack = vec![dir.join("src"), dir.join("build.rs"), dir.join("Cargo.toml"), dir.join("c")];
-    while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::metadata(&path) else { continue };
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-                stack.push(entry.path());
-            }
-        } else if let Ok(modified) = meta.modified() {
-            if newest.as_ref().is_none_or(|(m, _)| modified > *m) {
-                newest = Some((modified, path));
-            }
-        }
-    }
-    newest
-}
-
-/// Waits up to `WEFT_BENCH_QUIET_WAIT` seconds (default 0) for the 1-minute load average to drop
-/// to [`BUSY_LOAD`], so recorded numbers can be taken on a quiet machine.
-fn wait_for_quiet() {
-    let wait: u64 = std::env::var("WEFT_BENCH_QUIET_WAIT").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(wait);
-    loop {
-        let load = loadavg();
-        if load.one <= BUSY_LOAD || Instant::now() >= deadline {
-            return;
-        }
-        eprintln!(
-            "load average {}: waiting for a quieter machine (until {wait} s have passed)...",
-            load.shown()
-        );
-        std::thread::sleep(Duration::from_secs(10));
-    }
-}
-
-/// The mesh, removed when dropped (also on panic).
-struct Guard {
-    mesh: Mesh,
-}
-
-impl Guard {
-    fn new(mesh: Mesh) -> Guard {
-        Guard { mesh }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        eprintln!("removing cluster {CLUSTER:?}...");
-        if let Err(e) = cluster::destroy(self.mesh.name()) {
-            eprintln!("removing cluster {CLUSTER:?}: {e} (run `weft down --name {CLUSTER}`)");
-        }
-    }
-}
-
-/// On Ctrl-C or SIGTERM: remove the cluster and exit (no destructor runs on a signal).
-fn watch_signals() {
-    std::thread::spawn(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        });
-        eprintln!("interrupted: removing cluster {CLUSTER:?}");
-        let _ = cluster::destroy(CLUSTER);
-        std::process::exit(130);
-    });
-}
-
 /// One client → server pair: the namespace, the client's and the server's network namespace.
 struct Pair {
     ns: &'static str,
@@ -297,44 +193,6 @@ impl Pair {
             server_netns: c.pod_netns(ns, "server")?.to_string(),
             server: c.pod_ip(ns, "server")?,
         })
-    }
-}
-
-/// A process the bench started in a pod's namespace, killed when dropped.
-struct Server(Child);
-
-impl Server {
-    fn iperf(netns: &str) -> anyhow::Result<Server> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns, "iperf3", "-s", "-p", &IPERF_PORT.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting iperf3 -s")?;
-        Ok(Server(child))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Polls `ss` in `netns` until something listens on `port` (bounded).
-fn wait_listening(netns: &str, port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = Command::new("ip")
-            .args(["netns", "exec", netns, "ss", "-Hltn", &format!("sport = :{port}")])
-            .output()?;
-        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "nothing listens on port {port} in {netns} after 10 s");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -356,7 +214,7 @@ fn mesh_connections(mesh: &Mesh) -> anyhow::Result<f64> {
 // ---- throughput ----
 
 /// One `iperf3 -c` run.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Iperf {
     /// Received by the server, bits per second.
     bits_per_second: f64,
@@ -366,6 +224,10 @@ struct Iperf {
     server_cpu: f64,
     /// Both ztunnels' CPU-seconds over the run.
     ztunnel_cpu: Cpu,
+}
+
+fn iperf_server(netns: &str) -> anyhow::Result<Server> {
+    Server::spawn(netns, &["iperf3", "-s", "-p", &IPERF_PORT.to_string()])
 }
 
 fn iperf(path: &Pair) -> anyhow::Result<Iperf> {
@@ -392,362 +254,23 @@ fn iperf(path: &Pair) -> anyhow::Result<Iperf> {
 
 // ---- latency ----
 
-/// A keep-alive HTTP/1.1 connection from a client pod (the socket was made inside its network
-/// namespace and stays there).
-struct Connection {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    host: String,
-}
-
-impl Connection {
-    fn open(path: &Pair) -> anyhow::Result<Connection> {
-        let addr = SocketAddr::new(path.server, HTTP_PORT);
-        let stream = cluster::in_netns(&path.client_netns, || {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        })?
-        .with_context(|| format!("connecting to {addr} from {}", path.client_netns))?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(RESPONSE_TIMEOUT))?;
-        let reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
-        Ok(Connection { stream, reader, host: addr.to_string() })
-    }
-
-    fn request(&self, path: &str) -> Vec<u8> {
-        format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host).into_bytes()
-    }
-
-    /// One request, then its response (status, body length).
-    fn get(&mut self, path: &str) -> anyhow::Result<(u16, usize)> {
-        self.stream.write_all(&self.request(path))?;
-        read_response(&mut self.reader)
-    }
-}
-
-/// Reads one HTTP/1.1 response with a Content-Length body: its status and body length.
-fn read_response(reader: &mut impl BufRead) -> anyhow::Result<(u16, usize)> {
-    let mut line = String::new();
-    ensure!(reader.read_line(&mut line)? > 0, "connection closed before a response");
-    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("bad status line")?;
-    let mut length = None;
-    loop {
-        line.clear();
-        ensure!(reader.read_line(&mut line)? > 0, "connection closed in the response headers");
-        let header = line.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse::<usize>().ok();
-            }
-        }
-    }
-    let length = length.context("response without Content-Length")?;
-    let mut left = length;
-    while left > 0 {
-        let buf = reader.fill_buf()?;
-        ensure!(!buf.is_empty(), "connection closed in the response body");
-        let n = buf.len().min(left);
-        reader.consume(n);
-        left -= n;
-    }
-    Ok((status, length))
-}
-
-/// What one fixed-rate run measured (the window after the warm-up).
-#[derive(Debug, Clone, Default)]
-struct LatencyRun {
-    /// Scheduled send → last byte of the response, per measured request.
-    latencies: Vec<Duration>,
-    /// Actual send − scheduled send: the generator's own timer and scheduling error, plus any
-    /// wait for the connection's previous response.
-    lateness: Vec<Duration>,
-    /// Requests that failed (error, timeout, wrong status or length), over the whole run.
-    errors: usize,
-    /// The measured window: from the first measured request's schedule to the last response.
-    window: Duration,
-    /// Both ztunnels over the window.
-    ztunnel_cpu: Cpu,
-    /// Both ztunnels' VmRSS, sampled during the window: the highest sample.
-    rss_max: Rss,
-    /// The whole machine over the window: busy fraction of all cores (/proc/stat).
-    machine_busy: f64,
-}
-
-impl LatencyRun {
-    fn requests(&self) -> usize {
-        self.latencies.len()
-    }
-
-    fn rate(&self) -> f64 {
-        self.requests() as f64 / self.window.as_secs_f64()
-    }
-}
-
-/// Sends `GET /bytes/1024` at [`RATE`]/s over [`CONNECTIONS`] connections on a fixed schedule:
-/// request `i` is due at `start + i / RATE` on connection `i % CONNECTIONS`, and its latency runs
-/// from that due time to the last byte of its response, whenever it was actually sent. Each
-/// connection is one thread that sleeps until a request is due, writes it and reads the response
-/// (as wrk2 does): a response slower than the 4 ms between a connection's requests delays that
-/// connection's next request, and the delay is counted in that request's latency (no coordinated
-/// omission). Not pipelined from a separate writer thread: on this VM's kernel a thread blocked
-/// reading a socket was not woken by a response that arrived after another thread wrote the
-/// request; it saw the response only when the next request was written on that socket (~4 ms
-/// later here; reproduced with Python on loopback, outside Weft).
-fn fixed_rate(path: &Pair, ztunnels: &Ztunnels) -> anyhow::Result<LatencyRun> {
-    let interval = Duration::from_secs(1) / RATE;
-    let warmup = (WARMUP.as_secs_f64() * f64::from(RATE)) as usize;
-    let total = warmup + (MEASURE.as_secs_f64() * f64::from(RATE)) as usize;
-    let start = Instant::now() + Duration::from_millis(50);
-    let due = move |i: usize| start + interval * u32::try_from(i).unwrap_or(u32::MAX);
-
-    /// What one connection measured: (response done, latency) and lateness of measured
-    /// requests, and failures.
-    type LaneResult = (Vec<(Instant, Duration)>, Vec<Duration>, usize);
-    let mut lanes = Vec::new();
-    for lane in 0..CONNECTIONS {
-        let mut conn = Connection::open(path)?;
-        let request = conn.request(&format!("/bytes/{BODY_BYTES}"));
-        lanes.push(std::thread::spawn(move || -> LaneResult {
-            // Timer slack (50 µs by default) would make every send late by up to that much.
-            let _ = nix::sys::prctl::set_timerslack(1);
-            let (mut measured, mut lateness, mut errors) = (Vec::new(), Vec::new(), 0usize);
-            let mut broken = false;
-            for i in (lane..total).step_by(CONNECTIONS) {
-                if broken {
-                    errors += 1;
-                    continue;
-                }
-                let due = due(i);
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-                let sent = Instant::now();
-                let result = conn.stream.write_all(&request).map_err(anyhow::Error::from);
-                match result.and_then(|()| read_response(&mut conn.reader)) {
-                    Ok((200, BODY_BYTES)) if i >= warmup => {
-                        measured.push((Instant::now(), due.elapsed()));
-                        lateness.push(sent - due);
-                    }
-                    Ok((200, BODY_BYTES)) => {}
-                    Ok(_) => errors += 1,
-                    Err(_) => {
-                        errors += 1;
-                        broken = true;
-                    }
-                }
-            }
-            (measured, lateness, errors)
-        }));
-    }
-
-    // The measured window starts with request `warmup`: snapshot the ztunnels and the machine
-    // then, and sample RSS until the end.
-    let window_due = due(warmup);
-    std::thread::sleep(window_due.saturating_duration_since(Instant::now()));
-    let (cpu_before, machine_before) = (ztunnels.cpu()?, machine_ticks()?);
-    let stop_sampling = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (stop, z) = (stop_sampling.clone(), ztunnels.clone());
-        std::thread::spawn(move || {
-            let mut highest = Rss::default();
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(rss) = z.rss() {
-                    highest = highest.max(&rss);
-                }
-                std::thread::sleep(RSS_SAMPLE);
-            }
-            highest
-        })
-    };
-    let (mut latencies, mut lateness, mut errors) = (Vec::new(), Vec::new(), 0);
-    let mut last = window_due;
-    for lane in lanes {
-        let (measured, late, failed) = lane.join().unwrap();
-        errors += failed;
-        lateness.extend(late);
-        for (at, latency) in measured {
-            last = last.max(at);
-            latencies.push(latency);
-        }
-    }
-    let cpu = ztunnels.cpu()?.since(&cpu_before);
-    let machine = machine_ticks()?;
-    stop_sampling.store(true, Ordering::Relaxed);
-    let rss_max = sampler.join().unwrap();
-    latencies.sort_unstable();
-    lateness.sort_unstable();
-    Ok(LatencyRun {
-        latencies,
-        lateness,
-        errors,
-        window: last.saturating_duration_since(window_due),
-        ztunnel_cpu: cpu,
-        rss_max,
-        machine_busy: machine.busy_since(&machine_before),
-    })
+/// The fixed-rate latency run of `path` (see `support::fixed_rate`), the ztunnels measured.
+fn fixed_rate(path: &Pair, ztunnels: &Procs) -> anyhow::Result<LatencyRun> {
+    let schedule =
+        Schedule { rate: RATE, connections: CONNECTIONS, warmup: WARMUP, measure: MEASURE, body: BODY_BYTES };
+    let addr = SocketAddr::new(path.server, HTTP_PORT);
+    support::fixed_rate(schedule, || Connection::open(&path.client_netns, addr, &addr.to_string()), ztunnels)
 }
 
 // ---- /proc ----
 
-/// The two ztunnel processes.
-#[derive(Debug, Clone)]
-struct Ztunnels {
-    pids: Vec<u32>,
-}
-
-impl Ztunnels {
-    fn find(mesh: &Mesh) -> anyhow::Result<Ztunnels> {
-        // The one process named `ztunnel` in each node's namespace (`weft up` starts it through
-        // `nsenter`, which execs it).
-        let mut pids = Vec::new();
-        for node in NODES {
-            let netns = mesh.cluster().node_netns(node)?.to_string();
-            let out = Command::new("ip").args(["netns", "pids", &netns]).output()?;
-            let found: Vec<u32> = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .filter(|p| {
-                    std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "ztunnel")
-                })
-                .collect();
-            ensure!(found.len() == 1, "expected one ztunnel process in {netns}, found {found:?}");
-            pids.push(found[0]);
-        }
-        Ok(Ztunnels { pids })
+/// The two ztunnel processes, node-a's then node-b's.
+fn ztunnels(mesh: &Mesh) -> anyhow::Result<Procs> {
+    let mut pids = Vec::new();
+    for node in NODES {
+        pids.push(Procs::find(mesh.cluster().node_netns(node)?, "ztunnel")?);
     }
-
-    /// utime + stime of each, in seconds.
-    fn cpu(&self) -> anyhow::Result<Cpu> {
-        let mut seconds = [0.0; 2];
-        for (i, pid) in self.pids.iter().enumerate() {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .with_context(|| format!("ztunnel {pid} is gone"))?;
-            // Fields after the command (which may hold spaces) start at `state`, field 3.
-            let after = stat.rsplit_once(')').context("bad /proc/pid/stat")?.1;
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            let ticks = |field: usize| fields[field - 3].parse::<f64>().unwrap_or(0.0);
-            seconds[i] = (ticks(14) + ticks(15)) / clock_ticks();
-        }
-        Ok(Cpu { seconds })
-    }
-
-    /// VmRSS of each, in bytes.
-    fn rss(&self) -> anyhow::Result<Rss> {
-        let mut bytes = [0u64; 2];
-        for (i, pid) in self.pids.iter().enumerate() {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .with_context(|| format!("ztunnel {pid} is gone"))?;
-            bytes[i] = status_kib(&status, "VmRSS:") * 1024;
-        }
-        Ok(Rss { bytes })
-    }
-}
-
-fn status_kib(status: &str, field: &str) -> u64 {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Kernel clock ticks per second (`getconf CLK_TCK`; 100 on Linux here).
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-/// CPU-seconds of node-a's and node-b's ztunnel.
-#[derive(Debug, Clone, Copy, Default)]
-struct Cpu {
-    seconds: [f64; 2],
-}
-
-impl Cpu {
-    fn since(&self, before: &Cpu) -> Cpu {
-        Cpu { seconds: [self.seconds[0] - before.seconds[0], self.seconds[1] - before.seconds[1]] }
-    }
-
-    fn total(&self) -> f64 {
-        self.seconds.iter().sum()
-    }
-}
-
-/// VmRSS of node-a's and node-b's ztunnel, bytes.
-#[derive(Debug, Clone, Copy, Default)]
-struct Rss {
-    bytes: [u64; 2],
-}
-
-impl Rss {
-    fn max(self, other: &Rss) -> Rss {
-        Rss { bytes: [self.bytes[0].max(other.bytes[0]), self.bytes[1].max(other.bytes[1])] }
-    }
-
-    fn mb(&self, i: usize) -> f64 {
-        self.bytes[i] as f64 / 1e6
-    }
-}
-
-/// The machine's CPU time from /proc/stat: busy and total ticks over all cores.
-#[derive(Debug, Clone, Copy)]
-struct MachineTicks {
-    busy: u64,
-    total: u64,
-}
-
-impl MachineTicks {
-    fn busy_since(&self, before: &MachineTicks) -> f64 {
-        let total = self.total.saturating_sub(before.total);
-        if total == 0 {
-            return 0.0;
-        }
-        self.busy.saturating_sub(before.busy) as f64 / total as f64
-    }
-}
-
-fn machine_ticks() -> anyhow::Result<MachineTicks> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let cpu = stat.lines().next().context("empty /proc/stat")?;
-    // user nice system idle iowait irq softirq steal (guest time is already in user).
-    let values: Vec<u64> = cpu.split_whitespace().skip(1).take(8).filter_map(|v| v.parse().ok()).collect();
-    ensure!(values.len() == 8, "unexpected /proc/stat: {cpu}");
-    let total: u64 = values.iter().sum();
-    Ok(MachineTicks { busy: total - values[3] - values[4], total })
-}
-
-/// /proc/loadavg: 1, 5 and 15 minutes.
-#[derive(Debug, Clone, Copy, Default)]
-struct LoadAvg {
-    one: f64,
-    five: f64,
-    fifteen: f64,
-}
-
-impl LoadAvg {
-    fn shown(&self) -> String {
-        let busy = if self.one > BUSY_LOAD { " (BUSY: others' work shares the cores)" } else { "" };
-        format!("{:.2} {:.2} {:.2}{busy}", self.one, self.five, self.fifteen)
-    }
-}
-
-fn loadavg() -> LoadAvg {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let v: Vec<f64> = text.split_whitespace().take(3).filter_map(|s| s.parse().ok()).collect();
-    match v[..] {
-        [one, five, fifteen] => LoadAvg { one, five, fifteen },
-        _ => LoadAvg::default(),
-    }
+    Ok(Procs { pids })
 }
 
 // ---- report ----
@@ -759,32 +282,6 @@ struct Report {
     mesh_lat: LatencyRun,
     rss_idle: Rss,
     rss_after_throughput: Rss,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// The `q` quantile of sorted durations, in µs (nearest rank).
-fn quantile_us(sorted: &[Duration], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1].as_secs_f64() * 1e6
-}
-
-fn mean_us(v: &[Duration]) -> f64 {
-    v.iter().map(Duration::as_secs_f64).sum::<f64>() / v.len().max(1) as f64 * 1e6
 }
 
 impl Report {
@@ -814,8 +311,8 @@ impl Report {
         let added_p99 = q(ml, 0.99) - q(pl, 0.99);
         // Per ztunnel, per 1,000 requests/s actually carried in the window.
         let krps = ml.rate() / 1000.0;
-        let vcpu = |i: usize| ml.ztunnel_cpu.seconds[i] / ml.window.as_secs_f64() / krps;
-        let plain_vcpu = pl.ztunnel_cpu.total() / pl.window.as_secs_f64();
+        let vcpu = |i: usize| ml.cpu.seconds[i] / ml.window.as_secs_f64() / krps;
+        let plain_vcpu = pl.cpu.total() / pl.window.as_secs_f64();
         let rss_load = |i: usize| ml.rss_max.mb(i) / krps;
         let worst_vcpu = vcpu(0).max(vcpu(1));
         let worst_rss = rss_load(0).max(rss_load(1));

@@ -140,12 +140,13 @@ fn scenario(mesh: &Mesh) -> anyhow::Result<Checks> {
         "   captured by node-a's ztunnel, carried in mutual TLS to {echo_ip}:15008, delivered by node-b's"
     );
     let reply = curl(&client_ns, &format!("http://{echo}/hello"));
-    show_reply(&mut checks, &reply, "echo", client_ip);
+    show_reply(&mut checks, &reply, &["echo"], client_ip);
 
     println!();
     println!("3. demo/client -> the echo Service at http://{SERVICE}/ (a virtual IP only ztunnel knows)");
+    println!("   the Service is bound to demo's waypoint: ztunnel -> waypoint -> ztunnel -> echo");
     let reply = curl(&client_ns, &format!("http://{SERVICE}/"));
-    show_reply(&mut checks, &reply, "echo", client_ip);
+    show_reply(&mut checks, &reply, &["echo", "echo-v2"], client_ip);
 
     println!();
     println!("4. demo/intruder -> demo/echo: AuthorizationPolicy demo/deny-intruder denies");
@@ -162,7 +163,7 @@ fn scenario(mesh: &Mesh) -> anyhow::Result<Checks> {
     println!("5. legacy/outsider ({outsider_ip}, namespace not in the mesh) -> demo/echo");
     println!("   plain TCP from outside the mesh; PeerAuthentication is PERMISSIVE (the default)");
     let reply = curl(&outsider_ns, &format!("http://{echo}/hello"));
-    show_reply(&mut checks, &reply, "echo", outsider_ip);
+    show_reply(&mut checks, &reply, &["echo"], outsider_ip);
 
     println!();
     println!("6. Metrics of node-b's ztunnel (GET :15020/metrics), Istio's names:");
@@ -195,11 +196,91 @@ fn scenario(mesh: &Mesh) -> anyhow::Result<Checks> {
         Ok((status, _)) => checks.expect(false, format!("node-b /metrics answered {status}")),
         Err(e) => checks.expect(false, format!("node-b /metrics: {e}")),
     }
+    waypoint(mesh, &mut checks, &client_ns);
     println!();
     Ok(checks)
 }
 
-fn show_reply(checks: &mut Checks, reply: &Result<String, String>, pod: &str, caller: IpAddr) {
+/// Calls the demo makes to show the canary split.
+const SPLIT_CALLS: usize = 300;
+
+/// Step 7: the waypoint's routing, measured.
+fn waypoint(mesh: &Mesh, checks: &mut Checks, client_ns: &str) {
+    println!();
+    println!("7. The waypoint (demo/waypoint-0) applies VirtualService demo/echo to the echo Service:");
+    println!("   {SPLIT_CALLS} calls of http://{SERVICE}/ split 90/10 between the subsets v1 and v2");
+    let url = format!("http://{SERVICE}/");
+    let split = answers(client_ns, &url, SPLIT_CALLS, &[]);
+    let v2 = split.get("echo-v2").copied().unwrap_or(0);
+    let v1 = split.get("echo").copied().unwrap_or(0);
+    println!(
+        "    v1 (demo/echo): {v1}   v2 (demo/echo-v2): {v2}   ({:.1} % to v2)",
+        percent(v2, SPLIT_CALLS)
+    );
+    checks.expect(v1 + v2 == SPLIT_CALLS, format!("all {SPLIT_CALLS} calls answered by echo or echo-v2"));
+    // 10 % of 300 is 30; 4-20 % is well over three standard deviations either side.
+    checks.expect(
+        (4.0..=20.0).contains(&percent(v2, SPLIT_CALLS)),
+        "v2 took about 10 % of the calls (4-20 % over 300)",
+    );
+    println!("   20 calls with `x-canary: always`");
+    let canary = answers(client_ns, &url, 20, &["-H", "x-canary: always"]);
+    println!("    {canary:?}");
+    checks.expect(canary.get("echo-v2") == Some(&20), "every x-canary call reached v2");
+    println!("   the waypoint's istio_requests_total (GET :15020/metrics), by destination_version:");
+    match mesh.pod_get("demo", "waypoint-0", up::METRICS_PORT, "/metrics") {
+        Ok((200, text)) => {
+            let mut by_version = std::collections::BTreeMap::<String, f64>::new();
+            for line in text.lines().filter(|l| l.starts_with("istio_requests_total{")) {
+                let version = label(line, "destination_version").unwrap_or("unknown").to_owned();
+                let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                *by_version.entry(version).or_default() += value;
+            }
+            for (version, n) in &by_version {
+                println!(
+                    "    istio_requests_total{{reporter=\"waypoint\",destination_version=\"{version}\"}} {n}"
+                );
+            }
+            let v2_metric = by_version.get("v2").copied().unwrap_or(0.0);
+            checks.expect(
+                v2_metric >= (v2 + 20) as f64,
+                format!("the waypoint counted the v2 calls ({v2_metric} >= {})", v2 + 20),
+            );
+        }
+        Ok((status, _)) => checks.expect(false, format!("the waypoint's /metrics answered {status}")),
+        Err(e) => checks.expect(false, format!("the waypoint's /metrics: {e}")),
+    }
+}
+
+fn percent(n: usize, of: usize) -> f64 {
+    n as f64 * 100.0 / of.max(1) as f64
+}
+
+/// The value of label `name` in a Prometheus series line.
+fn label<'l>(line: &'l str, name: &str) -> Option<&'l str> {
+    let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
+}
+
+/// `n` GETs of `url` on one curl (keep-alive) inside `netns`: the answering pods, counted.
+fn answers(netns: &str, url: &str, n: usize, extra: &[&str]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-sS", "--max-time", "60"])
+        .args(extra)
+        .args(std::iter::repeat_n(url, n))
+        .output();
+    let Ok(out) = out else { return counts };
+    let text = String::from_utf8_lossy(&out.stdout);
+    for reply in serde_json::Deserializer::from_str(&text).into_iter::<Value>().map_while(Result::ok) {
+        let pod = reply.get("pod").and_then(Value::as_str).unwrap_or("?").to_owned();
+        *counts.entry(pod).or_default() += 1;
+    }
+    counts
+}
+
+fn show_reply(checks: &mut Checks, reply: &Result<String, String>, pods: &[&str], caller: IpAddr) {
     match reply {
         Ok(body) => {
             println!("    {}", body.trim());
@@ -209,7 +290,8 @@ fn show_reply(checks: &mut Checks, reply: &Result<String, String>, pod: &str, ca
                 .and_then(Value::as_str)
                 .and_then(|p| p.parse::<SocketAddr>().ok())
                 .map(|p| p.ip());
-            checks.expect(json.get("pod").and_then(Value::as_str) == Some(pod), format!("answered by {pod}"));
+            let answered = json.get("pod").and_then(Value::as_str).unwrap_or_default();
+            checks.expect(pods.contains(&answered), format!("answered by {}", pods.join(" or ")));
             checks.expect(
                 peer == Some(caller),
                 format!("the server saw the caller's own address {caller} as `peer`"),

@@ -10,6 +10,7 @@ use clap::Parser;
 use serde::Serialize;
 use weft_core::admin::AdminAddresses;
 use weft_core::cert_manager::Token;
+use weft_core::flags::{endpoint, log_format, socket_addr, token_kind, value};
 use weft_core::telemetry::LogFormat;
 
 use crate::proxy::Ports;
@@ -113,10 +114,7 @@ pub enum Capture {
     LoadOnly { pin_dir: PathBuf },
 }
 
-/// Everything wrong with a command line, one line each.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration:\n  {}", .0.join("\n  "))]
-pub struct ConfigError(pub Vec<String>);
+pub use weft_core::flags::ConfigError;
 
 impl Config {
     /// The configuration from the process's arguments and environment. Exits with clap's help
@@ -142,21 +140,12 @@ impl Config {
             &args.worker_threads,
             args.worker_threads.parse::<NonZeroUsize>().map_err(|e| format!("{e} (at least 1)")),
         );
-        let addr = |s: &str| s.parse::<SocketAddr>().map_err(|e| format!("{e} (ip:port)"));
-        let admin = value(e, "--admin-address", &args.admin_address, addr(&args.admin_address));
-        let metrics = value(e, "--metrics-address", &args.metrics_address, addr(&args.metrics_address));
+        let admin = value(e, "--admin-address", &args.admin_address, socket_addr(&args.admin_address));
+        let metrics =
+            value(e, "--metrics-address", &args.metrics_address, socket_addr(&args.metrics_address));
         let readiness =
-            value(e, "--readiness-address", &args.readiness_address, addr(&args.readiness_address));
-        let log_format = value(
-            e,
-            "--log-format/LOG_FORMAT",
-            &args.log_format,
-            match args.log_format.as_str() {
-                "plain" => Ok(LogFormat::Plain),
-                "json" => Ok(LogFormat::Json),
-                _ => Err("is neither plain nor json".to_owned()),
-            },
-        );
+            value(e, "--readiness-address", &args.readiness_address, socket_addr(&args.readiness_address));
+        let log_format = value(e, "--log-format/LOG_FORMAT", &args.log_format, log_format(&args.log_format));
         let xds_address =
             value(e, "--xds-address/XDS_ADDRESS", &args.xds_address, endpoint(&args.xds_address));
         let ca_given = args.ca_address.clone().unwrap_or_else(|| args.xds_address.clone());
@@ -164,15 +153,7 @@ impl Config {
         if args.node_name.is_empty() {
             errors.push("--node-name/NODE_NAME is empty: name the Kubernetes node this proxy serves".into());
         }
-        let token = match (args.token, args.token_file) {
-            (Some(_), Some(_)) => {
-                errors.push("--token/WEFT_TOKEN and --token-file/WEFT_TOKEN_FILE: give one, not both".into());
-                None
-            }
-            (Some(t), None) => Some(Token::Static(t)),
-            (None, Some(path)) => Some(Token::File(path)),
-            (None, None) => Some(Token::None),
-        };
+        let token = weft_core::flags::token(&mut errors, args.token, args.token_file);
         let capture = match (args.no_capture, args.load_capture_only) {
             (true, true) => {
                 errors.push("--no-capture and --load-capture-only contradict each other".into());
@@ -254,37 +235,6 @@ impl Config {
             admin: AdminAddresses { admin: any, metrics: any, readiness: any },
             log_format: LogFormat::Plain,
         }
-    }
-}
-
-/// `parsed`, or `None` with the error recorded against `what` (the flag) and the `given` text.
-fn value<T>(errors: &mut Vec<String>, what: &str, given: &str, parsed: Result<T, String>) -> Option<T> {
-    match parsed {
-        Ok(v) => Some(v),
-        Err(e) => {
-            errors.push(format!("{what} {given:?}: {e}"));
-            None
-        }
-    }
-}
-
-/// A controller address: `http://host:port` or `https://host:port`.
-fn endpoint(given: &str) -> Result<String, String> {
-    let rest = given
-        .strip_prefix("http://")
-        .or_else(|| given.strip_prefix("https://"))
-        .ok_or("must start with http:// or https://")?;
-    if rest.is_empty() || !rest.contains(':') {
-        return Err("must name a host and a port".into());
-    }
-    Ok(given.to_owned())
-}
-
-fn token_kind<S: serde::Serializer>(token: &Token, serializer: S) -> Result<S::Ok, S::Error> {
-    match token {
-        Token::None => serializer.serialize_str("none"),
-        Token::Static(_) => serializer.serialize_str("static (hidden)"),
-        Token::File(path) => serializer.collect_str(&format_args!("file {}", path.display())),
     }
 }
 

@@ -128,6 +128,24 @@ pub fn waypoint_indexed(index: &L7Index<'_>, gateway: &KubeGateway, trust_domain
     out
 }
 
+/// A Service port's protocol as Istio selects it: `appProtocol`, else the name's prefix before
+/// the first `-` (case-insensitive). HTTP and HTTP/2 (with gRPC) are served as HTTP; the other
+/// protocols Istio names are TCP to a waypoint; anything else declares nothing.
+fn port_protocol(app_protocol: Option<&str>, name: Option<&str>) -> wp::PortProtocol {
+    let given = match app_protocol.filter(|a| !a.is_empty()) {
+        Some(app) => app.to_owned(),
+        None => name.unwrap_or_default().split('-').next().unwrap_or_default().to_owned(),
+    };
+    match given.to_ascii_lowercase().as_str() {
+        "http" | "http1" | "kubernetes.io/h1" => wp::PortProtocol::Http,
+        "http2" | "grpc" | "grpc-web" | "kubernetes.io/h2c" => wp::PortProtocol::Http2,
+        "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/ws" | "kubernetes.io/wss" => {
+            wp::PortProtocol::Tcp
+        }
+        _ => wp::PortProtocol::Unspecified,
+    }
+}
+
 /// One bound service with what applies to it.
 fn service(index: &L7Index<'_>, svc: &KubeService) -> wp::Service {
     let meta = &svc.metadata;
@@ -143,6 +161,15 @@ fn service(index: &L7Index<'_>, svc: &KubeService) -> wp::Service {
         name: meta.name.clone(),
         namespace: meta.namespace.clone(),
         ports: svc.spec.ports.iter().map(|p| u32::from(p.port)).collect(),
+        protocols: svc
+            .spec
+            .ports
+            .iter()
+            .filter_map(|p| {
+                let declared = port_protocol(p.app_protocol.as_deref(), p.name.as_deref());
+                (declared != wp::PortProtocol::Unspecified).then_some((u32::from(p.port), declared as i32))
+            })
+            .collect(),
         ..Default::default()
     };
     out.policies = index

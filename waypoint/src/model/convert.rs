@@ -86,6 +86,24 @@ fn service(proto: &wp::Service, problems: &mut Problems) -> Option<Service> {
             ports.insert(port);
         }
     }
+    let mut protocols = BTreeMap::new();
+    for (port, protocol) in &proto.protocols {
+        let field = format!("protocols[{port}]");
+        let Some(port) = problems.check(&at, &field, port_number(*port)) else { continue };
+        match wp::PortProtocol::try_from(*protocol) {
+            Ok(wp::PortProtocol::Http) => {
+                protocols.insert(port, PortProtocol::Http);
+            }
+            Ok(wp::PortProtocol::Http2) => {
+                protocols.insert(port, PortProtocol::Http2);
+            }
+            Ok(wp::PortProtocol::Tcp) => {
+                protocols.insert(port, PortProtocol::Tcp);
+            }
+            // Unspecified (or a value from a newer controller): detected, as undeclared.
+            Ok(wp::PortProtocol::Unspecified) | Err(_) => {}
+        }
+    }
     // Routes are named by their place in their own VirtualService (several may be joined).
     let mut index: BTreeMap<&str, usize> = BTreeMap::new();
     let mut routes = Vec::with_capacity(proto.http_routes.len());
@@ -127,6 +145,7 @@ fn service(proto: &wp::Service, problems: &mut Problems) -> Option<Service> {
         name: proto.name.clone(),
         namespace: proto.namespace.clone(),
         ports,
+        protocols,
         routes,
         traffic_policy: service_policy,
         subsets,

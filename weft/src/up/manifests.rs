@@ -15,6 +15,15 @@ use super::{io, UpError, TRUST_DOMAIN};
 
 /// The label that enrolls a namespace (or pod) in the ambient mesh.
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// The label of a Gateway's pods and Service, as Kubernetes' Gateway API and Istio set it.
+const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// Where waypoint pods run (the controller's node; any node would do).
+const WAYPOINT_NODE: &str = "node-a";
+/// Where waypoint Service VIPs are taken from: the first free address from here on, inside
+/// Kubernetes' default service range 10.96.0.0/12.
+const WAYPOINT_VIP_START: [u8; 4] = [10, 96, 200, 1];
+/// The directory (under the controller's) of the documents `weft up` adds for waypoints.
+pub const WAYPOINTS_DIR: &str = "weft-waypoints";
 
 /// A Pod of the manifests: where it runs and what it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +38,8 @@ pub struct PodDef {
     pub env: Vec<(String, String)>,
     /// Whether its namespace (or the pod) enrolls it in the ambient mesh as the manifests stand.
     pub ambient: bool,
+    /// The Gateway this pod is the waypoint of (`weft up` made the pod for it).
+    pub waypoint: Option<String>,
 }
 
 impl PodDef {
@@ -85,6 +96,7 @@ impl Manifests {
         if !errors.is_empty() {
             return Err(UpError::Config(errors.join("\n")));
         }
+        files.extend(waypoint_documents(&files));
         let pods = pods_of(&files)?;
         Ok(Manifests { files, pods })
     }
@@ -157,6 +169,62 @@ fn set_status(doc: &mut Value, namespace: &str, ips: &[IpAddr]) {
     }
 }
 
+/// For each `istio-waypoint` Gateway, what its Deployment and Service are on Kubernetes: a
+/// Pod (labelled with the Gateway's name, out of the ambient capture, running as service
+/// account `<gateway name>`, running `waypoint`) and a Service with a VIP and the HBONE port
+/// 15008, named `mesh` as Istio names it. One file per Gateway, under [`WAYPOINTS_DIR`].
+fn waypoint_documents(files: &[(PathBuf, Vec<Value>)]) -> Vec<(PathBuf, Vec<Value>)> {
+    let mut used: Vec<String> = Vec::new();
+    let mut gateways = Vec::new();
+    for (_, docs) in files {
+        for doc in docs {
+            if let Some(ip) = doc.pointer("/spec/clusterIP").and_then(Value::as_str) {
+                used.push(ip.to_owned());
+            }
+            let Ok(decoded) = weft_config::decode(doc.clone()) else { continue };
+            if let Object::KubeGateway(gw) = decoded.object {
+                if gw.is_waypoint() {
+                    gateways.push((gw.metadata.namespace.clone(), gw.metadata.name.clone()));
+                }
+            }
+        }
+    }
+    let mut next = u32::from_be_bytes(WAYPOINT_VIP_START);
+    let mut out = Vec::new();
+    for (namespace, name) in gateways {
+        let vip = loop {
+            let ip = std::net::Ipv4Addr::from(next).to_string();
+            next += 1;
+            if !used.contains(&ip) {
+                break ip;
+            }
+        };
+        let labels = serde_json::json!({ GATEWAY_NAME_LABEL: name, DATAPLANE_MODE: "none" });
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": format!("{name}-0"), "namespace": namespace, "labels": labels },
+            "spec": {
+                "nodeName": WAYPOINT_NODE,
+                "serviceAccountName": name,
+                "containers": [{ "name": "istio-proxy", "command": ["waypoint"] }],
+            },
+        });
+        let service = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": name, "namespace": namespace, "labels": { GATEWAY_NAME_LABEL: name } },
+            "spec": {
+                "clusterIP": vip,
+                "selector": { GATEWAY_NAME_LABEL: name },
+                "ports": [{ "name": "mesh", "port": 15008, "protocol": "TCP", "targetPort": 15008 }],
+            },
+        });
+        out.push((PathBuf::from(WAYPOINTS_DIR).join(format!("{namespace}-{name}.yaml")), vec![pod, service]));
+    }
+    out
+}
+
 /// The Pods of the documents, with what their namespaces say about the mesh.
 fn pods_of(files: &[(PathBuf, Vec<Value>)]) -> Result<Vec<PodDef>, UpError> {
     let mut ambient_namespaces = BTreeMap::new();
@@ -220,6 +288,7 @@ fn pods_of(files: &[(PathBuf, Vec<Value>)]) -> Result<Vec<PodDef>, UpError> {
                             command,
                             env,
                             ambient: false,
+                            waypoint: pod.metadata.labels.get(GATEWAY_NAME_LABEL).cloned(),
                         },
                     ));
                 }

@@ -140,7 +140,8 @@ pub struct Mesh {
 /// made.
 pub fn up(options: &UpOptions) -> Result<Mesh, UpError> {
     let manifests = Manifests::read(&options.dir)?;
-    for binary in ["controller", "ztunnel"] {
+    let waypoints = manifests.pods.iter().any(|p| p.waypoint.is_some());
+    for binary in ["controller", "ztunnel"].into_iter().chain(waypoints.then_some("waypoint")) {
         let path = options.bin_dir.join(binary);
         if !path.exists() {
             return Err(UpError::MissingBinary { binary: path.display().to_string() });
@@ -239,16 +240,12 @@ impl Mesh {
         }
         let nodes: Vec<String> = self.cluster.plan().nodes.iter().map(|n| n.name.clone()).collect();
         for node in &nodes {
-            let token = random_token()?;
-            let path = self.token_path(node);
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io(format!("writing {}", path.display())))?;
-            file.write_all(token.as_bytes()).map_err(io(format!("writing {}", path.display())))?;
+            write_token(&self.token_path(node))?;
+        }
+        for pod in self.pods.iter().filter(|p| p.waypoint.is_some()) {
+            let gateway = pod.waypoint.as_deref().unwrap_or_default();
+            let path = self.waypoint_token_path(&pod.namespace, gateway);
+            write_token(&path)?;
         }
         self.start_controller()?;
         for node in &nodes {
@@ -268,6 +265,15 @@ impl Mesh {
 
     fn token_path(&self, node: &str) -> PathBuf {
         cluster::state_dir(self.name()).join("tokens").join(node)
+    }
+
+    /// Where the controller finds waypoint tokens: `<dir>/<namespace>/<gateway>`.
+    fn waypoint_tokens_dir(&self) -> PathBuf {
+        cluster::state_dir(self.name()).join("tokens").join("waypoints")
+    }
+
+    fn waypoint_token_path(&self, namespace: &str, gateway: &str) -> PathBuf {
+        self.waypoint_tokens_dir().join(namespace).join(gateway)
     }
 
     fn read_token(&self, node: &str) -> Result<String, UpError> {
@@ -342,6 +348,22 @@ impl Mesh {
 /// The controller's watched directory of cluster `name`.
 pub fn config_dir(name: &str) -> PathBuf {
     cluster::state_dir(name).join("config")
+}
+
+/// Writes a new random token to `path` (readable by root only).
+fn write_token(path: &Path) -> Result<(), UpError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+    }
+    let token = random_token()?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(format!("writing {}", path.display())))?;
+    file.write_all(token.as_bytes()).map_err(io(format!("writing {}", path.display())))
 }
 
 /// 32 hex digits from the kernel's random source.

@@ -128,12 +128,27 @@ impl Mesh {
         for (k, v) in &pod.env {
             cmd.env(k, v);
         }
-        cmd.env("POD_NAME", &pod.name).env("POD_NAMESPACE", &pod.namespace);
+        let ip = self.cluster.pod_ip(&pod.namespace, &pod.name)?;
+        cmd.env("POD_NAME", &pod.name)
+            .env("POD_NAMESPACE", &pod.namespace)
+            .env("INSTANCE_IP", ip.to_string());
+        if let Some(gateway) = &pod.waypoint {
+            // What the controller's waypoint Deployment gives the waypoint on Kubernetes.
+            cmd.env("WAYPOINT_NAME", gateway)
+                .env("SERVICE_ACCOUNT", &pod.service_account)
+                .env("NODE_NAME", &pod.node)
+                .env("XDS_ADDRESS", format!("http://{}", self.controller_addr()?))
+                .env("WEFT_TOKEN_FILE", self.waypoint_token_path(&pod.namespace, gateway));
+        }
         self.spawn(&pod.process_name(), &netns, cmd, false)
     }
 
-    /// Waits for `weft-app`'s `ready` line in its log (other programs are not waited for).
+    /// Waits for `weft-app`'s `ready` line in its log, or a waypoint's `/healthz/ready` (other
+    /// programs are not waited for).
     pub(super) fn wait_pod_ready(&mut self, pod: &PodDef) -> Result<(), UpError> {
+        if pod.waypoint.is_some() {
+            return self.wait_waypoint_ready(pod);
+        }
         let Some(program) = pod.command.first() else { return Ok(()) };
         if Path::new(program).file_name().is_none_or(|f| f != "weft-app") {
             return Ok(());
@@ -152,6 +167,40 @@ impl Mesh {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits until the waypoint pod `pod` answers 200 on `/healthz/ready`.
+    fn wait_waypoint_ready(&mut self, pod: &PodDef) -> Result<(), UpError> {
+        let process = pod.process_name();
+        let netns = self.cluster.pod_netns(&pod.namespace, &pod.name)?.to_string();
+        let addr = SocketAddr::new(self.cluster.pod_ip(&pod.namespace, &pod.name)?, READY_PORT);
+        let deadline = Instant::now() + self.ready_timeout;
+        loop {
+            let last = match cluster::in_netns(&netns, || http_get(addr, "/healthz/ready"))? {
+                Ok((200, _)) => return Ok(()),
+                Ok((status, body)) => format!("/healthz/ready answered {status}: {}", body.trim()),
+                Err(e) => format!("GET /healthz/ready: {e}"),
+            };
+            self.check_alive(&process)?;
+            if Instant::now() > deadline {
+                return Err(self.not_ready(&process, last));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// GET `path` from port `port` of a pod, from inside its network namespace.
+    pub fn pod_get(
+        &self,
+        namespace: &str,
+        name: &str,
+        port: u16,
+        path: &str,
+    ) -> Result<(u16, String), UpError> {
+        let netns = self.cluster.pod_netns(namespace, name)?.to_string();
+        let addr = SocketAddr::new(self.cluster.pod_ip(namespace, name)?, port);
+        cluster::in_netns(&netns, || http_get(addr, path))?
+            .map_err(|source| UpError::Http { what: format!("GET http://{addr}{path} in {netns}"), source })
     }
 
     /// A bare program name is looked up in the bin dir first (`weft-app`), then on PATH.

@@ -1,0 +1,219 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! End to end: the waypoint on the local mesh. A namespace bound to an `istio-waypoint` Gateway
+//! (`weft up` runs the waypoint pod and its Service, as the controller's Deployment does on
+//! Kubernetes); its traffic goes client → ztunnel → waypoint → ztunnel → server, and the
+//! waypoint applies the VirtualService and DestinationRule: canary split, header match, rewrite,
+//! redirect, direct response, header changes, subsets, ROUND_ROBIN, consistent hashing, no route.
+//! Real clients: curl (HTTP/1.1 and HTTP/2 with prior knowledge) inside the client pod; the
+//! waypoint's `istio_requests_total` read from its :15020.
+//!
+//! Needs what `e2e.rs` needs (root, `ip netns`, the workspace's binaries); without it the test
+//! prints why and passes, unless `CI=true`.
+
+mod e2e_support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use e2e_support::*;
+
+const ECHO_VIP: &str = "10.96.0.60";
+const RR_VIP: &str = "10.96.0.61";
+const STICKY_VIP: &str = "10.96.0.62";
+
+/// A weft-app pod with `app` and `version` labels.
+fn versioned(name: &str, node: &str, app: &str, version: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  labels:\n    app: {app}\n    version: {version}\n\
+         spec:\n  nodeName: {node}\n  serviceAccountName: {app}\n  containers:\n  - name: main\n    \
+         command: [weft-app, --http, \"8080\"]\n    env:\n    - {{name: SERVICE_VERSION, value: {version}}}\n---\n"
+    )
+}
+
+fn mesh_yaml() -> String {
+    let gateway = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: waypoint\n  namespace: shop\n  \
+         labels:\n    istio.io/waypoint-for: service\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - name: mesh\n    \
+         port: 15008\n    protocol: HBONE\n---\n";
+    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    istio.io/dataplane-mode: ambient\n    \
+         istio.io/use-waypoint: waypoint\n---\n";
+    let rules = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: shop}
+spec:
+  hosts: [echo.shop.svc.cluster.local]
+  http:
+  - name: canary-header
+    match: [{headers: {x-canary: {exact: always}}}]
+    route: [{destination: {host: echo.shop.svc.cluster.local, subset: v2}}]
+  - name: rewrite
+    match: [{uri: {prefix: /old}}]
+    rewrite: {uri: /new}
+    route: [{destination: {host: echo.shop.svc.cluster.local, subset: v1}}]
+  - name: redirect
+    match: [{uri: {exact: /moved}}]
+    redirect: {uri: /elsewhere, redirectCode: 301}
+  - name: direct
+    match: [{uri: {exact: /teapot}}]
+    directResponse: {status: 418, body: {string: "short and stout"}}
+  - name: headers
+    match: [{uri: {prefix: /headers}}]
+    headers:
+      request: {set: {x-set: "yes"}, add: {x-added: "1"}, remove: [x-remove]}
+      response: {set: {x-response: "r"}, remove: [content-length]}
+    route: [{destination: {host: echo.shop.svc.cluster.local, subset: v1}}]
+  - name: split
+    match: [{uri: {prefix: /api}}]
+    route:
+    - {destination: {host: echo.shop.svc.cluster.local, subset: v1}, weight: 90}
+    - {destination: {host: echo.shop.svc.cluster.local, subset: v2}, weight: 10}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: shop}
+spec:
+  host: echo.shop.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: rr, namespace: shop}
+spec:
+  host: rr.shop.svc.cluster.local
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: sticky, namespace: shop}
+spec:
+  host: sticky.shop.svc.cluster.local
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+---
+"#;
+    namespace.to_owned()
+        + gateway
+        + &pod("shop", "client", "node-a")
+        + &versioned("echo-v1", "node-b", "echo", "v1")
+        + &versioned("echo-v2", "node-b", "echo", "v2")
+        + &versioned("rr-1", "node-b", "rr", "v1")
+        + &versioned("rr-2", "node-a", "rr", "v1")
+        + &versioned("rr-3", "node-b", "rr", "v1")
+        + &service("shop", "echo", ECHO_VIP, "echo")
+        + &service("shop", "rr", RR_VIP, "rr")
+        + &service("shop", "sticky", STICKY_VIP, "rr")
+        + rules
+}
+
+/// Pod names answering, counted, over `n` GETs of `url` on one curl (keep-alive) with `extra`
+/// arguments.
+fn answers(netns: &str, url: &str, n: usize, extra: &[&str]) -> BTreeMap<String, usize> {
+    let mut args: Vec<&str> = extra.to_vec();
+    args.extend(std::iter::repeat_n(url, n));
+    let out = curl(netns, 120, &args).unwrap_or_else(|e| panic!("{n} GETs of {url}: {e}"));
+    let mut counts = BTreeMap::new();
+    for reply in serde_json::Deserializer::from_str(&out).into_iter::<serde_json::Value>() {
+        let reply = reply.unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+        *counts.entry(reply["pod"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+    }
+    assert_eq!(counts.values().sum::<usize>(), n, "{url}: {counts:?}");
+    counts
+}
+
+#[test]
+fn the_waypoint_routes_and_balances_a_namespaces_http_traffic() {
+    if !usable("waypoint") {
+        return;
+    }
+    let t = TestMesh::up("waypoint", &[("mesh.yaml", mesh_yaml())]);
+    let client = t.netns("shop", "client");
+    let echo = format!("http://{ECHO_VIP}");
+    let waypoint_metrics = || {
+        let (status, body) = t.mesh.pod_get("shop", "waypoint-0", weft::up::METRICS_PORT, "/metrics").unwrap();
+        assert_eq!(status, 200, "waypoint /metrics: {body}");
+        body
+    };
+
+    // HTTP/1.1 and HTTP/2 (prior knowledge) through the waypoint; the caller's address is kept.
+    let h1 = get_json(&client, &format!("{echo}/headers"));
+    assert_eq!(h1["pod"], "echo-v1", "{h1}");
+    assert_eq!(peer_ip(&h1), t.ip("shop", "client"), "the server sees the client's own address: {h1}");
+    let h2 = curl(&client, 5, &["--http2-prior-knowledge", &format!("{echo}/api")]).unwrap();
+    assert!(h2.contains("\"pod\""), "{h2}");
+
+    // Canary 90/10 within ±3 points over 2,000 requests; the header route is 100 % v2.
+    let split = answers(&client, &format!("{echo}/api"), 2000, &[]);
+    let v2 = *split.get("echo-v2").unwrap_or(&0) as f64 / 2000.0;
+    assert!((v2 - 0.10).abs() <= 0.03, "v2 got {:.1} % of the split: {split:?}", v2 * 100.0);
+    let canary = answers(&client, &format!("{echo}/api"), 50, &["-H", "x-canary: always"]);
+    assert_eq!(canary.get("echo-v2"), Some(&50), "{canary:?}");
+
+    // Rewrite: /old/x reaches the server as /new/x.
+    let rewritten = get_json(&client, &format!("{echo}/old/x?q=1"));
+    assert_eq!(rewritten["path"], "/new/x?q=1", "{rewritten}");
+
+    // Redirect 301 with Location; direct response.
+    let redirect = curl(&client, 5, &["-i", &format!("{echo}/moved")]).unwrap();
+    assert!(redirect.starts_with("HTTP/1.1 301"), "{redirect}");
+    assert!(redirect.to_ascii_lowercase().contains(&format!("location: http://{ECHO_VIP}/elsewhere")), "{redirect}");
+    let teapot = curl(&client, 5, &["-i", &format!("{echo}/teapot")]).unwrap();
+    assert!(teapot.starts_with("HTTP/1.1 418") && teapot.ends_with("short and stout"), "{teapot}");
+
+    // Header set/add/remove, seen by the server and the client.
+    let with_headers =
+        curl(&client, 5, &["-i", "-H", "x-remove: gone", "-H", "x-added: 0", &format!("{echo}/headers")]).unwrap();
+    assert!(with_headers.to_ascii_lowercase().contains("x-response: r"), "{with_headers}");
+    let body = &with_headers[with_headers.find("\r\n\r\n").unwrap() + 4..];
+    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(seen["headers"]["x-set"], "yes", "{seen}");
+    assert_eq!(seen["headers"]["x-added"], "0,1", "{seen}");
+    assert!(seen["headers"].get("x-remove").is_none(), "{seen}");
+
+    // No matching route: 404 with NR.
+    let status = curl(&client, 5, &["-o", "/dev/null", "-w", "%{http_code}", &format!("{echo}/nothing-here")]).unwrap();
+    assert_eq!(status, "404");
+
+    // ROUND_ROBIN within ±5 % over 3 endpoints; consistent hashing sticks to one.
+    let rr = answers(&client, &format!("http://{RR_VIP}/"), 300, &[]);
+    assert_eq!(rr.len(), 3, "{rr:?}");
+    for (pod, n) in &rr {
+        assert!((*n as i64 - 100).abs() <= 15, "{pod} got {n} of 300: {rr:?}");
+    }
+    let sticky = answers(&client, &format!("http://{STICKY_VIP}/"), 200, &["-H", "x-user: alice"]);
+    assert_eq!(sticky.len(), 1, "{sticky:?}");
+
+    // The waypoint's metrics count it all, with Istio's labels.
+    let metrics = waypoint_metrics();
+    let requests = |needles: &[&str]| counter(&metrics, "istio_requests_total", needles);
+    let v2_count = requests(&["reporter=\"waypoint\"", "destination_version=\"v2\"", "response_code=\"200\""]);
+    let v1_count = requests(&["reporter=\"waypoint\"", "destination_version=\"v1\"", "destination_canonical_service=\"echo\""]);
+    assert!(v2_count >= 50.0 + 2000.0 * 0.07, "v2: {v2_count}\n{metrics}");
+    assert!(v1_count >= 2000.0 * 0.87, "v1: {v1_count}\n{metrics}");
+    assert_eq!(requests(&["response_code=\"404\"", "response_flags=\"NR\""]), 1.0, "{metrics}");
+    assert!(requests(&["request_protocol=\"http\"", "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\""]) > 0.0);
+    assert!(metrics.contains("istio_request_duration_milliseconds_bucket{"), "{metrics}");
+
+    // A real Prometheus scrapes the waypoint; PromQL by destination_version matches the split.
+    let target = format!("{}:{}", t.ip("shop", "waypoint-0"), weft::up::METRICS_PORT);
+    let prometheus = Prometheus::start(&t.node_netns("node-a"), "waypoint", &[target]);
+    let promql = "sum by (destination_version) (istio_requests_total{reporter=\"waypoint\",destination_service_name=\"echo\"})";
+    let by_version = poll(Duration::from_secs(30), || {
+        let result = prometheus.query(promql)?;
+        let versions: BTreeMap<String, f64> = result
+            .iter()
+            .filter_map(|r| {
+                let version = r["metric"]["destination_version"].as_str()?.to_owned();
+                Some((version, r["value"][1].as_str()?.parse::<f64>().ok()?))
+            })
+            .collect();
+        (versions.contains_key("v1") && versions.contains_key("v2")).then_some(versions)
+    })
+    .unwrap_or_else(|| panic!("Prometheus never had the waypoint's requests: {:?}\n{}", prometheus.query(promql), prometheus.log_tail()));
+    // The same numbers as the waypoint's own /metrics (no echo traffic since that read).
+    for version in ["v1", "v2"] {
+        let own = requests(&["destination_service_name=\"echo\"", &format!("destination_version=\"{version}\"")]);
+        assert_eq!(by_version[version], own, "{version}: Prometheus {by_version:?}, waypoint {own}");
+    }
+    let v2_share = by_version["v2"] / (by_version["v1"] + by_version["v2"]);
+    assert!(v2_share > 0.07 && v2_share < 0.16, "v2's share per Prometheus: {v2_share}");
+}

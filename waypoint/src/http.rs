@@ -1,0 +1,496 @@
+//! One HTTP request through the waypoint: normalize the path, route it ([`crate::route`]),
+//! answer locally (redirect, direct response, no route) or choose an endpoint
+//! ([`crate::balance`]) and forward it there over HBONE ([`crate::upstream`]), with the
+//! route's rewrites and header changes, `x-forwarded-for` and `forwarded` naming the client;
+//! WebSocket and other upgrades pass through. Every request is recorded in the metrics (and the
+//! access log) when its response ends. Failures answer as Envoy does: 400 for a request that
+//! cannot be routed, 404 NR, 503 NC/UH/UF/UC.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST, LOCATION};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::{debug, info};
+use weft_core::cert_manager::CertificateSource;
+use weft_core::state::Workload;
+use weft_core::telemetry::{ConnectionLabels, Reporter, ResponseFlags, SecurityPolicy};
+
+use crate::balance::{self, Upstream};
+use crate::body::{Counted, OnEnd, Recorded};
+use crate::metrics::{Finished, RequestLabels, RequestMetrics};
+use crate::normalize::normalize_path;
+use crate::proxy::{Ctx, Destination, InFlight, Stream};
+use crate::route::{self, Connection, Decision, HeaderChanges, RequestHead};
+use crate::upstream::{self, Endpoint};
+
+/// Headers that belong to one hop and are not forwarded (RFC 9110 §7.6.1), plus HTTP/1's
+/// framing; an upgrade keeps `connection` and `upgrade`.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "proxy-authorization",
+];
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const X_REQUEST_ID: &str = "x-request-id";
+const FORWARDED: &str = "forwarded";
+
+/// A response of the waypoint's own.
+type Body = upstream::Body;
+
+/// What a request's record needs when its response ends.
+struct Record {
+    metrics: RequestMetrics,
+    labels: RequestLabels,
+    started: Instant,
+    request_bytes: Arc<AtomicU64>,
+    header_grpc_status: Option<String>,
+    access: Option<AccessLine>,
+    _in_flight: Option<InFlight>,
+}
+
+/// The access log line's fields (Envoy's default format's, as JSON keys when logs are JSON).
+struct AccessLine {
+    method: String,
+    path: String,
+    authority: String,
+    protocol: &'static str,
+    upstream: Option<SocketAddr>,
+    route: String,
+    client: SocketAddr,
+}
+
+impl OnEnd for Record {
+    fn ended(self: Box<Self>, response_bytes: u64, grpc_status: Option<String>) {
+        let mut labels = self.labels;
+        labels.grpc_response_status = grpc_status.or(self.header_grpc_status).unwrap_or_default();
+        let finished = Finished {
+            duration: self.started.elapsed(),
+            request_bytes: self.request_bytes.load(Ordering::Relaxed),
+            response_bytes,
+            labels,
+        };
+        self.metrics.record(&finished);
+        if let Some(a) = self.access {
+            let l = &finished.labels;
+            info!(target: "access",
+                method = a.method, path = a.path, authority = a.authority, protocol = a.protocol,
+                response_code = l.response_code, response_flags = l.connection.response_flags.as_str(),
+                grpc_status = l.grpc_response_status, bytes_received = finished.request_bytes,
+                bytes_sent = finished.response_bytes, duration_ms = finished.duration.as_millis() as u64,
+                upstream_host = a.upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+                route_name = a.route, downstream_remote_address = %a.client,
+                source_principal = l.connection.source_principal,
+                destination_service = l.connection.destination_service, "request");
+        }
+    }
+}
+
+/// Handles one request of `stream` (see the module docs).
+pub async fn handle<S: CertificateSource>(
+    ctx: Arc<Ctx<S>>,
+    stream: Arc<Stream>,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let grpc = is_grpc(request.headers());
+    let mut labels = ConnectionLabels::new(Reporter::Waypoint, SecurityPolicy::MutualTls);
+    labels.request_protocol = if grpc { "grpc" } else { "http" }.to_owned();
+    if let Some(source) = &stream.source {
+        labels = labels.with_source(source);
+    }
+    labels = labels.with_source_principal(&stream.peer_identity);
+    if let Destination::Service { service, .. } = &stream.destination {
+        labels = labels.with_destination_service(service);
+    } else if let Destination::Workload { workload, .. } = &stream.destination {
+        labels = labels.with_destination(workload);
+    }
+    let access = ctx.config.access_log.then(|| AccessLine {
+        method: request.method().to_string(),
+        path: request.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        authority: authority_of(&request).unwrap_or_default().to_owned(),
+        protocol: if request.version() == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" },
+        upstream: None,
+        route: String::new(),
+        client: stream.client,
+    });
+    let mut record = Record {
+        metrics: ctx.requests.clone(),
+        labels: RequestLabels { connection: labels, response_code: 0, grpc_response_status: String::new() },
+        started,
+        request_bytes: request_bytes.clone(),
+        header_grpc_status: None,
+        access,
+        _in_flight: None,
+    };
+    let response = match forward(&ctx, &stream, request, request_bytes, &mut record).await {
+        Ok(response) => response,
+        Err(local) => (*local).into_response(&mut record),
+    };
+    record.labels.response_code = response.status().as_u16();
+    record.header_grpc_status =
+        response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, Recorded::new(body, Box::new(record)).boxed())
+}
+
+/// A response the waypoint makes itself.
+struct Local {
+    status: StatusCode,
+    flags: ResponseFlags,
+    body: Bytes,
+    headers: HeaderMap,
+    reason: String,
+}
+
+impl Local {
+    fn new(
+        status: StatusCode,
+        flags: ResponseFlags,
+        body: &'static str,
+        reason: impl Into<String>,
+    ) -> Box<Local> {
+        Box::new(Local {
+            status,
+            flags,
+            body: Bytes::from_static(body.as_bytes()),
+            headers: HeaderMap::new(),
+            reason: reason.into(),
+        })
+    }
+
+    fn into_response(self, record: &mut Record) -> Response<Body> {
+        record.labels.connection.response_flags = self.flags;
+        debug!(status = %self.status, flags = self.flags.as_str(), reason = self.reason, "local response");
+        let mut response = Response::new(full(self.body));
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers;
+        response
+    }
+}
+
+/// Routes and forwards `request`, or says which local response answers it.
+async fn forward<S: CertificateSource>(
+    ctx: &Arc<Ctx<S>>,
+    stream: &Arc<Stream>,
+    request: Request<Incoming>,
+    request_bytes: Arc<AtomicU64>,
+    record: &mut Record,
+) -> Result<Response<Body>, Box<Local>> {
+    let waypoint = ctx.waypoint.load();
+    let Some(config) = waypoint.as_ref() else {
+        return Err(Local::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlags::NoRouteFound,
+            "",
+            "no configuration",
+        ));
+    };
+    let state = ctx.state.load();
+    let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = if request.method() == Method::CONNECT {
+        // CONNECT (to tunnel TCP through an HTTP proxy) is not a route Istio's waypoint serves.
+        return Err(Local::new(StatusCode::NOT_FOUND, ResponseFlags::NoRouteFound, "", "CONNECT"));
+    } else {
+        normalize_path(path).map_err(|e| {
+            Local::new(
+                StatusCode::BAD_REQUEST,
+                ResponseFlags::DownstreamProtocolError,
+                "Bad Request",
+                e.to_string(),
+            )
+        })?
+    };
+    let authority = authority_of(&request).unwrap_or_default().to_owned();
+    let head = RequestHead {
+        method: request.method().as_str(),
+        scheme: "http",
+        authority: &authority,
+        path: &path,
+        headers: request.headers(),
+    };
+
+    let (target, changes, new_path, new_authority, route_name) = match &stream.destination {
+        Destination::Workload { workload, port } => {
+            // A workload's own traffic: no service routes, to the workload itself.
+            let address = SocketAddr::new(stream.original.ip(), *port);
+            (
+                Target::Workload(Arc::clone(workload), address),
+                HeaderChanges::default(),
+                None,
+                None,
+                String::new(),
+            )
+        }
+        Destination::Service { service, port } => {
+            let conn = Connection {
+                source: Some(&stream.peer_identity),
+                source_labels: None,
+                service: &service.hostname,
+                port: *port,
+            };
+            match route::route(config, &head, &conn, rand::random()) {
+                Decision::NoRoute(no) => {
+                    return Err(Local::new(no.status(), no.flags(), "", no.to_string()));
+                }
+                Decision::DirectResponse { status, body, headers, .. } => {
+                    let mut local = Local::new(status, ResponseFlags::None, "", "direct response");
+                    local.body = Bytes::copy_from_slice(body);
+                    headers.apply_response(&mut local.headers);
+                    return Err(local);
+                }
+                Decision::Redirect { status, location, headers, .. } => {
+                    let mut local = Local::new(status, ResponseFlags::None, "", "redirect");
+                    if let Ok(value) = HeaderValue::from_str(&location) {
+                        local.headers.insert(LOCATION, value);
+                    }
+                    headers.apply_response(&mut local.headers);
+                    return Err(local);
+                }
+                Decision::Forward(fwd) => {
+                    let breq = balance::Request {
+                        headers: request.headers(),
+                        path: &path,
+                        source_ip: stream.client.ip(),
+                        original_destination: stream.original,
+                    };
+                    let mut view = ctx.load.view();
+                    let upstream = balance::choose(config, &state, &fwd, &breq, &mut view).map_err(|e| {
+                        let body = if e.flags() == ResponseFlags::NoHealthyUpstream {
+                            "no healthy upstream"
+                        } else {
+                            ""
+                        };
+                        Local::new(e.status(), e.flags(), body, e.to_string())
+                    })?;
+                    let target = match upstream {
+                        Upstream::Endpoint { endpoint, address } => {
+                            Target::Workload(endpoint.workload, address)
+                        }
+                        Upstream::OriginalDestination(address) => match state.workload_by_ip(address.ip()) {
+                            Some(w) => Target::Workload(Arc::clone(w), address),
+                            None => {
+                                return Err(Local::new(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    ResponseFlags::NoHealthyUpstream,
+                                    "no healthy upstream",
+                                    format!("PASSTHROUGH to {address}, which is no workload"),
+                                ))
+                            }
+                        },
+                    };
+                    let route_name = fwd.route.map(|r| r.name.clone()).unwrap_or_default();
+                    // The destination's labels now that it is known.
+                    if let Some(svc) =
+                        state.service_by_key(&format!("{}/{}", fwd.service.namespace, fwd.target.host))
+                    {
+                        record.labels.connection =
+                            record.labels.connection.clone().with_destination_service(svc);
+                    }
+                    (target, fwd.headers, fwd.path.clone(), fwd.authority.map(str::to_owned), route_name)
+                }
+            }
+        }
+    };
+    let Target::Workload(workload, address) = target;
+    record.labels.connection = record.labels.connection.clone().with_destination(&workload);
+    record._in_flight = Some(ctx.load.start(&workload.uid));
+    if let Some(access) = &mut record.access {
+        access.upstream = Some(address);
+        access.route = route_name;
+    }
+
+    let upgrade = is_upgrade(request.headers()) && request.version() == Version::HTTP_11;
+    let downstream_version = request.version();
+    let mut request = request;
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    changes.apply_request(&mut parts.headers);
+    let authority = new_authority.unwrap_or(authority);
+    let path = new_path.unwrap_or(path);
+    add_forwarding(&mut parts.headers, stream.client);
+    let body = Counted::new(body, request_bytes).boxed();
+    let service = match &stream.destination {
+        Destination::Service { service, .. } => Some(service.hostname.clone()),
+        Destination::Workload { .. } => None,
+    };
+    let endpoint = Endpoint {
+        address,
+        identity: workload.identity.clone(),
+        client: stream.client.ip(),
+        service,
+        traceparent: stream.traceparent.clone(),
+    };
+    let cert = ctx.certificate().await.map_err(|e| {
+        Local::new(StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UpstreamConnectionFailure, "", e)
+    })?;
+    let result = if downstream_version == Version::HTTP_2 {
+        parts.uri = absolute(&authority, &path)?;
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(HOST);
+        ctx.upstreams.send_http2(cert, &endpoint, Request::from_parts(parts, body)).await
+    } else {
+        parts.uri = path.parse::<Uri>().map_err(|_| bad_request("the rewritten path is not a valid URI"))?;
+        parts.version = Version::HTTP_11;
+        if let Ok(host) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(HOST, host);
+        }
+        ctx.upstreams.send_http1(cert, &endpoint, Request::from_parts(parts, body)).await
+    };
+    let response = result.map_err(|e| {
+        let (flags, body) = if e.is_connect_failure() {
+            (ResponseFlags::UpstreamConnectionFailure, "upstream connect error or disconnect/reset before headers. reset reason: connection failure")
+        } else {
+            (ResponseFlags::UpstreamConnectionTermination, "upstream connect error or disconnect/reset before headers. reset reason: connection termination")
+        };
+        info!(%address, error = %e, "upstream request failed");
+        Local::new(StatusCode::SERVICE_UNAVAILABLE, flags, body, e.to_string())
+    })?;
+    let mut response = response;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(downstream) = downstream_upgrade {
+            let upstream = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice_upgraded(downstream, upstream));
+        }
+    }
+    let (mut parts, body) = response.into_parts();
+    if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(&mut parts.headers, false);
+    }
+    changes.apply_response(&mut parts.headers);
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// Where a request goes: a workload at an address.
+enum Target {
+    Workload(Arc<Workload>, SocketAddr),
+}
+
+/// The request's authority: `:authority` (HTTP/2, or an absolute HTTP/1 target), else `Host`.
+fn authority_of<B>(request: &Request<B>) -> Option<&str> {
+    request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(HOST).and_then(|h| h.to_str().ok()))
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// An HTTP/1.1 upgrade request (WebSocket): `Connection: upgrade` and an `Upgrade` header.
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::UPGRADE)
+        && headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Removes hop-by-hop headers, and those `Connection` names; an upgrade keeps `connection:
+/// upgrade` and `upgrade`. `te: trailers` stays (gRPC needs it).
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers =
+        headers.get(http::header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in named {
+        if !(upgrade && name == http::header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        if upgrade && (name == "connection" || name == "upgrade") {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if te_trailers {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// `x-forwarded-for` (the client appended), `forwarded` (a `for=` element appended),
+/// `x-forwarded-proto` and an `x-request-id` when the request has none, as Envoy adds them.
+fn add_forwarding(headers: &mut HeaderMap, client: SocketAddr) {
+    let ip = client.ip();
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
+        _ => ip.to_string(),
+    };
+    let element = if ip.is_ipv6() { format!("for=\"[{ip}]\"") } else { format!("for={ip}") };
+    let forwarded = match headers.get(FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {element}"),
+        _ => element,
+    };
+    for (name, value) in [(X_FORWARDED_FOR, xff), (FORWARDED, forwarded)] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if !headers.contains_key(X_REQUEST_ID) {
+        if let Ok(id) = HeaderValue::from_str(&request_id()) {
+            headers.insert(X_REQUEST_ID, id);
+        }
+    }
+}
+
+/// A random UUID (version 4), as Envoy generates `x-request-id`.
+fn request_id() -> String {
+    let bits: u128 = rand::random();
+    let bits = (bits & !(0xf000 << 64) | (0x4000 << 64)) & !(0xc000 << 48) | (0x8000 << 48);
+    let hex = format!("{bits:032x}");
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+fn absolute(authority: &str, path: &str) -> Result<Uri, Box<Local>> {
+    format!("http://{authority}{path}")
+        .parse::<Uri>()
+        .map_err(|_| bad_request("the authority or path is not a valid URI"))
+}
+
+fn bad_request(reason: &str) -> Box<Local> {
+    Local::new(StatusCode::BAD_REQUEST, ResponseFlags::DownstreamProtocolError, "Bad Request", reason)
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// Once both sides have switched protocols, copies bytes between them until both are done.
+async fn splice_upgraded(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::join!(downstream, upstream) {
+        (Ok(downstream), Ok(upstream)) => {
+            let (mut downstream, mut upstream) = (TokioIo::new(downstream), TokioIo::new(upstream));
+            match weft_core::hbone::copy_bidirectional(&mut downstream, &mut upstream).await {
+                Ok((sent, received)) => debug!(sent, received, "upgraded connection done"),
+                Err(e) => debug!(error = %e, "upgraded connection ended with an error"),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => debug!(error = %e, "upgrade did not complete"),
+    }
+}
