@@ -40,7 +40,7 @@ pub fn bin_dir() -> PathBuf {
         // target/<profile>/deps/e2e-<hash> -> target/<profile>
         None => std::env::current_exe().unwrap().parent().and_then(Path::parent).unwrap().to_path_buf(),
     };
-    for binary in ["weft", "controller", "ztunnel", "weft-app"] {
+    for binary in ["weft", "controller", "ztunnel", "weft-app", "waypoint"] {
         assert!(
             dir.join(binary).exists(),
             "{} is missing: the end-to-end tests need every binary of the workspace; build them \
