@@ -33,6 +33,9 @@ pub const FLAG_NODE_TOKEN: &str = "node-token";
 /// Comma-separated `NODE=TOKEN` pairs; prefer it to the flag, which other users see in `ps`.
 pub const ENV_NODE_TOKENS: &str = "WEFT_NODE_TOKENS";
 
+pub const FLAG_WAYPOINT_TOKENS_DIR: &str = "waypoint-tokens-dir";
+pub const ENV_WAYPOINT_TOKENS_DIR: &str = "WEFT_WAYPOINT_TOKENS_DIR";
+
 pub const FLAG_NODE_IDENTITY: &str = "node-identity";
 /// Comma-separated `NODE=SPIFFE_ID` pairs.
 pub const ENV_NODE_IDENTITIES: &str = "WEFT_NODE_IDENTITIES";
@@ -86,6 +89,14 @@ pub struct Args {
         hide_env_values = true
     )]
     pub node_tokens: Vec<String>,
+    /// With --config-dir: a directory of waypoint tokens, read while the mesh runs. The file
+    /// DIR/<namespace>/<name> holds the bearer token of the waypoint <namespace>/<name> (the
+    /// Gateway of that name; surrounding whitespace ignored); a waypoint presenting it may obtain
+    /// only the identity spiffe://<trust-domain>/ns/<namespace>/sa/<name> and subscribe to xDS
+    /// only as that waypoint. Files added, changed or removed take effect at the next request
+    /// without a restart. On Kubernetes, waypoints are known by TokenReview instead.
+    #[arg(long = FLAG_WAYPOINT_TOKENS_DIR, env = ENV_WAYPOINT_TOKENS_DIR, value_name = "DIR")]
+    pub waypoint_tokens_dir: Option<PathBuf>,
     /// An identity a node may hold (a pod with that service account runs there), as
     /// NODE=SPIFFE_ID; repeatable.
     #[arg(long = FLAG_NODE_IDENTITY, env = ENV_NODE_IDENTITIES, value_name = "NODE=SPIFFE_ID", value_delimiter = ',')]
@@ -144,6 +155,8 @@ pub struct Config {
     pub node_tokens: BTreeMap<String, String>,
     /// Node -> identities its pods run as.
     pub node_identities: BTreeMap<String, BTreeSet<Identity>>,
+    /// Where the waypoints' token files are (`<dir>/<namespace>/<name>`), read on demand.
+    pub waypoint_tokens_dir: Option<PathBuf>,
     /// The watched YAML directory; `None` (and no `kubernetes`): CA only, identities from
     /// `node_identities`.
     pub config_dir: Option<PathBuf>,
@@ -305,6 +318,7 @@ impl Config {
                     max_cert_lifetime,
                     node_tokens,
                     node_identities,
+                    waypoint_tokens_dir: args.waypoint_tokens_dir,
                     config_dir: args.config_dir,
                     kubernetes,
                     ztunnel_service_account,
@@ -339,6 +353,7 @@ impl Default for Config {
             max_cert_lifetime: DEFAULT_MAX_CERT_LIFETIME,
             node_tokens: BTreeMap::new(),
             node_identities: BTreeMap::new(),
+            waypoint_tokens_dir: None,
             config_dir: None,
             kubernetes: None,
             ztunnel_service_account: ServiceAccountRef {
@@ -364,6 +379,7 @@ impl fmt::Debug for Config {
             .field("max_cert_lifetime", &self.max_cert_lifetime)
             .field("node_tokens (count per node)", &nodes_with_tokens)
             .field("node_identities", &self.node_identities)
+            .field("waypoint_tokens_dir", &self.waypoint_tokens_dir)
             .field("config_dir", &self.config_dir)
             .field("kubernetes", &self.kubernetes)
             .field("ztunnel_service_account", &self.ztunnel_service_account)
@@ -465,6 +481,10 @@ mod tests {
         assert_eq!(config.max_cert_lifetime, Duration::from_secs(12 * 3600));
         assert_eq!(config.config_dir, None);
         assert_eq!(parse(&["--config-dir=/etc/weft"]).unwrap().config_dir, Some(PathBuf::from("/etc/weft")));
+        assert_eq!(
+            parse(&["--waypoint-tokens-dir=/run/weft/waypoint-tokens"]).unwrap().waypoint_tokens_dir,
+            Some(PathBuf::from("/run/weft/waypoint-tokens"))
+        );
         assert_eq!(parse(&["--kubernetes"]).unwrap().kubernetes, Some(KubeAccess::Default));
         assert_eq!(
             parse(&["--kubeconfig=/k"]).unwrap().kubernetes,

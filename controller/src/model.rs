@@ -17,6 +17,11 @@ pub const USE_WAYPOINT: &str = weft_core::names::USE_WAYPOINT_LABEL;
 /// `istio.io/use-waypoint-namespace`: where that waypoint lives, when not in the same namespace.
 pub const USE_WAYPOINT_NAMESPACE: &str = weft_core::names::USE_WAYPOINT_NAMESPACE_LABEL;
 
+/// `istio.io/waypoint-for` on a waypoint's Gateway: which traffic it takes.
+pub const WAYPOINT_FOR: &str = weft_core::names::WAYPOINT_FOR_LABEL;
+/// `gateway.networking.k8s.io/gateway-name`: on a Gateway's pods (a waypoint's), its name.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
 /// An object's identity in the model.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
@@ -133,12 +138,15 @@ impl Model {
             .unwrap_or_else(|| ns.and_then(|labels| waypoint_from(labels, &pod.metadata.namespace)).flatten())
     }
 
-    /// The SPIFFE identities of the pods placed on `node`: what that node's ztunnel may obtain
-    /// certificates for.
+    /// The SPIFFE identities of the pods of the mesh placed on `node`: what that node's ztunnel
+    /// may obtain certificates for. Pods outside the mesh are left out (the ztunnel neither
+    /// captures nor speaks for them), and so are waypoint pods (labelled with their Gateway's
+    /// name; Istio's also opt out with `istio.io/dataplane-mode=none`): a waypoint's identity is
+    /// obtained by the waypoint itself, never by the ztunnel of its node.
     pub fn identities_on_node(&self, trust_domain: &str, node: &str) -> BTreeSet<Identity> {
         self.pods()
             .filter(|pod| pod.spec.node_name.as_deref() == Some(node))
-            .filter(|pod| !matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")))
+            .filter(|pod| self.in_mesh(pod) && !pod.metadata.labels.contains_key(GATEWAY_NAME_LABEL))
             .filter_map(|pod| {
                 Identity::new(trust_domain, &pod.metadata.namespace, pod.service_account()).ok()
             })
@@ -257,19 +265,28 @@ status: {podIP: 10.0.2.8, phase: Succeeded}
     }
 
     #[test]
-    fn identities_on_a_node_are_its_running_pods_service_accounts() {
-        let m = model(MESH);
+    fn identities_on_a_node_are_its_running_mesh_pods_service_accounts() {
+        // A waypoint pod on node-a, as Istio labels them, and one labelled only with its Gateway.
+        let waypoints = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: shop-wp, istio.io/dataplane-mode: none}}
+spec: {nodeName: node-a, serviceAccountName: shop-wp}
+status: {podIP: 10.0.1.9, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-2, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: other-wp}}
+spec: {nodeName: node-a, serviceAccountName: other-wp}
+status: {podIP: 10.0.1.10, phase: Running}
+"#;
+        let m = model(&format!("{MESH}{waypoints}"));
         let ids = |node| {
             m.identities_on_node("cluster.local", node).iter().map(|i| i.to_string()).collect::<Vec<_>>()
         };
-        assert_eq!(
-            ids("node-a"),
-            [
-                "spiffe://cluster.local/ns/legacy/sa/old",
-                "spiffe://cluster.local/ns/shop/sa/default",
-                "spiffe://cluster.local/ns/shop/sa/web"
-            ]
-        );
+        // Not legacy/old (namespace not in the mesh), shop/default (batch opts out), the waypoints.
+        assert_eq!(ids("node-a"), ["spiffe://cluster.local/ns/shop/sa/web"]);
         assert_eq!(ids("node-b"), ["spiffe://cluster.local/ns/shop/sa/db"]);
         assert!(ids("node-c").is_empty());
     }
