@@ -55,6 +55,38 @@ pub struct WaypointRef {
     pub name: String,
 }
 
+/// Which traffic a waypoint takes (its Gateway's `istio.io/waypoint-for`), as Istio reads it:
+/// `service` (the default), `workload`, `all` or `none`; any other value is the default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaypointFor {
+    Service,
+    Workload,
+    All,
+    None,
+}
+
+impl WaypointFor {
+    /// The value of the label, if any.
+    pub fn parse(value: Option<&str>) -> WaypointFor {
+        match value {
+            Some("workload") => WaypointFor::Workload,
+            Some("all") => WaypointFor::All,
+            Some("none") => WaypointFor::None,
+            _ => WaypointFor::Service,
+        }
+    }
+
+    /// Whether traffic to a Service bound to this waypoint goes through it.
+    pub fn takes_services(self) -> bool {
+        matches!(self, WaypointFor::Service | WaypointFor::All)
+    }
+
+    /// Whether traffic addressed to a bound pod itself goes through it.
+    pub fn takes_workloads(self) -> bool {
+        matches!(self, WaypointFor::Workload | WaypointFor::All)
+    }
+}
+
 /// Everything the sources reported.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
@@ -111,6 +143,24 @@ impl Model {
             Object::Pod(pod) => Some(pod),
             _ => None,
         })
+    }
+
+    /// What the waypoint `wp` takes, or `None` when no Gateway of class `istio-waypoint` of that
+    /// name exists. Istio's ambient index binds nothing to a waypoint it cannot find (the object
+    /// is reported as waiting for it, `WaypointIsNotReady`): traffic goes direct, not into a
+    /// waypoint that is not there, and does not fall back to the namespace's waypoint.
+    pub fn waypoint_for(&self, wp: &WaypointRef) -> Option<WaypointFor> {
+        let key = ObjectKey {
+            kind: weft_config::decode::KUBE_GATEWAY.to_owned(),
+            namespace: wp.namespace.clone(),
+            name: wp.name.clone(),
+        };
+        match self.objects.get(&key) {
+            Some(Object::KubeGateway(gateway)) if gateway.is_waypoint() => {
+                Some(WaypointFor::parse(gateway.metadata.labels.get(WAYPOINT_FOR).map(String::as_str)))
+            }
+            _ => None,
+        }
     }
 
     /// Whether `pod` is in the ambient mesh: its namespace (or the pod itself) is labelled
