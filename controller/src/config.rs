@@ -55,7 +55,7 @@ pub const DEFAULT_WAYPOINT_IMAGE: &str = "weft/waypoint:latest";
 
 pub const FLAG_WAYPOINT_CONTROLLER_ADDRESS: &str = "waypoint-controller-address";
 pub const ENV_WAYPOINT_CONTROLLER_ADDRESS: &str = "WEFT_WAYPOINT_CONTROLLER_ADDRESS";
-pub const DEFAULT_WAYPOINT_CONTROLLER_ADDRESS: &str = "weft-controller.weft-system.svc:15012";
+pub const DEFAULT_WAYPOINT_CONTROLLER_ADDRESS: &str = "http://weft-controller.weft-system.svc:15012";
 
 pub const FLAG_CONFIG_DIR: &str = "config-dir";
 pub const ENV_CONFIG_DIR: &str = "WEFT_CONFIG_DIR";
@@ -125,11 +125,12 @@ pub struct Args {
     /// The image of the waypoint Deployments made for `istio-waypoint` Gateways (Kubernetes only).
     #[arg(long = FLAG_WAYPOINT_IMAGE, env = ENV_WAYPOINT_IMAGE, default_value = DEFAULT_WAYPOINT_IMAGE)]
     pub waypoint_image: String,
-    /// Where waypoints reach the controller's xDS and CA (host:port), passed to them.
+    /// Where waypoints reach the controller's xDS and CA, a URL (http:// or https://, host and
+    /// port), passed to them as --xds-address and --ca-address (Kubernetes only).
     #[arg(
         long = FLAG_WAYPOINT_CONTROLLER_ADDRESS,
         env = ENV_WAYPOINT_CONTROLLER_ADDRESS,
-        value_name = "HOST:PORT",
+        value_name = "URL",
         default_value = DEFAULT_WAYPOINT_CONTROLLER_ADDRESS
     )]
     pub waypoint_controller_address: String,
@@ -193,6 +194,11 @@ pub enum ConfigError {
     ServiceAccount { value: String, reason: String },
     #[error("--{flag} must not be empty")]
     Empty { flag: &'static str },
+    #[error(
+        "--{FLAG_WAYPOINT_CONTROLLER_ADDRESS} {value:?} must be a URL with a host and a port, e.g. \
+         http://weft-controller.weft-system.svc:15012 (the waypoint, like ztunnel, wants the scheme)"
+    )]
+    ControllerAddress { value: String },
 }
 
 /// Everything wrong with the command line, reported together.
@@ -302,6 +308,14 @@ impl Config {
             if value.trim().is_empty() {
                 errors.push(ConfigError::Empty { flag });
             }
+        }
+        let controller_address = args.waypoint_controller_address.trim();
+        let has_scheme = controller_address
+            .strip_prefix("http://")
+            .or_else(|| controller_address.strip_prefix("https://"))
+            .is_some_and(|rest| rest.contains(':') && !rest.starts_with(':'));
+        if !controller_address.is_empty() && !has_scheme {
+            errors.push(ConfigError::ControllerAddress { value: controller_address.to_owned() });
         }
         let waypoints = WaypointOptions {
             image: args.waypoint_image.trim().to_owned(),
@@ -495,12 +509,12 @@ mod tests {
             "--kubernetes",
             "--ztunnel-service-account=istio-system/ztunnel",
             "--waypoint-image=registry.example/waypoint:1",
-            "--waypoint-controller-address=weft.example:15012",
+            "--waypoint-controller-address=https://weft.example:15012",
         ])
         .unwrap();
         assert_eq!(kube.ztunnel_service_account.username(), "system:serviceaccount:istio-system:ztunnel");
         assert_eq!(kube.waypoints.image, "registry.example/waypoint:1");
-        assert_eq!(kube.waypoints.controller_address, "weft.example:15012");
+        assert_eq!(kube.waypoints.controller_address, "https://weft.example:15012");
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret"), "{shown}");
     }
@@ -519,6 +533,7 @@ mod tests {
             "--node-identity=node-z=spiffe://other.org/ns/a/sa/b",
             "--ztunnel-service-account=ztunnel",
             "--waypoint-image=",
+            "--waypoint-controller-address=weft.example:15012",
         ])
         .unwrap_err();
         // The bad trust domain hides the foreign-identity error it would cause; check that one alone.
@@ -539,6 +554,7 @@ mod tests {
             "node \"node-z\" has identities but no --node-token",
             "--ztunnel-service-account \"ztunnel\": expected NAMESPACE/NAME",
             "--waypoint-image must not be empty",
+            "--waypoint-controller-address \"weft.example:15012\" must be a URL",
         ];
         for w in want {
             assert!(msg.contains(w), "missing {w:?} in:\n{msg}");
