@@ -33,6 +33,9 @@ pub const FLAG_NODE_TOKEN: &str = "node-token";
 /// Comma-separated `NODE=TOKEN` pairs; prefer it to the flag, which other users see in `ps`.
 pub const ENV_NODE_TOKENS: &str = "WEFT_NODE_TOKENS";
 
+pub const FLAG_WAYPOINT_TOKENS_DIR: &str = "waypoint-tokens-dir";
+pub const ENV_WAYPOINT_TOKENS_DIR: &str = "WEFT_WAYPOINT_TOKENS_DIR";
+
 pub const FLAG_NODE_IDENTITY: &str = "node-identity";
 /// Comma-separated `NODE=SPIFFE_ID` pairs.
 pub const ENV_NODE_IDENTITIES: &str = "WEFT_NODE_IDENTITIES";
@@ -52,7 +55,7 @@ pub const DEFAULT_WAYPOINT_IMAGE: &str = "weft/waypoint:latest";
 
 pub const FLAG_WAYPOINT_CONTROLLER_ADDRESS: &str = "waypoint-controller-address";
 pub const ENV_WAYPOINT_CONTROLLER_ADDRESS: &str = "WEFT_WAYPOINT_CONTROLLER_ADDRESS";
-pub const DEFAULT_WAYPOINT_CONTROLLER_ADDRESS: &str = "weft-controller.weft-system.svc:15012";
+pub const DEFAULT_WAYPOINT_CONTROLLER_ADDRESS: &str = "http://weft-controller.weft-system.svc:15012";
 
 pub const FLAG_CONFIG_DIR: &str = "config-dir";
 pub const ENV_CONFIG_DIR: &str = "WEFT_CONFIG_DIR";
@@ -86,6 +89,14 @@ pub struct Args {
         hide_env_values = true
     )]
     pub node_tokens: Vec<String>,
+    /// With --config-dir: a directory of waypoint tokens, read while the mesh runs. The file
+    /// DIR/<namespace>/<name> holds the bearer token of the waypoint <namespace>/<name> (the
+    /// Gateway of that name; surrounding whitespace ignored); a waypoint presenting it may obtain
+    /// only the identity spiffe://<trust-domain>/ns/<namespace>/sa/<name> and subscribe to xDS
+    /// only as that waypoint. Files added, changed or removed take effect at the next request
+    /// without a restart. On Kubernetes, waypoints are known by TokenReview instead.
+    #[arg(long = FLAG_WAYPOINT_TOKENS_DIR, env = ENV_WAYPOINT_TOKENS_DIR, value_name = "DIR")]
+    pub waypoint_tokens_dir: Option<PathBuf>,
     /// An identity a node may hold (a pod with that service account runs there), as
     /// NODE=SPIFFE_ID; repeatable.
     #[arg(long = FLAG_NODE_IDENTITY, env = ENV_NODE_IDENTITIES, value_name = "NODE=SPIFFE_ID", value_delimiter = ',')]
@@ -114,11 +125,12 @@ pub struct Args {
     /// The image of the waypoint Deployments made for `istio-waypoint` Gateways (Kubernetes only).
     #[arg(long = FLAG_WAYPOINT_IMAGE, env = ENV_WAYPOINT_IMAGE, default_value = DEFAULT_WAYPOINT_IMAGE)]
     pub waypoint_image: String,
-    /// Where waypoints reach the controller's xDS and CA (host:port), passed to them.
+    /// Where waypoints reach the controller's xDS and CA, a URL (http:// or https://, host and
+    /// port), passed to them as --xds-address and --ca-address (Kubernetes only).
     #[arg(
         long = FLAG_WAYPOINT_CONTROLLER_ADDRESS,
         env = ENV_WAYPOINT_CONTROLLER_ADDRESS,
-        value_name = "HOST:PORT",
+        value_name = "URL",
         default_value = DEFAULT_WAYPOINT_CONTROLLER_ADDRESS
     )]
     pub waypoint_controller_address: String,
@@ -144,6 +156,8 @@ pub struct Config {
     pub node_tokens: BTreeMap<String, String>,
     /// Node -> identities its pods run as.
     pub node_identities: BTreeMap<String, BTreeSet<Identity>>,
+    /// Where the waypoints' token files are (`<dir>/<namespace>/<name>`), read on demand.
+    pub waypoint_tokens_dir: Option<PathBuf>,
     /// The watched YAML directory; `None` (and no `kubernetes`): CA only, identities from
     /// `node_identities`.
     pub config_dir: Option<PathBuf>,
@@ -180,6 +194,11 @@ pub enum ConfigError {
     ServiceAccount { value: String, reason: String },
     #[error("--{flag} must not be empty")]
     Empty { flag: &'static str },
+    #[error(
+        "--{FLAG_WAYPOINT_CONTROLLER_ADDRESS} {value:?} must be a URL with a host and a port, e.g. \
+         http://weft-controller.weft-system.svc:15012 (the waypoint, like ztunnel, wants the scheme)"
+    )]
+    ControllerAddress { value: String },
 }
 
 /// Everything wrong with the command line, reported together.
@@ -290,6 +309,14 @@ impl Config {
                 errors.push(ConfigError::Empty { flag });
             }
         }
+        let controller_address = args.waypoint_controller_address.trim();
+        let has_scheme = controller_address
+            .strip_prefix("http://")
+            .or_else(|| controller_address.strip_prefix("https://"))
+            .is_some_and(|rest| rest.contains(':') && !rest.starts_with(':'));
+        if !controller_address.is_empty() && !has_scheme {
+            errors.push(ConfigError::ControllerAddress { value: controller_address.to_owned() });
+        }
         let waypoints = WaypointOptions {
             image: args.waypoint_image.trim().to_owned(),
             controller_address: args.waypoint_controller_address.trim().to_owned(),
@@ -305,6 +332,7 @@ impl Config {
                     max_cert_lifetime,
                     node_tokens,
                     node_identities,
+                    waypoint_tokens_dir: args.waypoint_tokens_dir,
                     config_dir: args.config_dir,
                     kubernetes,
                     ztunnel_service_account,
@@ -339,6 +367,7 @@ impl Default for Config {
             max_cert_lifetime: DEFAULT_MAX_CERT_LIFETIME,
             node_tokens: BTreeMap::new(),
             node_identities: BTreeMap::new(),
+            waypoint_tokens_dir: None,
             config_dir: None,
             kubernetes: None,
             ztunnel_service_account: ServiceAccountRef {
@@ -364,6 +393,7 @@ impl fmt::Debug for Config {
             .field("max_cert_lifetime", &self.max_cert_lifetime)
             .field("node_tokens (count per node)", &nodes_with_tokens)
             .field("node_identities", &self.node_identities)
+            .field("waypoint_tokens_dir", &self.waypoint_tokens_dir)
             .field("config_dir", &self.config_dir)
             .field("kubernetes", &self.kubernetes)
             .field("ztunnel_service_account", &self.ztunnel_service_account)
@@ -465,6 +495,10 @@ mod tests {
         assert_eq!(config.max_cert_lifetime, Duration::from_secs(12 * 3600));
         assert_eq!(config.config_dir, None);
         assert_eq!(parse(&["--config-dir=/etc/weft"]).unwrap().config_dir, Some(PathBuf::from("/etc/weft")));
+        assert_eq!(
+            parse(&["--waypoint-tokens-dir=/run/weft/waypoint-tokens"]).unwrap().waypoint_tokens_dir,
+            Some(PathBuf::from("/run/weft/waypoint-tokens"))
+        );
         assert_eq!(parse(&["--kubernetes"]).unwrap().kubernetes, Some(KubeAccess::Default));
         assert_eq!(
             parse(&["--kubeconfig=/k"]).unwrap().kubernetes,
@@ -475,12 +509,12 @@ mod tests {
             "--kubernetes",
             "--ztunnel-service-account=istio-system/ztunnel",
             "--waypoint-image=registry.example/waypoint:1",
-            "--waypoint-controller-address=weft.example:15012",
+            "--waypoint-controller-address=https://weft.example:15012",
         ])
         .unwrap();
         assert_eq!(kube.ztunnel_service_account.username(), "system:serviceaccount:istio-system:ztunnel");
         assert_eq!(kube.waypoints.image, "registry.example/waypoint:1");
-        assert_eq!(kube.waypoints.controller_address, "weft.example:15012");
+        assert_eq!(kube.waypoints.controller_address, "https://weft.example:15012");
         let shown = format!("{config:?}");
         assert!(!shown.contains("secret"), "{shown}");
     }
@@ -499,6 +533,7 @@ mod tests {
             "--node-identity=node-z=spiffe://other.org/ns/a/sa/b",
             "--ztunnel-service-account=ztunnel",
             "--waypoint-image=",
+            "--waypoint-controller-address=weft.example:15012",
         ])
         .unwrap_err();
         // The bad trust domain hides the foreign-identity error it would cause; check that one alone.
@@ -519,6 +554,7 @@ mod tests {
             "node \"node-z\" has identities but no --node-token",
             "--ztunnel-service-account \"ztunnel\": expected NAMESPACE/NAME",
             "--waypoint-image must not be empty",
+            "--waypoint-controller-address \"weft.example:15012\" must be a URL",
         ];
         for w in want {
             assert!(msg.contains(w), "missing {w:?} in:\n{msg}");

@@ -24,14 +24,14 @@ use tokio::sync::watch;
 use tonic::service::Routes;
 use weft_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 
-use crate::ca::Authorizer;
 use crate::ca::{
-    CaError, CaService, ModelAuthorizer, NodeAuthorizer, StaticAuthorizer, TokenReviewAuthorizer,
+    Authorizer, CaError, CaService, Caller, ModelAuthorizer, NodeAuthorizer, StaticAuthorizer,
+    TokenReviewAuthorizer, WaypointTokenDir,
 };
 use crate::config::{Config, KubeAccess};
 use crate::model::Model;
 use crate::sources::dir::DirError;
-use crate::xds::{Authenticate, XdsError, XdsOptions, XdsServer};
+use crate::xds::{Authenticate, Principal, XdsError, XdsOptions, XdsServer};
 
 /// Why the controller could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
@@ -72,18 +72,21 @@ struct Mesh {
     waypoints: Option<(kube::Client, waypoints::WaypointOptions)>,
 }
 
-/// xDS clients authenticated as the CA authenticates them: the token names the node.
-struct NodeTokens(Arc<NodeAuthorizer>);
+/// xDS clients authenticated as the CA authenticates them: the token names a node agent or a
+/// waypoint.
+struct CallerTokens(Arc<NodeAuthorizer>);
 
-impl Authenticate for NodeTokens {
-    fn node(&self, token: Option<String>) -> futures::future::BoxFuture<'static, Result<String, String>> {
+impl Authenticate for CallerTokens {
+    fn principal(
+        &self,
+        token: Option<String>,
+    ) -> futures::future::BoxFuture<'static, Result<Principal, String>> {
         let authorizer = self.0.clone();
         Box::pin(async move {
-            authorizer
-                .authenticate(token.as_deref())
-                .await
-                .map(|caller| caller.node)
-                .map_err(|e| e.to_string())
+            match authorizer.authenticate(token.as_deref()).await.map_err(|e| e.to_string())? {
+                Caller::NodeAgent { node } => Ok(Principal::NodeAgent(node)),
+                Caller::Waypoint { namespace, name } => Ok(Principal::Waypoint { namespace, name }),
+            }
         })
     }
 }
@@ -142,22 +145,31 @@ impl Controller {
                             model.clone(),
                         ))
                     }
-                    _ => NodeAuthorizer::Static(ModelAuthorizer::new(
-                        config.authorizer(),
-                        &config.trust_domain,
-                        model.clone(),
-                    )),
+                    _ => {
+                        let authorizer =
+                            ModelAuthorizer::new(config.authorizer(), &config.trust_domain, model.clone());
+                        NodeAuthorizer::Static(match &config.waypoint_tokens_dir {
+                            Some(dir) => {
+                                tracing::info!(dir = %dir.display(), "waypoints authenticate by the token files under");
+                                authorizer.with_waypoint_tokens(WaypointTokenDir::new(dir))
+                            }
+                            None => authorizer,
+                        })
+                    }
                 };
                 let authorizer = Arc::new(authorizer);
-                // xDS asks the same of its clients as the CA: the node's token. Only a static
-                // table without tokens (a local setup) leaves it open, as nobody could
-                // authenticate.
+                // xDS asks the same of its clients as the CA: the node's or waypoint's token. Only
+                // a static table without any tokens (a local setup) leaves it open, as nobody
+                // could authenticate.
+                let no_tokens = config.node_tokens.is_empty() && config.waypoint_tokens_dir.is_none();
                 let authenticate: Option<Box<dyn Authenticate>> =
-                    if matches!(*authorizer, NodeAuthorizer::Static(_)) && config.node_tokens.is_empty() {
-                        tracing::warn!("no --node-token: xDS serves any client unauthenticated");
+                    if matches!(*authorizer, NodeAuthorizer::Static(_)) && no_tokens {
+                        tracing::warn!(
+                            "no --node-token nor --waypoint-tokens-dir: xDS serves any client unauthenticated"
+                        );
                         None
                     } else {
-                        Some(Box::new(NodeTokens(authorizer.clone())))
+                        Some(Box::new(CallerTokens(authorizer.clone())))
                     };
                 let service = CaService::new(ca, authorizer).with_max_lifetime(config.max_cert_lifetime);
                 let xds =

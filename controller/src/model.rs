@@ -17,6 +17,11 @@ pub const USE_WAYPOINT: &str = weft_core::names::USE_WAYPOINT_LABEL;
 /// `istio.io/use-waypoint-namespace`: where that waypoint lives, when not in the same namespace.
 pub const USE_WAYPOINT_NAMESPACE: &str = weft_core::names::USE_WAYPOINT_NAMESPACE_LABEL;
 
+/// `istio.io/waypoint-for` on a waypoint's Gateway: which traffic it takes.
+pub const WAYPOINT_FOR: &str = weft_core::names::WAYPOINT_FOR_LABEL;
+/// `gateway.networking.k8s.io/gateway-name`: on a Gateway's pods (a waypoint's), its name.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
 /// An object's identity in the model.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
@@ -48,6 +53,38 @@ pub enum Change {
 pub struct WaypointRef {
     pub namespace: String,
     pub name: String,
+}
+
+/// Which traffic a waypoint takes (its Gateway's `istio.io/waypoint-for`), as Istio reads it:
+/// `service` (the default), `workload`, `all` or `none`; any other value is the default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaypointFor {
+    Service,
+    Workload,
+    All,
+    None,
+}
+
+impl WaypointFor {
+    /// The value of the label, if any.
+    pub fn parse(value: Option<&str>) -> WaypointFor {
+        match value {
+            Some("workload") => WaypointFor::Workload,
+            Some("all") => WaypointFor::All,
+            Some("none") => WaypointFor::None,
+            _ => WaypointFor::Service,
+        }
+    }
+
+    /// Whether traffic to a Service bound to this waypoint goes through it.
+    pub fn takes_services(self) -> bool {
+        matches!(self, WaypointFor::Service | WaypointFor::All)
+    }
+
+    /// Whether traffic addressed to a bound pod itself goes through it.
+    pub fn takes_workloads(self) -> bool {
+        matches!(self, WaypointFor::Workload | WaypointFor::All)
+    }
 }
 
 /// Everything the sources reported.
@@ -108,6 +145,24 @@ impl Model {
         })
     }
 
+    /// What the waypoint `wp` takes, or `None` when no Gateway of class `istio-waypoint` of that
+    /// name exists. Istio's ambient index binds nothing to a waypoint it cannot find (the object
+    /// is reported as waiting for it, `WaypointIsNotReady`): traffic goes direct, not into a
+    /// waypoint that is not there, and does not fall back to the namespace's waypoint.
+    pub fn waypoint_for(&self, wp: &WaypointRef) -> Option<WaypointFor> {
+        let key = ObjectKey {
+            kind: weft_config::decode::KUBE_GATEWAY.to_owned(),
+            namespace: wp.namespace.clone(),
+            name: wp.name.clone(),
+        };
+        match self.objects.get(&key) {
+            Some(Object::KubeGateway(gateway)) if gateway.is_waypoint() => {
+                Some(WaypointFor::parse(gateway.metadata.labels.get(WAYPOINT_FOR).map(String::as_str)))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether `pod` is in the ambient mesh: its namespace (or the pod itself) is labelled
     /// `istio.io/dataplane-mode=ambient` and the pod does not opt out with `none`. Pods on the
     /// host network and finished pods are never captured.
@@ -133,12 +188,15 @@ impl Model {
             .unwrap_or_else(|| ns.and_then(|labels| waypoint_from(labels, &pod.metadata.namespace)).flatten())
     }
 
-    /// The SPIFFE identities of the pods placed on `node`: what that node's ztunnel may obtain
-    /// certificates for.
+    /// The SPIFFE identities of the pods of the mesh placed on `node`: what that node's ztunnel
+    /// may obtain certificates for. Pods outside the mesh are left out (the ztunnel neither
+    /// captures nor speaks for them), and so are waypoint pods (labelled with their Gateway's
+    /// name; Istio's also opt out with `istio.io/dataplane-mode=none`): a waypoint's identity is
+    /// obtained by the waypoint itself, never by the ztunnel of its node.
     pub fn identities_on_node(&self, trust_domain: &str, node: &str) -> BTreeSet<Identity> {
         self.pods()
             .filter(|pod| pod.spec.node_name.as_deref() == Some(node))
-            .filter(|pod| !matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed")))
+            .filter(|pod| self.in_mesh(pod) && !pod.metadata.labels.contains_key(GATEWAY_NAME_LABEL))
             .filter_map(|pod| {
                 Identity::new(trust_domain, &pod.metadata.namespace, pod.service_account()).ok()
             })
@@ -257,19 +315,28 @@ status: {podIP: 10.0.2.8, phase: Succeeded}
     }
 
     #[test]
-    fn identities_on_a_node_are_its_running_pods_service_accounts() {
-        let m = model(MESH);
+    fn identities_on_a_node_are_its_running_mesh_pods_service_accounts() {
+        // A waypoint pod on node-a, as Istio labels them, and one labelled only with its Gateway.
+        let waypoints = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: shop-wp, istio.io/dataplane-mode: none}}
+spec: {nodeName: node-a, serviceAccountName: shop-wp}
+status: {podIP: 10.0.1.9, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-2, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: other-wp}}
+spec: {nodeName: node-a, serviceAccountName: other-wp}
+status: {podIP: 10.0.1.10, phase: Running}
+"#;
+        let m = model(&format!("{MESH}{waypoints}"));
         let ids = |node| {
             m.identities_on_node("cluster.local", node).iter().map(|i| i.to_string()).collect::<Vec<_>>()
         };
-        assert_eq!(
-            ids("node-a"),
-            [
-                "spiffe://cluster.local/ns/legacy/sa/old",
-                "spiffe://cluster.local/ns/shop/sa/default",
-                "spiffe://cluster.local/ns/shop/sa/web"
-            ]
-        );
+        // Not legacy/old (namespace not in the mesh), shop/default (batch opts out), the waypoints.
+        assert_eq!(ids("node-a"), ["spiffe://cluster.local/ns/shop/sa/web"]);
         assert_eq!(ids("node-b"), ["spiffe://cluster.local/ns/shop/sa/db"]);
         assert!(ids("node-c").is_empty());
     }

@@ -72,7 +72,12 @@ async fn a_node_gets_its_pods_certificates_and_nothing_else() -> anyhow::Result<
     Ok(())
 }
 
+/// Two pods of the mesh (their namespace is ambient): only those place identities on a node.
 const PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
 apiVersion: v1
 kind: Pod
 metadata: {name: web-1, namespace: shop}
@@ -94,7 +99,7 @@ async fn the_model_decides_which_node_may_hold_which_identity() -> anyhow::Resul
     std::fs::create_dir(&config_dir)?;
     std::fs::write(config_dir.join("pods.yaml"), PODS)?;
     let mut model = watch_model(&config_dir)?;
-    tokio::time::timeout(Duration::from_secs(2), model.wait_for(|m| m.len() == 2)).await??;
+    tokio::time::timeout(Duration::from_secs(2), model.wait_for(|m| m.len() == 3)).await??;
 
     let root = ca::load_or_create_root(&tmp.path().join("ca"), "cluster.local")?;
     let tokens = StaticAuthorizer::new().with_token("token-a", "node-a");

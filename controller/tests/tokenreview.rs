@@ -1,9 +1,11 @@
 #![allow(clippy::unwrap_used)]
-//! ztunnel authentication by Kubernetes service-account token, against the real kube-apiserver
-//! (v1.20.2): the controller in Kubernetes mode without --node-token checks the CA caller's token
-//! with a TokenReview (audience istio-ca), requires the ztunnel service account and a bound pod,
-//! and signs only identities of pods on that pod's node. Every refusal says why. Skips without
-//! `WEFT_TEST_KUBECONFIG` (fails in CI).
+//! ztunnel and waypoint authentication by Kubernetes service-account token, against the real
+//! kube-apiserver (v1.20.2): the controller in Kubernetes mode without --node-token checks the CA
+//! caller's token with a TokenReview (audience istio-ca) and requires a bound pod; the ztunnel
+//! service account's token is signed only identities of the mesh's pods on that pod's node, and
+//! another service account's token whose pod is labelled as its Gateway's is that waypoint's,
+//! signed only its own identity and sent only its own Waypoint over xDS. Every refusal says why.
+//! Skips without `WEFT_TEST_KUBECONFIG` (fails in CI).
 
 mod support;
 
@@ -22,7 +24,8 @@ use controller::config::{Config, KubeAccess};
 use controller::Controller;
 use support::{
     ambient_namespace, apiserver_state_dir, create_running_pod, ensure_namespace, ensure_service_account,
-    eventually, kube_client, pod, request_token, unique_name, ISTIO_CA_AUDIENCE, KUBECONFIG_ENV,
+    eventually, install_gateway_crd, kube_client, pod, request_token, unique_name, Ads, ISTIO_CA_AUDIENCE,
+    KUBECONFIG_ENV,
 };
 
 const TRUST_DOMAIN: &str = "cluster.local";
@@ -262,5 +265,120 @@ async fn tokens_that_are_not_a_ztunnels_are_refused_with_the_reason() -> anyhow:
             assert!(!message.contains(token), "{what}: the refusal shows the token");
         }
     }
+    controller.stop().await
+}
+
+/// A pod of `node` running as `account`, labelled as the pod of the Gateway `gateway` (as waypoint
+/// pods are).
+fn gateway_pod(name: &str, node: &str, account: &str, gateway: &str) -> Pod {
+    let mut pod = pod(name, node, account);
+    pod.metadata.labels = Some(
+        [
+            ("gateway.networking.k8s.io/gateway-name".to_owned(), gateway.to_owned()),
+            ("istio.io/dataplane-mode".to_owned(), "none".to_owned()),
+        ]
+        .into(),
+    );
+    pod
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_token_gets_only_its_own_identity_and_waypoint_resource() -> anyhow::Result<()> {
+    use controller::xds::{NODE_NAME_KEY, WAYPOINT_NAME_KEY, WAYPOINT_TYPE_URL};
+    use kube::api::{DynamicObject, PostParams};
+
+    let Some(client) = kube_client().await else { return Ok(()) };
+    ensure_namespace(&client, ZTUNNEL_NS).await?;
+    ensure_service_account(&client, ZTUNNEL_NS, ZTUNNEL_SA).await?;
+    install_gateway_crd(&client).await?;
+    let node = unique_name("node");
+    let ns = ambient_namespace(&client, "tokenreview-waypoint").await?;
+    for account in ["waypoint", "web"] {
+        ensure_service_account(&client, &ns, account).await?;
+    }
+    let gateways = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns,
+        &controller::waypoints::resources::gateway_resource(),
+    );
+    let gateway = DynamicObject::new("waypoint", &controller::waypoints::resources::gateway_resource())
+        .within(&ns)
+        .data(serde_json::json!({
+            "spec": {
+                "gatewayClassName": "istio-waypoint",
+                "listeners": [{ "name": "mesh", "port": 15008, "protocol": "HBONE" }],
+            }
+        }));
+    gateways.create(&PostParams::default(), &gateway).await.context("creating the waypoint Gateway")?;
+
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    // The waypoint's pod runs on the node, beside web.
+    let wp_pod =
+        create_running_pod(&pods, &gateway_pod("waypoint-0", &node, "waypoint", "waypoint"), "10.50.4.9")
+            .await?;
+    let web_pod = create_running_pod(&pods, &pod("web-0", &node, "web"), "10.50.4.5").await?;
+    // web's account, its pod labelled as the waypoint's: the label must name the pod's own account.
+    let impostor =
+        create_running_pod(&pods, &gateway_pod("impostor-0", &node, "web", "waypoint"), "10.50.4.6").await?;
+    let zt = ztunnel_pod(&client, &node).await?;
+    let token = |ns: &str, account: &str, pod: &Pod| {
+        let (client, ns, account, pod) = (client.clone(), ns.to_owned(), account.to_owned(), pod.clone());
+        async move { request_token(&client, &ns, &account, ISTIO_CA_AUDIENCE, Some(&pod), TOKEN_SECONDS).await }
+    };
+    let wp_token = token(&ns, "waypoint", &wp_pod).await?;
+    let web_token = token(&ns, "web", &web_pod).await?;
+    let impostor_token = token(&ns, "web", &impostor).await?;
+    let zt_token = token(ZTUNNEL_NS, ZTUNNEL_SA, &zt).await?;
+    let own = Identity::new(TRUST_DOMAIN, &ns, "waypoint")?;
+    let web = Identity::new(TRUST_DOMAIN, &ns, "web")?;
+
+    let controller = Running::start().await?;
+    // CA: the waypoint gets its own identity (no model needed: the token says who it is) and no
+    // other; the ztunnel of its node gets web's and never the waypoint's.
+    let wp_ca = controller.client(Some(&wp_token))?;
+    assert_eq!(wp_ca.fetch(&own).await?.identity(), &own);
+    let (code, message) = refusal(&wp_ca, &web).await?;
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert!(message.contains(&format!("waypoint {ns}/waypoint may hold only its own identity")), "{message}");
+    let zt_ca = controller.client(Some(&zt_token))?;
+    eventually("the ztunnel gets web's certificate", WAIT, || async { Ok(zt_ca.fetch(&web).await.ok()) })
+        .await?;
+    let (code, message) = refusal(&zt_ca, &own).await?;
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert!(message.contains(&format!("node {node} may not hold identity {own}")), "{message}");
+    // Tokens of other accounts are no waypoint's, labelled or not.
+    for (what, token, fragment) in [
+        ("web", &web_token, format!("its pod {ns}/web-0 is not a waypoint's")),
+        (
+            "impostor",
+            &impostor_token,
+            "lacks the label gateway.networking.k8s.io/gateway-name=web".to_owned(),
+        ),
+    ] {
+        let (code, message) = refusal(&controller.client(Some(token.as_str()))?, &own).await?;
+        assert_eq!(code, tonic::Code::Unauthenticated, "{what}: {message}");
+        assert!(message.contains(&fragment), "{what}: {message}");
+    }
+
+    // xDS: the waypoint subscribes as itself and is sent its own Waypoint; the ztunnel's token
+    // cannot subscribe as the waypoint.
+    let endpoint = controller.endpoint.clone();
+    let wp_node = format!("waypoint~10.50.4.9~waypoint-0.{ns}~{ns}.svc.cluster.local");
+    let metadata = [(NODE_NAME_KEY, node.as_str()), (WAYPOINT_NAME_KEY, "waypoint")];
+    let mut ads =
+        Ads::open(endpoint.clone(), &wp_node, &metadata, WAYPOINT_TYPE_URL, Some(&wp_token)).await?;
+    let name = format!("{ns}/waypoint");
+    ads.until("the waypoint's own Waypoint", WAIT, |r| {
+        r.resources.iter().any(|r| r.name == name).then_some(())
+    })
+    .await?;
+    let refusal = match Ads::open(endpoint, &wp_node, &metadata, WAYPOINT_TYPE_URL, Some(&zt_token)).await {
+        Err(e) => format!("{e:#}"),
+        Ok(mut ads) => match ads.until("a refusal", WAIT, |_| Some(())).await {
+            Err(e) => format!("{e:#}"),
+            Ok(()) => anyhow::bail!("the ztunnel's token subscribed as the waypoint"),
+        },
+    };
+    assert!(refusal.contains("only that waypoint's own token may"), "{refusal}");
     controller.stop().await
 }

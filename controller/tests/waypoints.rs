@@ -141,7 +141,8 @@ async fn none_left(client: &Client, ns: &str, name: &str) -> anyhow::Result<Opti
 }
 
 /// Checks what was made for `gateway`: owned by it (controller), labelled, the Service's
-/// cluster IP in the Gateway status with Accepted and Programmed true for its generation.
+/// cluster IP in the Gateway status with Accepted, and Programmed false (NoResources) until the
+/// test, playing the Deployment controller, reports a ready pod, then true, for its generation.
 async fn check_made(client: &Client, gateway: &DynamicObject) -> anyhow::Result<String> {
     let ns = gateway.metadata.namespace.clone().unwrap();
     let name = gateway.metadata.name.clone().unwrap();
@@ -176,15 +177,32 @@ async fn check_made(client: &Client, gateway: &DynamicObject) -> anyhow::Result<
     let cluster_ip = service_spec.cluster_ip.context("the waypoint Service has no cluster IP")?;
 
     let generation = gateway.metadata.generation.unwrap();
-    let status = eventually("the Gateway status", WAIT, || async {
-        let current = gateways(client, &ns).get(&name).await?;
-        let status = current.data.get("status").cloned().unwrap_or(Value::Null);
-        let programmed = status["conditions"]
-            .as_array()
-            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Programmed" && c["status"] == "True"));
-        Ok(programmed.then_some(status))
-    })
-    .await?;
+    let programmed = |want: &'static str| {
+        let (ns, name) = (ns.clone(), name.clone());
+        move || {
+            let (ns, name) = (ns.clone(), name.clone());
+            async move {
+                let current = gateways(client, &ns).get(&name).await?;
+                let status = current.data.get("status").cloned().unwrap_or(Value::Null);
+                let found = status["conditions"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Programmed" && c["status"] == want));
+                Ok(found.then_some(status))
+            }
+        }
+    };
+    // No kube-controller-manager here: the Deployment never has a ready pod until the test says so.
+    let pending = eventually("the Gateway status without a ready pod", WAIT, programmed("False")).await?;
+    let condition =
+        pending["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Programmed").unwrap();
+    assert_eq!(condition["reason"], "NoResources", "{condition}");
+    assert!(condition["message"].as_str().unwrap().contains("no ready pod"), "{condition}");
+    let ready = json!({ "status": { "replicas": 1, "readyReplicas": 1, "availableReplicas": 1 } });
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&ready))
+        .await
+        .context("reporting a ready waypoint pod")?;
+    let status = eventually("the Gateway status with a ready pod", WAIT, programmed("True")).await?;
     assert_eq!(status["addresses"], json!([{ "type": "IPAddress", "value": cluster_ip }]));
     for kind in ["Accepted", "Programmed"] {
         let condition = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == kind).unwrap();
@@ -243,6 +261,17 @@ async fn a_waypoint_gateway_gets_its_objects_and_status_and_they_go_with_it() ->
     deployments.delete("waypoint", &DeleteParams::default()).await?;
     eventually("the deleted Deployment put back", WAIT, || async {
         Ok(deployments.get_opt("waypoint").await?.filter(|d| d.metadata.deletion_timestamp.is_none()))
+    })
+    .await?;
+    // The new Deployment has no ready pod: the Gateway is no longer programmed.
+    eventually("Programmed false again", WAIT, || async {
+        let current = gateways(&client, &ns).get("waypoint").await?;
+        let conditions = current.data.pointer("/status/conditions").and_then(Value::as_array).cloned();
+        Ok(conditions
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c["type"] == "Programmed" && c["status"] == "False" && c["reason"] == "NoResources")
+            .then_some(()))
     })
     .await?;
 
@@ -464,6 +493,7 @@ async fn rbac_allows_the_controller_exactly_what_it_needs_and_ztunnel_nothing() 
         (&controller, "patch", "deployments.apps", true),
         (&controller, "delete", "deployments.apps", true),
         (&controller, "list", "deployments.apps", true),
+        (&controller, "watch", "deployments.apps", true),
         (&controller, "create", "services", true),
         (&controller, "patch", "services", true),
         (&controller, "delete", "services", true),

@@ -1,7 +1,8 @@
 //! The whole controller in-process with a watched config directory: YAML files written, edited
 //! and deleted reach a real delta ADS client (as Istio's ztunnel connects) as workload upserts and
 //! removals, over the same port the CA serves on; a waypoint's `Waypoint` resource reaches that
-//! waypoint, and no ztunnel.
+//! waypoint, and no ztunnel; with `--waypoint-tokens-dir`, a waypoint's token gets it its own
+//! identity and resource only, and a ztunnel's token neither.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -229,6 +230,173 @@ async fn a_waypoint_subscribes_to_its_own_waypoint_resource_and_a_ztunnel_gets_n
     assert!(waypoint_type.wildcard);
     assert_eq!(waypoint_type.responses, 1, "only the empty answer to the subscription");
     assert!(waypoint_type.acked.is_empty(), "the ztunnel holds {:?}", waypoint_type.acked);
+
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, task).await.context("controller did not stop")???;
+    Ok(())
+}
+
+/// The namespace `shop`, its waypoint `waypoint` and that waypoint's pod on node-a (labelled as
+/// Istio labels waypoint pods), the pod `web` on node-a, and the Service `reviews` bound to the
+/// waypoint.
+const SHOP_WITH_WAYPOINT_POD: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-5d8f7c-x2k
+  namespace: shop
+  labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}
+spec: {nodeName: node-a, serviceAccountName: waypoint}
+status: {podIP: 10.0.1.9, phase: Running}
+";
+
+/// A refusal's gRPC code and message (a certificate is a failure of the test).
+async fn ca_refusal(
+    client: &weft_core::cert_manager::CaClient,
+    identity: &weft_core::Identity,
+) -> anyhow::Result<(tonic::Code, String)> {
+    use weft_core::cert_manager::{CertificateSource, FetchError};
+    match client.fetch(identity).await {
+        Err(FetchError::Refused { code, message, .. }) => Ok((code, message)),
+        Err(other) => anyhow::bail!("expected a refusal for {identity}, got {other}"),
+        Ok(_) => anyhow::bail!("the CA signed {identity}, which it must refuse"),
+    }
+}
+
+/// Locally (`--waypoint-tokens-dir`), a waypoint's token file, written while the controller runs,
+/// gets that waypoint its own identity from the CA and its own Waypoint resource over xDS, and
+/// nothing else; the ztunnel of the waypoint pod's node gets neither; a removed file revokes the
+/// token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_token_gets_only_its_own_identity_and_resource() -> anyhow::Result<()> {
+    use weft_core::cert_manager::{CaClient, CertificateSource, Token};
+    use weft_core::Identity;
+
+    let tmp = tempfile::tempdir()?;
+    let config_dir = tmp.path().join("config");
+    std::fs::create_dir(&config_dir)?;
+    write(&config_dir, "shop.yaml", &format!("{SHOP_WITH_WAYPOINT}---\n{POD}---\n{SHOP_WITH_WAYPOINT_POD}"))?;
+    let tokens_dir = tmp.path().join("waypoint-tokens");
+    // Through the binary's flags and environment, as `weft up` starts it.
+    let args: [OsString; 9] = [
+        "controller".into(),
+        "--config-dir".into(),
+        config_dir.clone().into(),
+        "--ca-dir".into(),
+        tmp.path().join("ca").into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--waypoint-tokens-dir".into(),
+        tokens_dir.clone().into(),
+    ];
+    let mut config = Config::from_args(Args::try_parse_from(args)?)?;
+    config.node_tokens = [("t0ken-a".to_owned(), "node-a".to_owned())].into();
+    let controller = Controller::bind(&config).await?;
+    let endpoint = format!("http://{}", controller.local_addr());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(controller.run(async {
+        let _ = stopped.await;
+    }));
+
+    let own = Identity::new("cluster.local", "shop", "waypoint")?;
+    let web = Identity::new("cluster.local", "shop", "web")?;
+    let ca =
+        |token: &str| CaClient::new(&endpoint, Token::Static(token.to_owned()), Duration::from_secs(3600));
+    let wp_ca = ca("wp-secret")?;
+    let node_ca = ca("t0ken-a")?;
+
+    // The ztunnel of node-a gets web's identity (once the model has the pod), never the
+    // waypoint's, although the waypoint pod runs on node-a.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while node_ca.fetch(&web).await.is_err() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "node-a never got web's certificate");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, message) = ca_refusal(&node_ca, &own).await?;
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert!(
+        message.contains("node node-a may not hold identity spiffe://cluster.local/ns/shop/sa/waypoint"),
+        "{message}"
+    );
+
+    // No file yet: the waypoint's token is unknown. Written while the controller runs, it is
+    // picked up at the next request.
+    let (code, message) = ca_refusal(&wp_ca, &own).await?;
+    assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
+    std::fs::create_dir_all(tokens_dir.join("shop"))?;
+    std::fs::write(tokens_dir.join("shop/waypoint"), "wp-secret\n")?;
+    let cert = wp_ca.fetch(&own).await.context("the waypoint's own certificate")?;
+    assert_eq!(cert.identity(), &own);
+    let (code, message) = ca_refusal(&wp_ca, &web).await?;
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert!(message.contains("waypoint shop/waypoint may hold only its own identity"), "{message}");
+    for other in [
+        Identity::new("cluster.local", "infra", "waypoint")?,
+        Identity::new("cluster.local", "shop", "other")?,
+    ] {
+        let (code, _) = ca_refusal(&wp_ca, &other).await?;
+        assert_eq!(code, tonic::Code::PermissionDenied, "{other}");
+    }
+
+    // xDS: the waypoint subscribes as itself and gets its own resource.
+    let waypoint_metadata = [(NODE_NAME_KEY, "node-a"), (WAYPOINT_NAME_KEY, "waypoint")];
+    let mut wp =
+        Ads::open(endpoint.clone(), WAYPOINT, &waypoint_metadata, WAYPOINT_TYPE_URL, Some("wp-secret"))
+            .await?;
+    let resource = waypoint(&mut wp, "shop/waypoint", &["reviews.shop.svc.cluster.local"]).await?;
+    assert_eq!(resource.identity, own.to_string());
+    wp.also(ADDRESS_TYPE_URL).await?;
+    let uid = format!("{DEFAULT_CLUSTER_ID}//Pod/shop/web");
+    workload(&mut wp, &uid, TunnelProtocol::Hbone).await?;
+
+    // ... and only as itself; a ztunnel's token never as a waypoint. (The refusal shows the
+    // status message with its quotes escaped.)
+    let other_ns = "waypoint~10.0.1.9~waypoint-5d8f7c-x2k.infra~infra.svc.cluster.local";
+    // (node id, metadata, token, a fragment of the refusal)
+    type Refusal<'a> = (&'a str, &'a [(&'a str, &'a str)], Option<&'a str>, &'a str);
+    let refusals: [Refusal<'_>; 5] = [
+        (
+            WAYPOINT,
+            &[(WAYPOINT_NAME_KEY, "other")],
+            Some("wp-secret"),
+            "but the stream's WAYPOINT_NAME is \\\"other",
+        ),
+        (other_ns, &[(WAYPOINT_NAME_KEY, "waypoint")], Some("wp-secret"), "puts it in namespace \\\"infra"),
+        (
+            WAYPOINT,
+            &[(NODE_NAME_KEY, "node-a")],
+            Some("wp-secret"),
+            "but the stream's WAYPOINT_NAME is \\\"\\\"",
+        ),
+        (WAYPOINT, &waypoint_metadata, Some("t0ken-a"), "only that waypoint's own token may"),
+        (WAYPOINT, &waypoint_metadata, Some("not-a-token"), "unknown token"),
+    ];
+    for (node_id, metadata, token, why) in refusals {
+        let refusal = match Ads::open(endpoint.clone(), node_id, metadata, WAYPOINT_TYPE_URL, token).await {
+            Err(e) => format!("{e:#}"),
+            Ok(mut ads) => match ads.until("a refusal", WAIT, |_| Some(())).await {
+                Err(e) => format!("{e:#}"),
+                Ok(()) => anyhow::bail!("{node_id} {metadata:?} with {token:?} was served"),
+            },
+        };
+        anyhow::ensure!(refusal.contains(why), "{node_id} {metadata:?}: wanted {why:?} in {refusal}");
+    }
+    // The ztunnel subscribes to the type as itself and is sent no Waypoint.
+    let mut ztunnel = Ads::open(
+        endpoint.clone(),
+        ZTUNNEL,
+        &[(NODE_NAME_KEY, "node-a")],
+        WAYPOINT_TYPE_URL,
+        Some("t0ken-a"),
+    )
+    .await?;
+    let first = ztunnel.until("the answer to the subscription", WAIT, |r| Some(r.clone())).await?;
+    assert!(first.resources.is_empty(), "a ztunnel was sent {:?}", names(&first.resources));
+
+    // A removed file revokes the token.
+    std::fs::remove_file(tokens_dir.join("shop/waypoint"))?;
+    let (code, message) = ca_refusal(&wp_ca, &own).await?;
+    assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
 
     let _ = stop.send(());
     tokio::time::timeout(WAIT, task).await.context("controller did not stop")???;

@@ -73,7 +73,8 @@ def test_controller_rights_are_exactly_these(manifests):
     writes = ["create", "patch", "delete"]
     expected |= {("", "services", v) for v in READ + writes}
     expected |= {("", "serviceaccounts", v) for v in ["get", "list"] + writes}
-    expected |= {("apps", "deployments", v) for v in ["get", "list"] + writes}
+    # Waypoint Deployments are watched too: a Gateway is Programmed once one of its pods is ready.
+    expected |= {("apps", "deployments", v) for v in READ + writes}
     assert granted == expected
     for rule in rules(manifests):
         assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"]
@@ -149,6 +150,9 @@ def test_controller_deployment_and_service(manifests):
     assert pod["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["containers"]
     assert container["args"][:2] == ["--kubernetes", "--listen=0.0.0.0:15012"]
+    # Waypoints run the chart's waypoint image and reach the controller as ztunnel does.
+    assert "--waypoint-image=localhost:5000/weft/waypoint:0.1.0" in container["args"]
+    assert "--waypoint-controller-address=http://weft-controller.weft-system.svc:15012" in container["args"]
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["tcpSocket"] == {"port": "grpc-xds"}
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}

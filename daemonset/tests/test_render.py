@@ -83,6 +83,8 @@ def test_values_reach_the_objects():
         "--set", "ztunnel.resources.limits.memory=3Gi",
         "--set", "controller.caSecret=weft-ca",
         "--set", "controller.replicas=2",
+        "--set", "waypoint.image.repository=registry.example/weft/waypoint",
+        "--namespace", "mesh-system",
     )
     controller = find(objects, "Deployment", "weft-controller")["spec"]
     assert controller["replicas"] == 2
@@ -90,6 +92,8 @@ def test_values_reach_the_objects():
     assert container["image"] == "localhost:5000/weft/controller:1.2.3"
     assert container["imagePullPolicy"] == "Always"
     assert "--trust-domain=example.org" in container["args"]
+    assert "--waypoint-image=registry.example/weft/waypoint:1.2.3" in container["args"]
+    assert "--waypoint-controller-address=http://weft-controller.mesh-system.svc:15012" in container["args"]
     assert {"name": "RUST_LOG", "value": "debug"} in container["env"]
     assert container["volumeMounts"][0]["readOnly"] is True
     assert controller["template"]["spec"]["volumes"][0]["secret"]["secretName"] == "weft-ca"

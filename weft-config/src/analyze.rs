@@ -31,8 +31,7 @@
 //! - what Weft accepts but does not enforce as written (warnings, listed in [`unenforced`], which
 //!   the controller logs too): kinds it does not implement, Istio gateways, ServiceEntry,
 //!   Telemetry, routing and JWT rules without a waypoint, L7 fields in policies ztunnel enforces,
-//!   CUSTOM and AUDIT, PeerAuthentication DISABLE, and everything only a waypoint enforces (no
-//!   waypoint proxy yet).
+//!   CUSTOM and AUDIT, PeerAuthentication DISABLE.
 //!
 //! Visibility (`exportTo`) is not modeled: any DestinationRule or Service in the set counts.
 

@@ -7,6 +7,7 @@ mod authz;
 mod service;
 mod store;
 mod tokenreview;
+mod waypoint_tokens;
 
 use std::future::Future;
 use std::io;
@@ -26,6 +27,7 @@ pub use store::{load_or_create_root, ROOT_CERT_FILE, ROOT_KEY_FILE};
 pub use tokenreview::{
     ServiceAccountRef, TokenReviewAuthorizer, POD_NAME_EXTRA, POD_UID_EXTRA, REVIEW_CACHE_TTL, TOKEN_AUDIENCE,
 };
+pub use waypoint_tokens::WaypointTokenDir;
 
 pub use crate::grpc::DRAIN_DEADLINE;
 
@@ -59,9 +61,11 @@ pub enum CaError {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// How the CA of a controller with a model authenticates nodes: a static token table
-/// (`--node-token`) or the API server's TokenReview (Kubernetes without `--node-token`).
-/// Either way a node may hold only the identities of the pods the model places on it.
+/// How the CA of a controller with a model authenticates callers: a static table of node tokens
+/// (`--node-token`) plus, if given, a directory of waypoint tokens (`--waypoint-tokens-dir`); or
+/// the API server's TokenReview (Kubernetes without `--node-token`), which knows ztunnels and
+/// waypoints by their service accounts and pods. Either way a node agent may hold only the
+/// identities of the mesh's pods the model places on its node, and a waypoint only its own.
 #[derive(Debug)]
 pub enum NodeAuthorizer {
     Static(ModelAuthorizer),

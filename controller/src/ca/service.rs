@@ -1,5 +1,5 @@
 //! Istio's `IstioCertificateService` over gRPC: authenticate the caller, check the CSR and the
-//! requested lifetime, ask the [`Authorizer`] whether the caller's node may hold the identity, then
+//! requested lifetime, ask the [`Authorizer`] whether the caller may hold the identity, then
 //! sign. Each refusal is classified once, here, into a gRPC status. Holds no key material itself.
 
 use std::sync::Arc;
@@ -139,7 +139,8 @@ pub struct CaService<A> {
 /// A signed certificate and what it was signed for.
 #[derive(Debug, Clone)]
 pub struct Issued {
-    pub node: String,
+    /// Who asked: a node agent, or a waypoint.
+    pub caller: Caller,
     pub identity: Identity,
     pub lifetime: Duration,
     /// PEM certificates, leaf first, root last.
@@ -187,7 +188,7 @@ impl<A: Authorizer> CaService<A> {
     ) -> Result<Issued, Refusal> {
         let token = bearer_token(authorization).map_err(Refusal::Unauthenticated)?;
         let caller = self.authorizer.authenticate(token).await.map_err(Refusal::Unauthenticated)?;
-        tracing::Span::current().record("node", caller.node.as_str());
+        tracing::Span::current().record("caller", tracing::field::display(&caller));
         self.handle_for(&caller, request).await
     }
 
@@ -212,7 +213,7 @@ impl<A: Authorizer> CaService<A> {
             return Err(Refusal::Issue(IssueError::Validity("lifetime overflows the clock".into())));
         }
         let chain = self.ca.sign(&csr, lifetime)?;
-        Ok(Issued { node: caller.node.clone(), identity: csr.identity, lifetime, chain })
+        Ok(Issued { caller: caller.clone(), identity: csr.identity, lifetime, chain })
     }
 
     /// Answers one gRPC request, logging the outcome.
@@ -230,7 +231,7 @@ impl<A: Authorizer> CaService<A> {
         match result {
             Ok(issued) => {
                 tracing::info!(
-                    node = %issued.node,
+                    caller = %issued.caller,
                     identity = %issued.identity,
                     lifetime_secs = issued.lifetime.as_secs(),
                     "issued a workload certificate"
@@ -267,7 +268,7 @@ impl<A: Authorizer> IstioCertificateService for CaService<A> {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let peer = request.remote_addr();
-        let span = tracing::info_span!("ca_request", ?peer, node = tracing::field::Empty);
+        let span = tracing::info_span!("ca_request", ?peer, caller = tracing::field::Empty);
         self.respond(request).instrument(span).await
     }
 }
@@ -357,6 +358,43 @@ mod tests {
         let number = impersonated_identity(Some(&metadata(Kind::NumberValue(1.0)))).unwrap_err();
         assert_eq!(number.code(), Code::InvalidArgument);
         assert!(number.to_string().contains("must be a string"), "{number}");
+    }
+
+    /// A waypoint obtains its own identity whether or not it names it as `ImpersonatedIdentity`,
+    /// and no other identity either way; a node agent never obtains the waypoint's.
+    #[tokio::test]
+    async fn a_waypoint_obtains_only_its_own_identity_with_or_without_impersonation() {
+        let id = |s: &str| s.parse::<Identity>().unwrap();
+        let own = id("spiffe://cluster.local/ns/shop/sa/waypoint");
+        let web = id("spiffe://cluster.local/ns/shop/sa/web");
+        let service = CaService::new(
+            CertificateAuthority::generate("cluster.local").unwrap(),
+            StaticAuthorizer::new()
+                .with_waypoint_token("wp", "shop", "waypoint")
+                .with_token("zt", "node-a")
+                .with_identity("node-a", web.clone()),
+        );
+        // (token, identity, ImpersonatedIdentity sent, issued or the refusal's code)
+        let cases: &[(&str, &Identity, bool, Result<(), Code>)] = &[
+            ("wp", &own, true, Ok(())),
+            ("wp", &own, false, Ok(())),
+            ("wp", &web, true, Err(Code::PermissionDenied)),
+            ("wp", &web, false, Err(Code::PermissionDenied)),
+            ("zt", &web, true, Ok(())),
+            ("zt", &own, true, Err(Code::PermissionDenied)),
+            ("zt", &own, false, Err(Code::PermissionDenied)),
+        ];
+        for (token, identity, impersonate, want) in cases {
+            let (_, csr) = generate_csr(identity).unwrap();
+            let metadata = impersonate.then(|| metadata(Kind::StringValue(identity.to_string())));
+            let request = IstioCertificateRequest { csr, validity_duration: 0, metadata };
+            let got = service.handle(Some(&format!("Bearer {token}")), &request).await;
+            match (want, &got) {
+                (Ok(()), Ok(issued)) => assert_eq!(&issued.identity, *identity),
+                (Err(code), Err(refusal)) => assert_eq!(refusal.code(), *code, "{refusal}"),
+                _ => panic!("{token} {identity} {impersonate}: got {got:?}"),
+            }
+        }
     }
 
     /// Every truncation and every single-bit flip of a valid CSR is refused, never a panic.

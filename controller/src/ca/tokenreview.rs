@@ -1,7 +1,10 @@
-//! Authenticating ztunnels by their Kubernetes service-account token: the bearer token goes to the
-//! API server as a TokenReview (audience `istio-ca`), must belong to the configured ztunnel
-//! service account and be bound to a pod, and that pod's `spec.nodeName` is the caller's node.
-//! Which identities a node may hold comes from the model, as for [`ModelAuthorizer`](super::ModelAuthorizer).
+//! Authenticating ztunnels and waypoints by their Kubernetes service-account token: the bearer
+//! token goes to the API server as a TokenReview (audience `istio-ca`) and must be bound to a pod.
+//! A token of the configured ztunnel service account is the node agent of that pod's
+//! `spec.nodeName`; a token of any other service account `<ns>/<sa>` whose pod carries the label
+//! `gateway.networking.k8s.io/gateway-name=<sa>` (as waypoint pods do) is the waypoint `<ns>/<sa>`;
+//! any other token is refused. Which identities a node may hold comes from the model, as for
+//! [`ModelAuthorizer`](super::ModelAuthorizer); a waypoint holds only its own.
 //! Successful reviews are cached briefly by token digest; refusals never are. Knows nothing of
 //! gRPC, CSRs or certificates.
 
@@ -20,7 +23,7 @@ use tokio::sync::watch;
 use weft_core::Identity;
 
 use super::authz::{AuthError, Authorizer, Caller, ModelIdentities, TokenDigest};
-use crate::model::Model;
+use crate::model::{Model, GATEWAY_NAME_LABEL};
 
 /// The audience Istio's CA expects, and ztunnel's projected token carries.
 pub const TOKEN_AUDIENCE: &str = "istio-ca";
@@ -78,11 +81,12 @@ impl FromStr for ServiceAccountRef {
     }
 }
 
-/// The pod a reviewed token is bound to.
+/// Who a TokenReview says presented a token: a service account, and the pod its token is bound to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct BoundPod {
-    name: String,
-    uid: Option<String>,
+struct Reviewed {
+    account: ServiceAccountRef,
+    pod: String,
+    pod_uid: Option<String>,
 }
 
 /// Authenticates callers with the API server's TokenReview and authorizes from the model.
@@ -96,12 +100,13 @@ pub struct TokenReviewAuthorizer {
 
 #[derive(Clone)]
 struct Cached {
-    node: String,
+    caller: Caller,
     until: Instant,
 }
 
 impl TokenReviewAuthorizer {
-    /// Reviews tokens through `client`; only tokens of `ztunnel` bound to a pod pass.
+    /// Reviews tokens through `client`; only tokens bound to a pod pass, of `ztunnel` (a node
+    /// agent) or of a waypoint.
     pub fn new(
         client: Client,
         ztunnel: ServiceAccountRef,
@@ -123,12 +128,12 @@ impl TokenReviewAuthorizer {
         self
     }
 
-    fn cached(&self, digest: &TokenDigest) -> Option<String> {
+    fn cached(&self, digest: &TokenDigest) -> Option<Caller> {
         let cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache.get(digest).filter(|c| c.until > Instant::now()).map(|c| c.node.clone())
+        cache.get(digest).filter(|c| c.until > Instant::now()).map(|c| c.caller.clone())
     }
 
-    fn remember(&self, digest: TokenDigest, node: &str, token: &str) {
+    fn remember(&self, digest: TokenDigest, caller: &Caller, token: &str) {
         let ttl = match jwt_expiry(token).and_then(|exp| exp.duration_since(SystemTime::now()).ok()) {
             Some(left) => left.min(self.cache_ttl),
             None => self.cache_ttl,
@@ -144,11 +149,11 @@ impl TokenReviewAuthorizer {
                 cache.clear();
             }
         }
-        cache.insert(digest, Cached { node: node.to_owned(), until: now + ttl });
+        cache.insert(digest, Cached { caller: caller.clone(), until: now + ttl });
     }
 
-    /// Asks the API server who `token` is, then reads its pod; returns the pod's node.
-    async fn review(&self, token: &str) -> Result<String, AuthError> {
+    /// Asks the API server who `token` is, then reads its pod; returns who that makes the caller.
+    async fn review(&self, token: &str) -> Result<Caller, AuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -160,23 +165,19 @@ impl TokenReviewAuthorizer {
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| AuthError::ReviewFailed(e.to_string()))?;
-        let status = reviewed.status.unwrap_or_default();
-        let bound = bound_pod(&status, &self.ztunnel)?;
+        let reviewed = reviewed_status(&reviewed.status.unwrap_or_default())?;
 
-        let namespace = &self.ztunnel.namespace;
-        let gone = || AuthError::PodGone { namespace: namespace.clone(), pod: bound.name.clone() };
+        let namespace = &reviewed.account.namespace;
+        let gone = || AuthError::PodGone { namespace: namespace.clone(), pod: reviewed.pod.clone() };
         let pod = Api::<Pod>::namespaced(self.client.clone(), namespace)
-            .get_opt(&bound.name)
+            .get_opt(&reviewed.pod)
             .await
             .map_err(|e| AuthError::ReviewFailed(e.to_string()))?
             .ok_or_else(gone)?;
-        if bound.uid.is_some() && pod.metadata.uid != bound.uid {
+        if reviewed.pod_uid.is_some() && pod.metadata.uid != reviewed.pod_uid {
             return Err(gone());
         }
-        match pod.spec.and_then(|spec| spec.node_name).filter(|node| !node.is_empty()) {
-            Some(node) => Ok(node),
-            None => Err(AuthError::PodWithoutNode { namespace: namespace.clone(), pod: bound.name }),
-        }
+        caller_of(&reviewed, &pod, &self.ztunnel)
     }
 }
 
@@ -195,13 +196,13 @@ impl Authorizer for TokenReviewAuthorizer {
     async fn authenticate(&self, bearer_token: Option<&str>) -> Result<Caller, AuthError> {
         let token = bearer_token.ok_or(AuthError::NoToken)?;
         let digest = TokenDigest::of(token);
-        if let Some(node) = self.cached(&digest) {
-            return Ok(Caller { node });
+        if let Some(caller) = self.cached(&digest) {
+            return Ok(caller);
         }
-        let node = self.review(token).await?;
-        tracing::debug!(%node, "token review passed");
-        self.remember(digest, &node, token);
-        Ok(Caller { node })
+        let caller = self.review(token).await?;
+        tracing::debug!(%caller, "token review passed");
+        self.remember(digest, &caller, token);
+        Ok(caller)
     }
 
     async fn authorize(&self, caller: &Caller, identity: &Identity) -> Result<(), AuthError> {
@@ -209,9 +210,9 @@ impl Authorizer for TokenReviewAuthorizer {
     }
 }
 
-/// What a TokenReview's status says about the caller: authenticated for [`TOKEN_AUDIENCE`], as the
-/// ztunnel service account, bound to a pod.
-fn bound_pod(status: &TokenReviewStatus, ztunnel: &ServiceAccountRef) -> Result<BoundPod, AuthError> {
+/// What a TokenReview's status says about the caller: authenticated for [`TOKEN_AUDIENCE`], as a
+/// service account, bound to a pod.
+fn reviewed_status(status: &TokenReviewStatus) -> Result<Reviewed, AuthError> {
     if status.authenticated != Some(true) {
         let reason =
             status.error.clone().filter(|e| !e.is_empty()).unwrap_or_else(|| "no reason given".into());
@@ -228,14 +229,50 @@ fn bound_pod(status: &TokenReviewStatus, ztunnel: &ServiceAccountRef) -> Result<
     }
     let user = status.user.clone().unwrap_or_default();
     let username = user.username.unwrap_or_default();
-    if username != ztunnel.username() {
-        return Err(AuthError::WrongServiceAccount { user: username, want: ztunnel.username() });
-    }
+    let account = username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+        .filter(|(namespace, name)| !namespace.is_empty() && !name.is_empty())
+        .map(|(namespace, name)| ServiceAccountRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
+    let Some(account) = account else {
+        return Err(AuthError::NotAServiceAccount { user: username });
+    };
     let extra = user.extra.unwrap_or_default();
     let first =
         |key: &str| extra.get(key).and_then(|values| values.first()).filter(|v| !v.is_empty()).cloned();
-    let name = first(POD_NAME_EXTRA).ok_or(AuthError::NotBoundToPod { user: username })?;
-    Ok(BoundPod { name, uid: first(POD_UID_EXTRA) })
+    let pod = first(POD_NAME_EXTRA).ok_or(AuthError::NotBoundToPod { user: username })?;
+    Ok(Reviewed { account, pod, pod_uid: first(POD_UID_EXTRA) })
+}
+
+/// Who a reviewed token's holder is, given its pod: the ztunnel service account's is the node
+/// agent of the pod's node; another service account's is a waypoint when its pod is labelled as
+/// the pod of a Gateway of the service account's name (Istio's waypoints run as
+/// `<gateway name>`); anyone else is refused.
+fn caller_of(reviewed: &Reviewed, pod: &Pod, ztunnel: &ServiceAccountRef) -> Result<Caller, AuthError> {
+    let account = &reviewed.account;
+    if account == ztunnel {
+        return match pod.spec.as_ref().and_then(|spec| spec.node_name.clone()).filter(|node| !node.is_empty())
+        {
+            Some(node) => Ok(Caller::node_agent(node)),
+            None => Err(AuthError::PodWithoutNode {
+                namespace: account.namespace.clone(),
+                pod: reviewed.pod.clone(),
+            }),
+        };
+    }
+    let labels = pod.metadata.labels.as_ref();
+    if labels.and_then(|l| l.get(GATEWAY_NAME_LABEL)) == Some(&account.name) {
+        return Ok(Caller::waypoint(account.namespace.clone(), account.name.clone()));
+    }
+    Err(AuthError::NotAWaypoint {
+        user: account.username(),
+        want: ztunnel.username(),
+        pod: format!("{}/{}", account.namespace, reviewed.pod),
+        name: account.name.clone(),
+    })
 }
 
 /// The `exp` claim of a JWT, read without checking the signature (the API server did that): it
@@ -276,12 +313,25 @@ mod tests {
         }
     }
 
+    /// A review's status, and the (service account, pod) it names or a fragment of the refusal.
+    type StatusCase<'a> = (TokenReviewStatus, Result<(&'a str, &'a str), &'a str>);
+
     #[test]
     fn review_status_table() {
         let zt = "system:serviceaccount:weft-system:ztunnel";
-        let cases: &[(TokenReviewStatus, Result<&str, &str>)] = &[
-            (status(true, &["istio-ca"], zt, Some("ztunnel-abc")), Ok("ztunnel-abc")),
-            (status(true, &["istio-ca", "other"], zt, Some("ztunnel-abc")), Ok("ztunnel-abc")),
+        let cases: &[StatusCase<'_>] = &[
+            (
+                status(true, &["istio-ca"], zt, Some("ztunnel-abc")),
+                Ok(("weft-system/ztunnel", "ztunnel-abc")),
+            ),
+            (
+                status(true, &["istio-ca", "other"], zt, Some("ztunnel-abc")),
+                Ok(("weft-system/ztunnel", "ztunnel-abc")),
+            ),
+            (
+                status(true, &["istio-ca"], "system:serviceaccount:shop:waypoint", Some("waypoint-1")),
+                Ok(("shop/waypoint", "waypoint-1")),
+            ),
             (
                 status(false, &[], zt, Some("ztunnel-abc")),
                 Err("did not authenticate the token: token has expired"),
@@ -290,25 +340,80 @@ mod tests {
             (status(true, &[], zt, Some("ztunnel-abc")), Err("valid for audiences [] only")),
             (status(true, &["https://kubernetes.default.svc"], zt, Some("z")), Err("valid for audiences")),
             (
-                status(true, &["istio-ca"], "system:serviceaccount:shop:web", Some("web-0")),
-                Err("belongs to system:serviceaccount:shop:web, not to the ztunnel service account"),
+                status(true, &["istio-ca"], "admin", Some("z")),
+                Err("belongs to \"admin\", which is no service account"),
             ),
             (
-                status(true, &["istio-ca"], "system:serviceaccount:other-ns:ztunnel", Some("z")),
-                Err("not to the ztunnel service account system:serviceaccount:weft-system:ztunnel"),
+                status(true, &["istio-ca"], "system:serviceaccount:shop", Some("z")),
+                Err("which is no service account"),
             ),
             (status(true, &["istio-ca"], zt, None), Err("is not bound to a pod")),
             (status(true, &["istio-ca"], zt, Some("")), Err("is not bound to a pod")),
         ];
         for (status, want) in cases {
-            let got = bound_pod(status, &ztunnel());
+            let got = reviewed_status(status);
             match (want, &got) {
-                (Ok(pod), Ok(bound)) => {
-                    assert_eq!(bound.name, *pod);
-                    assert_eq!(bound.uid.as_deref(), Some("uid-1"));
+                (Ok((account, pod)), Ok(reviewed)) => {
+                    assert_eq!(reviewed.account.to_string(), *account);
+                    assert_eq!(reviewed.pod, *pod);
+                    assert_eq!(reviewed.pod_uid.as_deref(), Some("uid-1"));
                 }
                 (Err(fragment), Err(e)) => assert!(e.to_string().contains(fragment), "{e}"),
                 _ => panic!("{status:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    /// Who the holder of a reviewed token is, by its service account and its pod's node and labels.
+    #[test]
+    fn caller_table() {
+        let pod = |node: Option<&str>, gateway: Option<&str>| Pod {
+            metadata: kube::api::ObjectMeta {
+                labels: gateway.map(|g| BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), g.to_owned())])),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: node.map(str::to_owned),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let reviewed =
+            |account: &str| Reviewed { account: account.parse().unwrap(), pod: "p-0".into(), pod_uid: None };
+        let cases: &[(&str, Pod, Result<Caller, &str>)] = &[
+            ("weft-system/ztunnel", pod(Some("node-a"), None), Ok(Caller::node_agent("node-a"))),
+            // The ztunnel's account is a node agent even if its pod were labelled as a Gateway's.
+            ("weft-system/ztunnel", pod(Some("node-a"), Some("ztunnel")), Ok(Caller::node_agent("node-a"))),
+            ("weft-system/ztunnel", pod(None, None), Err("weft-system/p-0 is not scheduled on a node")),
+            ("weft-system/ztunnel", pod(Some(""), None), Err("is not scheduled on a node")),
+            (
+                "shop/waypoint",
+                pod(Some("node-a"), Some("waypoint")),
+                Ok(Caller::waypoint("shop", "waypoint")),
+            ),
+            ("shop/waypoint", pod(None, Some("waypoint")), Ok(Caller::waypoint("shop", "waypoint"))),
+            // Same name, ztunnel's namespace: a waypoint named ztunnel there, not a node agent.
+            ("other/ztunnel", pod(Some("node-a"), Some("ztunnel")), Ok(Caller::waypoint("other", "ztunnel"))),
+            (
+                "shop/web",
+                pod(Some("node-a"), None),
+                Err("belongs to system:serviceaccount:shop:web, not to the ztunnel service account \
+                     system:serviceaccount:weft-system:ztunnel, and its pod shop/p-0 is not a waypoint's \
+                     (it lacks the label gateway.networking.k8s.io/gateway-name=web)"),
+            ),
+            (
+                "shop/web",
+                pod(Some("node-a"), Some("waypoint")),
+                Err("lacks the label gateway.networking.k8s.io/gateway-name=web"),
+            ),
+            ("other-ns/ztunnel", pod(Some("node-a"), None), Err("not to the ztunnel service account")),
+        ];
+        for (account, pod, want) in cases {
+            let got = caller_of(&reviewed(account), pod, &ztunnel());
+            match (want, &got) {
+                (Ok(caller), Ok(got)) => assert_eq!(got, caller, "{account}"),
+                (Err(fragment), Err(e)) => assert!(e.to_string().contains(fragment), "{account}: {e}"),
+                _ => panic!("{account} {pod:?}: got {got:?}, want {want:?}"),
             }
         }
     }

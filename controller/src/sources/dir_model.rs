@@ -95,7 +95,8 @@ mod tests {
 
     use super::*;
 
-    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {nodeName: node-a, serviceAccountName: web}\n";
+    /// A pod of the mesh (labelled ambient itself), so its identity is its node's.
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {istio.io/dataplane-mode: ambient}}\nspec: {nodeName: node-a, serviceAccountName: web}\n";
     const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
 
     fn changed(path: &str, text: &str) -> FileChange {

@@ -27,7 +27,7 @@ use weft_core::proto::istio::workload::{
 pub mod mtls;
 pub mod waypoint;
 
-use crate::model::{Model, WaypointRef, NONE, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
+use crate::model::{Model, WaypointFor, WaypointRef, NONE, USE_WAYPOINT, USE_WAYPOINT_NAMESPACE};
 use crate::xds::{NodeInfo, Snapshot, View, XdsResource, WAYPOINT_NAME_KEY, WAYPOINT_TYPE_URL};
 
 /// Istio's root namespace: policies there without a selector apply to the whole mesh.
@@ -156,7 +156,7 @@ fn workload_indexed(
         tunnel_protocol: if in_mesh { TunnelProtocol::Hbone } else { TunnelProtocol::None } as i32,
         trust_domain: trust_domain.to_owned(),
         service_account: pod.service_account().to_owned(),
-        waypoint: model.pod_waypoint(pod).filter(|_| in_mesh).map(|wp| gateway(&wp)),
+        waypoint: workload_waypoint(model, pod).filter(|_| in_mesh).map(|wp| gateway(&wp)),
         node: pod.spec.node_name.clone().unwrap_or_default(),
         canonical_name: first_label(&CANONICAL_NAME_LABELS).unwrap_or_else(|| meta.name.clone()),
         canonical_revision: first_label(&CANONICAL_REVISION_LABELS).unwrap_or_else(|| "latest".to_owned()),
@@ -456,11 +456,21 @@ fn target_port(port: &ServicePort, named: impl FnOnce(&str) -> Option<u32>) -> O
 }
 
 /// The waypoint of a Service: its own `istio.io/use-waypoint` label (`none` opts out), else its
-/// namespace's.
+/// namespace's; only if that waypoint's Gateway exists and takes service traffic
+/// (`istio.io/waypoint-for` `service`, the default, or `all`), as Istio binds them
+/// ([`Model::waypoint_for`]).
 pub(crate) fn service_waypoint(model: &Model, svc: &KubeService) -> Option<WaypointRef> {
     let ns = &svc.metadata.namespace;
     waypoint_label(&svc.metadata.labels, ns)
         .unwrap_or_else(|| model.namespace(ns).and_then(|n| waypoint_label(&n.metadata.labels, ns)).flatten())
+        .filter(|wp| model.waypoint_for(wp).is_some_and(WaypointFor::takes_services))
+}
+
+/// The waypoint of a pod's own traffic: the pod's `istio.io/use-waypoint`, else its namespace's
+/// ([`Model::pod_waypoint`]); only if that waypoint's Gateway exists and takes workload traffic
+/// (`istio.io/waypoint-for` `workload` or `all`), as Istio binds them.
+pub(crate) fn workload_waypoint(model: &Model, pod: &Pod) -> Option<WaypointRef> {
+    model.pod_waypoint(pod).filter(|wp| model.waypoint_for(wp).is_some_and(WaypointFor::takes_workloads))
 }
 
 /// `None` when the labels name no waypoint, `Some(None)` for an explicit `none`.

@@ -104,6 +104,16 @@ kind: Service
 metadata: {name: ext, namespace: legacy}
 spec: {type: ExternalName, externalName: example.com}
 ---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: shop-wp, namespace: shop, labels: {istio.io/waypoint-for: all}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: db-wp, namespace: infra}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: strict, namespace: istio-system}
@@ -295,6 +305,60 @@ fn services_with_addresses_ports_and_waypoints() {
     let db = service(&m, svc(&m, "legacy", "db")).unwrap();
     assert_eq!(db.waypoint, wp("infra", "db-wp"));
     assert_eq!(service(&m, svc(&m, "legacy", "ext")), None);
+}
+
+/// `istio.io/waypoint-for` on the Gateway decides what a `use-waypoint` binds, as in Istio: a
+/// Service's waypoint only for `service` (the default) and `all`, a pod's only for `workload` and
+/// `all`, nothing for `none`; nothing either when the Gateway is missing or not a waypoint.
+#[test]
+fn waypoint_for_decides_what_is_bound() {
+    let bound = |gateway: &str| {
+        let yaml = format!(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-1, namespace: shop, labels: {{app: web}}}}
+spec: {{nodeName: node-a}}
+status: {{podIP: 10.0.1.5, phase: Running}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec: {{clusterIP: 10.96.0.10, selector: {{app: web}}, ports: [{{port: 80}}]}}
+{gateway}"#
+        );
+        let m = model(&yaml);
+        let pod_wp = workload(&m, pod(&m, "shop", "web-1"), TD, CLUSTER).unwrap().waypoint;
+        let svc_wp = service(&m, svc(&m, "shop", "web")).unwrap().waypoint;
+        (svc_wp.is_some(), pod_wp.is_some())
+    };
+    let gateway = |labels: &str, class: &str| {
+        format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+             metadata: {{name: wp, namespace: shop, labels: {{{labels}}}}}\n\
+             spec: {{gatewayClassName: {class}, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}\n"
+        )
+    };
+    // (Gateway, (Service bound, pod bound))
+    let cases: &[(String, (bool, bool))] = &[
+        (gateway("", "istio-waypoint"), (true, false)),
+        (gateway("istio.io/waypoint-for: service", "istio-waypoint"), (true, false)),
+        (gateway("istio.io/waypoint-for: workload", "istio-waypoint"), (false, true)),
+        (gateway("istio.io/waypoint-for: all", "istio-waypoint"), (true, true)),
+        (gateway("istio.io/waypoint-for: none", "istio-waypoint"), (false, false)),
+        // An unknown value is the default, as Istio reads it.
+        (gateway("istio.io/waypoint-for: pods", "istio-waypoint"), (true, false)),
+        // A Gateway of another class is no waypoint; a missing one binds nothing.
+        (gateway("istio.io/waypoint-for: all", "istio"), (false, false)),
+        (String::new(), (false, false)),
+    ];
+    for (gateway, want) in cases {
+        assert_eq!(bound(gateway), *want, "{gateway}");
+    }
 }
 
 #[test]

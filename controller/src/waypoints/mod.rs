@@ -43,7 +43,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct WaypointOptions {
     /// The waypoint container's image.
     pub image: String,
-    /// Where the waypoint reaches the controller (xDS and CA), `host:port`.
+    /// Where the waypoint reaches the controller (xDS and CA), a URL such as
+    /// `http://weft-controller.weft-system.svc:15012`.
     pub controller_address: String,
     /// Every Gateway is reconciled (and strays swept) this often, besides on its events.
     pub resync: Duration,
@@ -92,6 +93,10 @@ struct Manager {
     gateways: BTreeMap<Key, GatewayInfo>,
     applied: BTreeMap<Key, Applied>,
     synced: bool,
+    /// `status.readyReplicas` of each waypoint Deployment Weft made, by its (the Gateway's) key.
+    ready: BTreeMap<Key, i32>,
+    /// The Deployments of a relist in progress.
+    ready_relist: Option<BTreeMap<Key, i32>>,
 }
 
 /// Runs the waypoint manager until the future is dropped. Errors are logged and retried; a
@@ -107,7 +112,14 @@ pub async fn run(client: Client, options: WaypointOptions) {
         gateways: BTreeMap::new(),
         applied: BTreeMap::new(),
         synced: false,
+        ready: BTreeMap::new(),
+        ready_relist: None,
     };
+    let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}");
+    let deployments = Api::<Deployment>::all(manager.client.clone());
+    let mut deployment_events =
+        watcher::watcher(deployments, watcher::Config::default().labels(&selector)).default_backoff().boxed();
+    let mut deployments_failing = false;
     let mut resync = tokio::time::interval_at(Instant::now() + options.resync, options.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut relist: Option<Vec<GatewayInfo>> = None;
@@ -126,6 +138,22 @@ pub async fn run(client: Client, options: WaypointOptions) {
         };
         let mut next = tokio::select! {
             event = events.next() => Some(event),
+            event = deployment_events.next() => {
+                match event {
+                    Some(Ok(event)) => {
+                        deployments_failing = false;
+                        manager.on_deployment_event(event, &mut pending);
+                    }
+                    Some(Err(e)) => {
+                        if !deployments_failing {
+                            warn!(error = %e, "cannot watch waypoint Deployments; retrying with backoff (may the controller watch deployments?)");
+                            deployments_failing = true;
+                        }
+                    }
+                    None => return,
+                }
+                None
+            }
             _ = resync.tick() => {
                 if manager.synced {
                     manager.applied.clear();
@@ -230,6 +258,41 @@ impl Manager {
         }
     }
 
+    /// Applies one event of the waypoint Deployments' watch; a Gateway whose Deployment's ready
+    /// count changed is due for a reconcile (its status).
+    fn on_deployment_event(&mut self, event: Event<Deployment>, pending: &mut BTreeSet<Key>) {
+        let entry = |d: &Deployment| {
+            let ready = d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+            ((d.namespace().unwrap_or_default(), d.name_any()), ready)
+        };
+        match event {
+            Event::Init => self.ready_relist = Some(BTreeMap::new()),
+            Event::InitApply(d) => {
+                let (key, ready) = entry(&d);
+                self.ready_relist.get_or_insert_with(BTreeMap::new).insert(key, ready);
+            }
+            Event::InitDone => {
+                let listed = self.ready_relist.take().unwrap_or_default();
+                let changed =
+                    self.ready.keys().chain(listed.keys()).filter(|k| self.ready.get(*k) != listed.get(*k));
+                pending.extend(changed.cloned().collect::<Vec<_>>());
+                self.ready = listed;
+            }
+            Event::Apply(d) => {
+                let (key, ready) = entry(&d);
+                if self.ready.insert(key.clone(), ready) != Some(ready) {
+                    pending.insert(key);
+                }
+            }
+            Event::Delete(d) => {
+                let (key, _) = entry(&d);
+                if self.ready.remove(&key).is_some() {
+                    pending.insert(key);
+                }
+            }
+        }
+    }
+
     /// Brings one Gateway's objects and status in line, or removes the objects of a Gateway that
     /// is gone or no longer a waypoint.
     async fn reconcile(&mut self, key: &Key) -> Result<(), WaypointError> {
@@ -249,7 +312,8 @@ impl Manager {
         };
         let now =
             k8s_openapi::chrono::Utc::now().to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true);
-        let status = resources::status(&gateway, applied.address.as_deref(), &now);
+        let ready = self.ready.get(key).copied().unwrap_or(0);
+        let status = resources::status(&gateway, applied.address.as_deref(), ready, &now);
         if resources::status_differs(&gateway.status, &status) {
             let body = resources::status_patch(&gateway, status);
             let api =

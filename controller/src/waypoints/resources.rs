@@ -12,8 +12,9 @@ use super::WaypointOptions;
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
-/// The label naming the Gateway on everything made for it, and on the waypoint's pods.
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The label naming the Gateway on everything made for it, and on the waypoint's pods (the model
+/// and the CA know waypoint pods by it).
+pub const GATEWAY_NAME_LABEL: &str = crate::model::GATEWAY_NAME_LABEL;
 /// Istio's own label for the same.
 pub const ISTIO_GATEWAY_NAME_LABEL: &str = "istio.io/gateway-name";
 /// Marks the objects Weft made (and may delete when their Gateway is gone).
@@ -114,7 +115,14 @@ pub fn service_account(gateway: &GatewayInfo) -> Value {
     json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(gateway) })
 }
 
-/// The waypoint Deployment. `replicas` is not set: one on creation, then whoever scales it owns it.
+/// The waypoint Deployment, running Weft's `waypoint` binary (image [`WaypointOptions::image`])
+/// much as Istio's waypoint template runs its proxy: the flags mirror ztunnel's (`--xds-address`
+/// and `--ca-address`, both the controller's URL, `--token-file` the projected istio-ca token);
+/// the pod's identity in the environment (`WAYPOINT_NAME`, `POD_NAME`, `POD_NAMESPACE`,
+/// `INSTANCE_IP`, `SERVICE_ACCOUNT`, `NODE_NAME`); Istio's ports, probes (a fast startup probe,
+/// then readiness every 15 s), resources and Prometheus annotations (the path is Weft's
+/// `/metrics`, where Istio's Envoy serves `/stats/prometheus`). `replicas` is not set: one on
+/// creation, then whoever scales it owns it.
 pub fn deployment(gateway: &GatewayInfo, options: &WaypointOptions) -> Value {
     let field =
         |name: &str, path: &str| json!({ "name": name, "valueFrom": { "fieldRef": { "fieldPath": path } } });
@@ -132,6 +140,11 @@ pub fn deployment(gateway: &GatewayInfo, options: &WaypointOptions) -> Value {
                         GATEWAY_NAME_LABEL: gateway.name,
                         ISTIO_GATEWAY_NAME_LABEL: gateway.name,
                         DATAPLANE_MODE_LABEL: "none",
+                    },
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": METRICS_PORT.to_string(),
+                        "prometheus.io/path": "/metrics",
                     },
                 },
                 "spec": {
@@ -159,14 +172,23 @@ pub fn deployment(gateway: &GatewayInfo, options: &WaypointOptions) -> Value {
                             { "name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP" },
                             { "name": "status-port", "containerPort": READINESS_PORT, "protocol": "TCP" },
                         ],
+                        // Istio's: up to 30 s to start, checked every second; then every 15 s.
+                        "startupProbe": {
+                            "httpGet": { "path": "/healthz/ready", "port": READINESS_PORT, "scheme": "HTTP" },
+                            "initialDelaySeconds": 1,
+                            "periodSeconds": 1,
+                            "timeoutSeconds": 1,
+                            "failureThreshold": 30,
+                        },
                         "readinessProbe": {
-                            "httpGet": { "path": "/healthz/ready", "port": READINESS_PORT },
-                            "periodSeconds": 5,
-                            "failureThreshold": 3,
+                            "httpGet": { "path": "/healthz/ready", "port": READINESS_PORT, "scheme": "HTTP" },
+                            "periodSeconds": 15,
+                            "timeoutSeconds": 1,
+                            "failureThreshold": 4,
                         },
                         "resources": {
                             "requests": { "cpu": "100m", "memory": "128Mi" },
-                            "limits": { "memory": "1Gi" },
+                            "limits": { "cpu": "2", "memory": "1Gi" },
                         },
                         "securityContext": {
                             "allowPrivilegeEscalation": false,
@@ -210,24 +232,38 @@ pub fn service(gateway: &GatewayInfo) -> Value {
     })
 }
 
-/// The Gateway status Weft wants: Accepted, and Programmed once the Service has a cluster IP,
-/// with that IP (else the Service's DNS name) as address. A condition whose status is unchanged
-/// keeps its `lastTransitionTime`; `now` (RFC 3339) stamps the others.
-pub fn status(gateway: &GatewayInfo, address: Option<&str>, now: &str) -> Value {
+/// The Gateway status Weft wants: Accepted; Programmed once the Service has a cluster IP and the
+/// Deployment at least one ready pod (`ready`, its `readyReplicas`), else not, with the reason the
+/// Gateway API gives (`AddressNotAssigned`, then `NoResources`: no ready pod yet); the cluster IP
+/// (else the Service's DNS name) as address. So `kubectl wait --for=condition=Programmed` (as
+/// Istio's docs use it for waypoints) returns once the waypoint can answer, not before. A
+/// condition whose status is unchanged keeps its `lastTransitionTime`; `now` (RFC 3339) stamps
+/// the others.
+pub fn status(gateway: &GatewayInfo, address: Option<&str>, ready: i32, now: &str) -> Value {
     let addresses = match address {
         Some(ip) => json!([{ "type": "IPAddress", "value": ip }]),
         None => json!([{ "type": "Hostname", "value": gateway.hostname() }]),
     };
     let accepted = ("Accepted", true, "Accepted", "weft-controller deploys this waypoint".to_owned());
+    let name = &gateway.name;
     let programmed = match address {
-        Some(ip) => {
-            ("Programmed", true, "Programmed", format!("waypoint Service {} has address {ip}", gateway.name))
-        }
+        Some(ip) if ready > 0 => (
+            "Programmed",
+            true,
+            "Programmed",
+            format!("waypoint Service {name} has address {ip}; Deployment {name} has {ready} ready pod(s)"),
+        ),
+        Some(ip) => (
+            "Programmed",
+            false,
+            "NoResources",
+            format!("waypoint Service {name} has address {ip}, but Deployment {name} has no ready pod yet"),
+        ),
         None => (
             "Programmed",
             false,
             "AddressNotAssigned",
-            format!("waypoint Service {} has no cluster IP yet", gateway.name),
+            format!("waypoint Service {name} has no cluster IP yet"),
         ),
     };
     let conditions: Vec<Value> = [accepted, programmed]

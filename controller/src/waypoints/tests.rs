@@ -62,7 +62,12 @@ fn deployment_and_service_are_owned_labelled_and_typed() {
     let spec = deployment.spec.unwrap();
     assert_eq!(spec.replicas, None, "replicas belong to whoever scales the waypoint");
     let selector = spec.selector.match_labels.unwrap();
-    let template_labels = spec.template.metadata.unwrap().labels.unwrap();
+    let template_meta = spec.template.metadata.unwrap();
+    let annotations = template_meta.annotations.unwrap();
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "15020");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    let template_labels = template_meta.labels.unwrap();
     for (k, v) in &selector {
         assert_eq!(template_labels.get(k), Some(v), "the selector matches the pods");
     }
@@ -77,8 +82,60 @@ fn deployment_and_service_are_owned_labelled_and_typed() {
         ports,
         BTreeMap::from([(15008, "hbone".into()), (15020, "metrics".into()), (15021, "status-port".into())])
     );
-    let probe = container.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
-    assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+    // The binary's flags, as ztunnel's: full URLs (its endpoint parser wants a scheme).
+    let args = container.args.clone().unwrap();
+    assert_eq!(
+        args,
+        [
+            "--xds-address",
+            "http://weft-controller.weft-system.svc:15012",
+            "--ca-address",
+            "http://weft-controller.weft-system.svc:15012",
+            "--token-file",
+            "/var/run/secrets/tokens/istio-token",
+        ]
+    );
+    let env: BTreeMap<String, String> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let from = e.value_from.as_ref().and_then(|f| f.field_ref.as_ref()).map(|f| f.field_path.clone());
+            (e.name.clone(), e.value.clone().or(from).unwrap())
+        })
+        .collect();
+    assert_eq!(
+        env,
+        BTreeMap::from([
+            ("WAYPOINT_NAME".into(), "waypoint".into()),
+            ("POD_NAME".into(), "metadata.name".into()),
+            ("POD_NAMESPACE".into(), "metadata.namespace".into()),
+            ("INSTANCE_IP".into(), "status.podIP".into()),
+            ("SERVICE_ACCOUNT".into(), "spec.serviceAccountName".into()),
+            ("NODE_NAME".into(), "spec.nodeName".into()),
+        ])
+    );
+    // Istio's waypoint probes: a startup probe every second for 30 s, then readiness every 15 s.
+    for (probe, period, failures) in [(&container.startup_probe, 1, 30), (&container.readiness_probe, 15, 4)]
+    {
+        let probe = probe.as_ref().unwrap();
+        let get = probe.http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some("/healthz/ready"));
+        assert_eq!(get.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15021));
+        assert_eq!((probe.period_seconds, probe.failure_threshold), (Some(period), Some(failures)));
+    }
+    let resources = container.resources.clone().unwrap();
+    let quantity = |m: &Option<BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+                    k: &str| m.as_ref().unwrap()[k].0.clone();
+    assert_eq!(
+        [
+            quantity(&resources.requests, "cpu"),
+            quantity(&resources.requests, "memory"),
+            quantity(&resources.limits, "cpu"),
+            quantity(&resources.limits, "memory"),
+        ],
+        ["100m", "128Mi", "2", "1Gi"]
+    );
     let projected = pod.volumes.unwrap()[0].projected.clone().unwrap();
     let token = projected.sources.unwrap()[0].service_account_token.clone().unwrap();
     assert_eq!(token.audience.as_deref(), Some("istio-ca"));
@@ -92,7 +149,7 @@ fn deployment_and_service_are_owned_labelled_and_typed() {
 #[test]
 fn status_conditions_and_address() {
     let mut gw = gateway(WAYPOINT_CLASS);
-    let with_ip = resources::status(&gw, Some("10.96.0.12"), "2030-01-01T00:00:00Z");
+    let with_ip = resources::status(&gw, Some("10.96.0.12"), 1, "2030-01-01T00:00:00Z");
     assert_eq!(with_ip["addresses"], json!([{ "type": "IPAddress", "value": "10.96.0.12" }]));
     for (i, kind) in ["Accepted", "Programmed"].iter().enumerate() {
         let c = &with_ip["conditions"][i];
@@ -102,25 +159,46 @@ fn status_conditions_and_address() {
         assert_eq!(c["observedGeneration"], 3);
         assert_eq!(c["lastTransitionTime"], "2030-01-01T00:00:00Z");
     }
-    let without = resources::status(&gw, None, "2030-01-01T00:00:00Z");
+    let without = resources::status(&gw, None, 1, "2030-01-01T00:00:00Z");
     assert_eq!(
         without["addresses"],
         json!([{ "type": "Hostname", "value": "waypoint.shop.svc.cluster.local" }])
     );
     assert_eq!(without["conditions"][1]["status"], "False");
     assert_eq!(without["conditions"][1]["reason"], "AddressNotAssigned");
+    // Programmed only with a ready pod: (address, ready pods) -> (status, reason).
+    let cases = [
+        (Some("10.96.0.12"), 0, "False", "NoResources"),
+        (Some("10.96.0.12"), 1, "True", "Programmed"),
+        (Some("10.96.0.12"), 3, "True", "Programmed"),
+        (None, 0, "False", "AddressNotAssigned"),
+        (None, 2, "False", "AddressNotAssigned"),
+    ];
+    for (address, ready, want_status, want_reason) in cases {
+        let programmed = &resources::status(&gw, address, ready, "x")["conditions"][1];
+        assert_eq!(
+            (&programmed["status"], &programmed["reason"]),
+            (&json!(want_status), &json!(want_reason))
+        );
+        assert_eq!(programmed["type"], "Programmed");
+    }
+    let pending = resources::status(&gw, Some("10.96.0.12"), 0, "x");
+    let message = pending["conditions"][1]["message"].as_str().unwrap();
+    assert!(message.contains("Deployment waypoint has no ready pod yet"), "{message}");
 
     // Written once: a later reconcile at another time changes nothing and writes nothing.
     gw.status = with_ip.clone();
-    let later = resources::status(&gw, Some("10.96.0.12"), "2031-01-01T00:00:00Z");
+    let later = resources::status(&gw, Some("10.96.0.12"), 1, "2031-01-01T00:00:00Z");
     assert_eq!(later, with_ip, "unchanged conditions keep their transition time");
     assert!(!resources::status_differs(&gw.status, &later));
     // A new generation, a new address or a lost IP is a change.
     gw.generation = 4;
-    assert!(resources::status_differs(&gw.status, &resources::status(&gw, Some("10.96.0.12"), "x")));
+    assert!(resources::status_differs(&gw.status, &resources::status(&gw, Some("10.96.0.12"), 1, "x")));
     gw.generation = 3;
-    assert!(resources::status_differs(&gw.status, &resources::status(&gw, Some("10.96.0.13"), "x")));
-    let lost = resources::status(&gw, None, "2031-01-01T00:00:00Z");
+    assert!(resources::status_differs(&gw.status, &resources::status(&gw, Some("10.96.0.13"), 1, "x")));
+    let lost = resources::status(&gw, None, 1, "2031-01-01T00:00:00Z");
+    // Losing the last ready pod is a change too.
+    assert!(resources::status_differs(&gw.status, &resources::status(&gw, Some("10.96.0.12"), 0, "x")));
     assert!(resources::status_differs(&gw.status, &lost));
     assert_eq!(lost["conditions"][0]["lastTransitionTime"], "2030-01-01T00:00:00Z", "Accepted still True");
     assert_eq!(lost["conditions"][1]["lastTransitionTime"], "2031-01-01T00:00:00Z", "Programmed flipped");

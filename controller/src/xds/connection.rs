@@ -107,21 +107,22 @@ pub(super) async fn run(
     };
     tracing::Span::current().record("node", node.id.as_str());
     if let Some(authenticate) = &shared.authenticate {
-        match authenticate.node(token).await {
+        let principal = match authenticate.principal(token).await {
+            Ok(principal) => principal,
             Err(why) => {
                 tracing::info!(why, "refused stream: not authenticated");
-                fail(&tx, Status::unauthenticated(format!("xDS needs the node's token: {why}"))).await;
+                fail(
+                    &tx,
+                    Status::unauthenticated(format!("xDS needs the node's token (or the waypoint's): {why}")),
+                )
+                .await;
                 return;
             }
-            Ok(caller) if node.node_name.as_deref() != Some(caller.as_str()) => {
-                let claimed = node.node_name.as_deref().unwrap_or("");
-                tracing::info!(caller, claimed, "refused stream: token of another node");
-                let msg =
-                    format!("the token is node {caller:?}'s, but the stream's NODE_NAME is {claimed:?}");
-                fail(&tx, Status::permission_denied(msg)).await;
-                return;
-            }
-            Ok(_) => {}
+        };
+        if let Err(why) = node.admits(&principal) {
+            tracing::info!(?principal, why, "refused stream: the token is not the stream's node's");
+            fail(&tx, Status::permission_denied(why)).await;
+            return;
         }
     }
     if !shared.serves(&first.type_url) {

@@ -7,7 +7,9 @@
 //! Protocol, as Istio's ztunnel expects it:
 //! - The first request of a stream carries the node (`ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`,
 //!   metadata `NODE_NAME`); a stream without one, or asking for a type not served, is closed with
-//!   INVALID_ARGUMENT.
+//!   INVALID_ARGUMENT. With authentication, its bearer token must be that of the node agent of its
+//!   `NODE_NAME`, or of the waypoint its `WAYPOINT_NAME` and namespace name (else
+//!   UNAUTHENTICATED or PERMISSION_DENIED).
 //! - The first request of each type opens a subscription: no names means all of them (the
 //!   wildcard). `initial_resource_versions` (a reconnect) is what the client holds: it is sent only
 //!   what it lacks or holds at another version, and the names it holds that no longer exist.
@@ -32,7 +34,7 @@ use std::future::Future;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
-pub use node::{NodeError, NodeInfo, NODE_NAME_KEY, WAYPOINT_NAME_KEY};
+pub use node::{NodeError, NodeInfo, Principal, NODE_NAME_KEY, WAYPOINT_NAME_KEY};
 pub use resources::{
     Everything, PerResource, ResourceError, ResourceSet, Snapshot, View, XdsResource, ADDRESS_TYPE_URL,
     AUTHORIZATION_TYPE_URL, WAYPOINT_TYPE_URL,

@@ -1,7 +1,9 @@
 //! Who is on the other end of an xDS stream: the Envoy `Node` a proxy sends on its first request,
 //! parsed into [`NodeInfo`]. Istio's ztunnel identifies itself as
 //! `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local` and puts its Kubernetes node in
-//! the metadata as `NODE_NAME`.
+//! the metadata as `NODE_NAME`; a waypoint as `waypoint~<ip>~<pod>.<namespace>~...` with its Gateway's
+//! name as `WAYPOINT_NAME`. Whether a stream may speak as the node it claims, given who its token
+//! says it is ([`Principal`]), is decided here too ([`NodeInfo::admits`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -21,6 +23,15 @@ pub enum NodeError {
     Missing,
     #[error("node id {id:?} is not <type>~<ip>~<pod>.<namespace>~<dns domain>: {reason}")]
     Id { id: String, reason: &'static str },
+}
+
+/// Who a stream's bearer token says the client is (as the CA authenticated it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// The node agent (ztunnel) of this Kubernetes node.
+    NodeAgent(String),
+    /// The waypoint of the Gateway `namespace/name`.
+    Waypoint { namespace: String, name: String },
 }
 
 /// A connected proxy, as it identified itself.
@@ -64,6 +75,49 @@ impl NodeInfo {
         }
         info.node_name = info.metadata.get(NODE_NAME_KEY).filter(|n| !n.is_empty()).cloned();
         Ok(info)
+    }
+
+    /// Whether a client authenticated as `principal` may speak as this node (else why not): a node
+    /// agent only as its own node (`NODE_NAME`) and never as a waypoint (`WAYPOINT_NAME`, which
+    /// would be sent a waypoint's configuration); a waypoint only as itself (`WAYPOINT_NAME` its
+    /// name, the node id's namespace its namespace), whatever node it runs on.
+    pub fn admits(&self, principal: &Principal) -> Result<(), String> {
+        let claimed = |key: &str| self.metadata.get(key).map(String::as_str).unwrap_or("");
+        match principal {
+            Principal::NodeAgent(node) => {
+                if self.node_name.as_deref() != Some(node.as_str()) {
+                    let claimed = claimed(NODE_NAME_KEY);
+                    return Err(format!(
+                        "the token is node {node:?}'s, but the stream's NODE_NAME is {claimed:?}"
+                    ));
+                }
+                match claimed(WAYPOINT_NAME_KEY) {
+                    "" => Ok(()),
+                    waypoint => Err(format!(
+                        "the token is node {node:?}'s, but the stream claims to be waypoint {:?} \
+                         ({WAYPOINT_NAME_KEY}); only that waypoint's own token may",
+                        format!("{}/{waypoint}", self.pod_namespace)
+                    )),
+                }
+            }
+            Principal::Waypoint { namespace, name } => {
+                let waypoint = format!("{namespace}/{name}");
+                let claimed = claimed(WAYPOINT_NAME_KEY);
+                if claimed != name {
+                    return Err(format!(
+                        "the token is waypoint {waypoint:?}'s, but the stream's {WAYPOINT_NAME_KEY} is {claimed:?}"
+                    ));
+                }
+                if &self.pod_namespace != namespace {
+                    return Err(format!(
+                        "the token is waypoint {waypoint:?}'s, but the stream's node id {:?} puts it in \
+                         namespace {:?}",
+                        self.id, self.pod_namespace
+                    ));
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Parses `<type>~<ip>~<pod>.<namespace>~<dns domain>`. The pod part is split at its last dot
@@ -137,6 +191,61 @@ mod tests {
         ];
         for id in bad {
             assert!(matches!(NodeInfo::parse_id(id), Err(NodeError::Id { .. })), "{id:?} should be refused");
+        }
+    }
+
+    fn node(id: &str, metadata: &[(&str, &str)]) -> NodeInfo {
+        let fields = metadata.iter().map(|(k, v)| ((*k).to_owned(), string(v))).collect();
+        let node = Node { id: id.into(), metadata: Some(Struct { fields }), ..Default::default() };
+        NodeInfo::from_node(Some(&node)).expect("valid node")
+    }
+
+    /// Who may open a stream as whom: every principal against ztunnel and waypoint streams.
+    #[test]
+    fn admission_table() {
+        const ZT: &str = "ztunnel~10.0.0.5~ztunnel-x7k.weft-system~weft-system.svc.cluster.local";
+        const WP: &str = "waypoint~10.0.1.9~waypoint-5d8f.shop~shop.svc.cluster.local";
+        const WP_OTHER_NS: &str = "waypoint~10.0.1.9~waypoint-5d8f.infra~infra.svc.cluster.local";
+        let node_a = Principal::NodeAgent("node-a".into());
+        let waypoint = Principal::Waypoint { namespace: "shop".into(), name: "waypoint".into() };
+        // (principal, node id, metadata, admitted or a fragment of the refusal)
+        type Case<'a> = (&'a Principal, &'a str, &'a [(&'a str, &'a str)], Result<(), &'a str>);
+        let cases: &[Case<'_>] = &[
+            (&node_a, ZT, &[(NODE_NAME_KEY, "node-a")], Ok(())),
+            (&node_a, ZT, &[(NODE_NAME_KEY, "node-b")], Err("node \"node-a\"'s, but the stream's NODE_NAME is \"node-b\"")),
+            (&node_a, ZT, &[], Err("NODE_NAME is \"\"")),
+            (
+                &node_a,
+                WP,
+                &[(NODE_NAME_KEY, "node-a"), (WAYPOINT_NAME_KEY, "waypoint")],
+                Err("claims to be waypoint \"shop/waypoint\" (WAYPOINT_NAME); only that waypoint's own token may"),
+            ),
+            (&waypoint, WP, &[(NODE_NAME_KEY, "node-a"), (WAYPOINT_NAME_KEY, "waypoint")], Ok(())),
+            (&waypoint, WP, &[(WAYPOINT_NAME_KEY, "waypoint")], Ok(())),
+            (
+                &waypoint,
+                WP,
+                &[(WAYPOINT_NAME_KEY, "other")],
+                Err("waypoint \"shop/waypoint\"'s, but the stream's WAYPOINT_NAME is \"other\""),
+            ),
+            (&waypoint, WP, &[(NODE_NAME_KEY, "node-a")], Err("WAYPOINT_NAME is \"\"")),
+            (&waypoint, ZT, &[(NODE_NAME_KEY, "node-a")], Err("WAYPOINT_NAME is \"\"")),
+            (
+                &waypoint,
+                WP_OTHER_NS,
+                &[(WAYPOINT_NAME_KEY, "waypoint")],
+                Err("puts it in namespace \"infra\""),
+            ),
+        ];
+        for (principal, id, metadata, want) in cases {
+            let got = node(id, metadata).admits(principal);
+            match (want, &got) {
+                (Ok(()), Ok(())) => {}
+                (Err(fragment), Err(msg)) => {
+                    assert!(msg.contains(fragment), "{principal:?} {id} {metadata:?}: {msg}")
+                }
+                _ => panic!("{principal:?} {id} {metadata:?}: got {got:?}, want {want:?}"),
+            }
         }
     }
 

@@ -19,7 +19,7 @@ use weft_core::proto::envoy::service::discovery::v3::aggregated_discovery_servic
 use weft_core::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 
 use super::connection;
-use super::node::NodeInfo;
+use super::node::{NodeInfo, Principal};
 use super::resources::{Snapshot, View, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, WAYPOINT_TYPE_URL};
 
 /// Istio's default quiet period before a push (PILOT_DEBOUNCE_AFTER).
@@ -100,16 +100,20 @@ pub struct Nack {
     pub message: String,
 }
 
-/// What every stream of one server shares.
-/// Who a stream's bearer token says the client is: the node it may speak for, or why not.
+/// Who a stream's bearer token says the client is ([`Principal`]: a node agent or a waypoint), or
+/// why not.
 pub trait Authenticate: Send + Sync + 'static {
-    fn node(&self, token: Option<String>) -> futures::future::BoxFuture<'static, Result<String, String>>;
+    fn principal(
+        &self,
+        token: Option<String>,
+    ) -> futures::future::BoxFuture<'static, Result<Principal, String>>;
 }
 
+/// What every stream of one server shares.
 pub(super) struct Shared {
     pub view: Box<dyn View>,
     pub options: XdsOptions,
-    /// When set, every stream must carry a bearer token naming the node it speaks for.
+    /// When set, every stream must carry a bearer token of the node or waypoint it speaks as.
     pub authenticate: Option<Box<dyn Authenticate>>,
     pub snapshots: watch::Sender<Arc<Snapshot>>,
     pub shutdown: watch::Sender<bool>,
@@ -141,8 +145,10 @@ impl XdsServer {
     }
 
     /// A server whose clients must authenticate: each stream's `authorization: Bearer <token>`
-    /// must name, through `authenticate`, the node the stream's `NODE_NAME` says (else the stream
-    /// ends with UNAUTHENTICATED or PERMISSION_DENIED, saying why). `None`: anyone may subscribe.
+    /// must name, through `authenticate`, a principal that may speak as the stream's node
+    /// ([`NodeInfo::admits`]: a node agent as its `NODE_NAME`, a waypoint as its own
+    /// `WAYPOINT_NAME` and namespace); else the stream ends with UNAUTHENTICATED or
+    /// PERMISSION_DENIED, saying why. `None`: anyone may subscribe.
     pub fn with_authentication(
         view: impl View,
         options: XdsOptions,

@@ -427,14 +427,6 @@ const UNENFORCED: &[Unenforced] = &[
         "LoadBalancer",
     ),
     (
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp2}\nspec: {gatewayClassName: istio-waypoint}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s, labels: {istio.io/use-waypoint: wp2}}\nspec: {ports: [{port: 80}]}\n",
-        "Gateway.gateway.networking.k8s.io default/wp2",
-        "",
-        "no waypoint proxy yet: nothing serves this waypoint, so the connections ztunnels send to it (for Service default/s) fail",
-        "remove the istio.io/use-waypoint label from Service default/s until Weft's waypoint lands",
-    ),
-    // VirtualService.
-    (
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [shop.example.com]\n  gateways: [gw]\n  http: [{route: [{destination: {host: reviews}}]}]\n",
         "VirtualService default/r",
         "spec.gateways",
@@ -447,13 +439,6 @@ const UNENFORCED: &[Unenforced] = &[
         "spec.hosts",
         "mesh routes apply only in a waypoint, and no Service among its hosts uses one: not enforced",
         "istio.io/use-waypoint",
-    ),
-    (
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  tcp: [{route: [{destination: {host: bound}}]}]\n",
-        "VirtualService default/r",
-        "spec.hosts",
-        "applies in waypoint default/waypoint; no waypoint proxy yet: not enforced",
-        "",
     ),
     (
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  tcp: [{route: [{destination: {host: bound}}]}]\n",
@@ -476,13 +461,6 @@ const UNENFORCED: &[Unenforced] = &[
         "spec.host",
         "no Service matching host ratings uses one: not enforced; ztunnel balances connections over all the host's endpoints",
         "istio.io/use-waypoint",
-    ),
-    (
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: bound}\n",
-        "DestinationRule default/d",
-        "spec.host",
-        "applies in waypoint default/waypoint; no waypoint proxy yet: not enforced",
-        "",
     ),
     (
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: ratings, workloadSelector: {matchLabels: {app: reviews}}}\n",
@@ -520,14 +498,6 @@ const UNENFORCED: &[Unenforced] = &[
         "a RequestAuthentication with a selector is for sidecars; in ambient mode only a waypoint checks JWTs: not enforced (tokens are not validated",
         "targetRefs",
     ),
-    (
-        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: me}]\n",
-        "RequestAuthentication default/j",
-        "spec.targetRefs[0]",
-        "applies in waypoint default/waypoint; no waypoint proxy yet: not enforced",
-        "",
-    ),
-    // AuthorizationPolicy at ztunnel.
     (
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/web]}}], to: [{operation: {methods: [GET], paths: [/api]}}]}]\n",
         "AuthorizationPolicy default/p",
@@ -593,13 +563,6 @@ const UNENFORCED: &[Unenforced] = &[
     ),
     // AuthorizationPolicy targets.
     (
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n",
-        "AuthorizationPolicy default/p",
-        "spec.targetRefs[0]",
-        "applies in waypoint default/waypoint; no waypoint proxy yet: not enforced",
-        "",
-    ),
-    (
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: ratings}]\n",
         "AuthorizationPolicy default/p",
         "spec.targetRefs[0]",
@@ -619,13 +582,6 @@ const UNENFORCED: &[Unenforced] = &[
         "spec.targetRefs[0]",
         "applies only to policies in the root namespace istio-system: not enforced",
         "move the policy to the root namespace",
-    ),
-    (
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: istio-system}\nspec:\n  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]\n",
-        "AuthorizationPolicy istio-system/p",
-        "spec.targetRefs[0]",
-        "applies in waypoint default/waypoint; no waypoint proxy yet: not enforced",
-        "",
     ),
     (
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: external}]\n",
@@ -727,6 +683,58 @@ fn each_thing_not_enforced_warns_once_with_what_happens_and_the_fix() {
             ),
         }
         assert!(found.iter().all(|f| f.severity == Severity::Warning), "{shown:#?}");
+    }
+}
+
+/// What the waypoint enforces (routes, traffic policy, JWT and authorization policies bound to a
+/// waypoint, the waypoint Gateways themselves) draws no warning of its own.
+#[test]
+fn what_a_waypoint_enforces_draws_no_warning() {
+    let cases = [
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  http: [{route: [{destination: {host: bound}}]}]\n",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: bound, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}\n",
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: me}]\n",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: istio-system}\nspec:\n  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]\n",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp2}\nspec: {gatewayClassName: istio-waypoint}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s, labels: {istio.io/use-waypoint: wp2}}\nspec: {ports: [{port: 80}]}\n",
+    ];
+    for manifest in cases {
+        let found: Vec<String> = findings(&format!("{BOUND}{manifest}"))
+            .iter()
+            .filter(|f| f.file == "case.yaml")
+            .map(ToString::to_string)
+            .collect();
+        assert!(found.is_empty(), "{manifest}\n{found:#?}");
+    }
+}
+
+/// A Service's waypoint routes its traffic only when the Gateway's `istio.io/waypoint-for` takes
+/// service traffic (`service`, the default, or `all`), as the controller binds it.
+#[test]
+fn routes_for_a_waypoint_that_takes_no_service_traffic_are_not_enforced() {
+    let route = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [s]\n  http: [{route: [{destination: {host: s}}]}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s, labels: {istio.io/use-waypoint: wp2}}\nspec: {ports: [{port: 80}]}\n";
+    for (waypoint_for, warned) in
+        [("", false), ("service", false), ("all", false), ("workload", true), ("none", true)]
+    {
+        let labels = if waypoint_for.is_empty() {
+            String::new()
+        } else {
+            format!(", labels: {{istio.io/waypoint-for: {waypoint_for}}}")
+        };
+        let gateway = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp2{labels}}}\nspec: {{gatewayClassName: istio-waypoint}}\n---\n"
+        );
+        let found = findings(&format!("{gateway}{route}"));
+        let hit = found.iter().any(|f| {
+            f.object == "VirtualService default/r"
+                && f.message.contains("no Service among its hosts uses one")
+        });
+        assert_eq!(
+            hit,
+            warned,
+            "waypoint-for {waypoint_for:?}: {:#?}",
+            found.iter().map(ToString::to_string).collect::<Vec<_>>()
+        );
     }
 }
 

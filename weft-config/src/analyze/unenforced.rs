@@ -26,16 +26,17 @@
 //! - PeerAuthentication DISABLE (enforced as PERMISSIVE) and `portLevelMtls` without a selector;
 //! - a Namespace asking for sidecar injection (`istio-injection`, `istio.io/rev`) and not ambient;
 //! - an ExternalName Service (not translated), cluster and pod IPs that are not IP addresses;
-//! - ports that are not numbers in a policy for a waypoint (left out of its configuration);
-//! - everything that only a waypoint enforces, and the waypoint Gateways themselves: there is no
-//!   waypoint proxy yet ([`NO_WAYPOINT_PROXY`]; `Check::waypoint_pending` makes every such
-//!   entry, so they all go with it when the waypoint lands).
+//! - ports that are not numbers in a policy for a waypoint (left out of its configuration).
+//!
+//! A Service uses a waypoint as the controller binds it: its own or its namespace's
+//! `istio.io/use-waypoint`, naming a Gateway of class `istio-waypoint` that takes service traffic
+//! (`istio.io/waypoint-for` `service`, the default, or `all`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use weft_core::names::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL};
+use weft_core::names::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, WAYPOINT_FOR_LABEL};
 
 use crate::decode::Object;
 use crate::kube::{KubeGateway, Pod, Service, WAYPOINT_GATEWAY_CLASS};
@@ -47,8 +48,6 @@ use crate::security::{
 
 use super::{AnalyzeOptions, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL};
 
-/// How every finding about configuration only a waypoint enforces ends.
-pub const NO_WAYPOINT_PROXY: &str = "no waypoint proxy yet: not enforced";
 /// The Gateway API group of `Gateway` and `GatewayClass`.
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 /// Labels asking Istio for sidecar injection.
@@ -152,13 +151,6 @@ impl<'a> Check<'a> {
         });
     }
 
-    /// Configuration translated for a waypoint, which nothing runs yet. Every finding of the
-    /// kind goes through here: delete it (and its callers' calls) when the waypoint lands.
-    fn waypoint_pending(&mut self, i: usize, field: &str, waypoints: &BTreeSet<WaypointName>) {
-        let list = waypoints.iter().cloned().collect::<Vec<_>>().join(", ");
-        self.push(i, field, format!("applies in waypoint {list}; {NO_WAYPOINT_PROXY}"), None);
-    }
-
     fn object(&mut self, i: usize, object: &'a Object) {
         match object {
             Object::Unsupported(o) => self.push(
@@ -217,12 +209,21 @@ impl<'a> Check<'a> {
         Some(Some(format!("{ns}/{name}")))
     }
 
-    /// A Service's waypoint: its own label, else its namespace's.
+    /// A Service's waypoint: its own label, else its namespace's; only a declared waypoint that
+    /// takes service traffic (`istio.io/waypoint-for` `service`, the default, or `all`), as the
+    /// controller binds them.
     fn service_waypoint(&self, svc: &Service) -> Option<WaypointName> {
         let ns = svc.metadata.namespace.as_str();
-        Self::waypoint_label(&svc.metadata.labels, ns).unwrap_or_else(|| {
+        let waypoint = Self::waypoint_label(&svc.metadata.labels, ns).unwrap_or_else(|| {
             self.namespaces.get(ns).and_then(|labels| Self::waypoint_label(labels, ns)).flatten()
-        })
+        })?;
+        let (wp_ns, wp_name) = waypoint.split_once('/')?;
+        let gateway = self.gateways.get(&(wp_ns, wp_name)).filter(|g| g.is_waypoint())?;
+        let takes_services = !matches!(
+            gateway.metadata.labels.get(WAYPOINT_FOR_LABEL).map(String::as_str),
+            Some("workload" | "none")
+        );
+        takes_services.then_some(waypoint)
     }
 
     /// `reviews` -> `reviews.<ns>.svc.<suffix>`; `*` and names with a dot as written (as the
@@ -251,25 +252,6 @@ impl<'a> Check<'a> {
             .collect()
     }
 
-    /// `Kind ns/name` of every object whose labels bind it to waypoint `ns/name`.
-    fn bound_to(&self, waypoint: &str) -> Vec<String> {
-        self.objects
-            .iter()
-            .filter_map(|o| {
-                let (labels, ns) = match o {
-                    Object::Namespace(n) => (&n.metadata.labels, n.metadata.name.as_str()),
-                    Object::Service(s) => (&s.metadata.labels, s.metadata.namespace.as_str()),
-                    Object::ServiceEntry(s) => (&s.metadata.labels, s.metadata.namespace.as_str()),
-                    Object::Pod(p) => (&p.metadata.labels, p.metadata.namespace.as_str()),
-                    Object::Workload(w) => (&w.pod_labels, w.metadata.namespace.as_str()),
-                    _ => return None,
-                };
-                (Self::waypoint_label(labels, ns).flatten().as_deref() == Some(waypoint))
-                    .then(|| o.display_name())
-            })
-            .collect()
-    }
-
     fn kube_gateway(&mut self, i: usize, g: &KubeGateway) {
         if !g.is_waypoint() {
             let class = &g.spec.gateway_class_name;
@@ -282,32 +264,7 @@ impl<'a> Check<'a> {
                 ),
                 Some(NO_GATEWAY_FIX),
             );
-            return;
         }
-        // Delete with `waypoint_pending` when the waypoint lands.
-        let bound = self.bound_to(&format!("{}/{}", g.metadata.namespace, g.metadata.name));
-        if bound.is_empty() {
-            self.push(
-                i,
-                "",
-                "no waypoint proxy yet: nothing serves this waypoint (and nothing uses it)".into(),
-                None,
-            );
-            return;
-        }
-        let shown = shorten(&bound, 5);
-        self.push(
-            i,
-            "",
-            format!(
-                "no waypoint proxy yet: nothing serves this waypoint, so the connections ztunnels send to it \
-                 (for {shown}) fail"
-            ),
-            Some(&format!(
-                "remove the istio.io/use-waypoint label from {shown} until Weft's waypoint lands; ztunnels then \
-                 deliver directly and enforce L4 policy"
-            )),
-        );
     }
 
     // ---- VirtualService and DestinationRule ---------------------------------------------
@@ -353,7 +310,6 @@ impl<'a> Check<'a> {
             );
             return;
         }
-        self.waypoint_pending(i, "spec.hosts", &waypoints);
         for (field, routes) in [("spec.tcp", vs.spec.tcp.len()), ("spec.tls", vs.spec.tls.len())] {
             if routes > 0 {
                 self.push(
@@ -412,9 +368,7 @@ impl<'a> Check<'a> {
                 ),
                 Some(BIND_WAYPOINT_FIX),
             );
-            return;
         }
-        self.waypoint_pending(i, "spec.host", &waypoints);
     }
 
     // ---- policies -----------------------------------------------------------------------
@@ -483,22 +437,15 @@ impl<'a> Check<'a> {
     /// A policy bound by `targetRefs`: applied in the waypoints they reach, nowhere else.
     /// Returns whether any target is a waypoint.
     fn targets(&mut self, i: usize, meta: &ObjectMeta, refs: &[(String, &PolicyTargetReference)]) -> bool {
-        let mut waypoints = BTreeSet::new();
-        let mut first = None;
+        let mut reaches_waypoint = false;
         for (field, r) in refs {
             match self.target(meta, r) {
-                Target::Waypoints(w) => {
-                    first.get_or_insert_with(|| field.clone());
-                    waypoints.extend(w);
-                }
+                Target::Waypoint => reaches_waypoint = true,
                 Target::Nowhere(why, fix) => self.push(i, field, format!("{why}: not enforced"), fix),
                 Target::Missing => {}
             }
         }
-        if let Some(field) = &first {
-            self.waypoint_pending(i, field, &waypoints);
-        }
-        first.is_some()
+        reaches_waypoint
     }
 
     /// Ports that are not numbers, which the waypoint translation leaves out.
@@ -533,7 +480,7 @@ impl<'a> Check<'a> {
         match (r.kind.as_str(), r.group.as_str()) {
             ("Gateway", GATEWAY_GROUP) => match self.gateways.get(&(ns, r.name.as_str())) {
                 None => Target::Missing,
-                Some(g) if g.is_waypoint() => Target::Waypoints(vec![format!("{ns}/{}", r.name)]),
+                Some(g) if g.is_waypoint() => Target::Waypoint,
                 Some(g) => Target::Nowhere(
                     format!(
                         "targets Gateway {ns}/{} of class {}, and Weft runs no gateway proxy",
@@ -544,13 +491,7 @@ impl<'a> Check<'a> {
             },
             ("GatewayClass", GATEWAY_GROUP) if r.name == WAYPOINT_GATEWAY_CLASS => {
                 if ns == self.options.root_namespace {
-                    let all: Vec<String> = self
-                        .gateways
-                        .values()
-                        .filter(|g| g.is_waypoint())
-                        .map(|g| format!("{}/{}", g.metadata.namespace, g.metadata.name))
-                        .collect();
-                    Target::Waypoints(if all.is_empty() { vec!["(every waypoint)".to_owned()] } else { all })
+                    Target::Waypoint
                 } else {
                     Target::Nowhere(
                         format!(
@@ -574,7 +515,7 @@ impl<'a> Check<'a> {
                 let svc = self.services.iter().find(|s| s.metadata.namespace == ns && s.metadata.name == r.name);
                 match svc.map(|s| self.service_waypoint(s)) {
                     None => Target::Missing,
-                    Some(Some(w)) => Target::Waypoints(vec![w]),
+                    Some(Some(_)) => Target::Waypoint,
                     Some(None) => Target::Nowhere(
                         format!("targets Service {ns}/{}, which uses no waypoint (only a waypoint applies it)", r.name),
                         Some(BIND_WAYPOINT_FIX),
@@ -788,8 +729,8 @@ impl<'a> Check<'a> {
 
 /// Where a target reference takes a policy.
 enum Target {
-    /// Into these waypoints.
-    Waypoints(Vec<WaypointName>),
+    /// Into one or more waypoints.
+    Waypoint,
     /// Nowhere: why, and the fix.
     Nowhere(String, Option<&'static str>),
     /// The target is not among the objects (an error of its own).
@@ -826,13 +767,4 @@ fn tls_mode_name(mode: ClientTlsMode) -> &'static str {
         ClientTlsMode::Mutual => "MUTUAL",
         ClientTlsMode::IstioMutual => "ISTIO_MUTUAL",
     }
-}
-
-/// The first `max` names, then how many more.
-fn shorten(names: &[String], max: usize) -> String {
-    let mut shown = names.iter().take(max).cloned().collect::<Vec<_>>().join(", ");
-    if names.len() > max {
-        shown.push_str(&format!(" and {} more", names.len() - max));
-    }
-    shown
 }
