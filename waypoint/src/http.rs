@@ -25,6 +25,7 @@ use weft_core::telemetry::{ConnectionLabels, Reporter, ResponseFlags, SecurityPo
 use crate::balance::{self, Upstream};
 use crate::body::{Counted, OnEnd, Recorded};
 use crate::metrics::{Finished, RequestLabels, RequestMetrics};
+use crate::model::PortProtocol;
 use crate::normalize::normalize_path;
 use crate::proxy::{Ctx, Destination, InFlight, Stream};
 use crate::route::{self, Connection, Decision, HeaderChanges, RequestHead};
@@ -337,7 +338,14 @@ async fn forward<S: CertificateSource>(
     let cert = ctx.certificate().await.map_err(|e| {
         Local::new(StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UpstreamConnectionFailure, "", e)
     })?;
-    let result = if downstream_version == Version::HTTP_2 {
+    // Istio's choice: a port declared HTTP/2 (or gRPC) goes upstream over HTTP/2, one declared
+    // HTTP over HTTP/1.1 (whatever the client spoke); a detected one as the client spoke.
+    let upstream_h2 = match stream.declared {
+        Some(PortProtocol::Http2) => true,
+        Some(PortProtocol::Http) => false,
+        _ => downstream_version == Version::HTTP_2,
+    };
+    let result = if upstream_h2 {
         parts.uri = absolute(&authority, &path)?;
         parts.version = Version::HTTP_2;
         parts.headers.remove(HOST);

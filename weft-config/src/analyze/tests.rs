@@ -686,16 +686,13 @@ fn each_thing_not_enforced_warns_once_with_what_happens_and_the_fix() {
     }
 }
 
-/// What the waypoint enforces (routes, traffic policy, JWT and authorization policies bound to a
-/// waypoint, the waypoint Gateways themselves) draws no warning of its own.
+/// What the waypoint enforces (routes, load balancing and subsets, the waypoint Gateways
+/// themselves) draws no warning of its own.
 #[test]
 fn what_a_waypoint_enforces_draws_no_warning() {
     let cases = [
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  http: [{route: [{destination: {host: bound}}]}]\n",
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: bound, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}\n",
-        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: me}]\n",
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n",
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: istio-system}\nspec:\n  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]\n",
         "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp2}\nspec: {gatewayClassName: istio-waypoint}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s, labels: {istio.io/use-waypoint: wp2}}\nspec: {ports: [{port: 80}]}\n",
     ];
     for manifest in cases {
@@ -705,6 +702,28 @@ fn what_a_waypoint_enforces_draws_no_warning() {
             .map(ToString::to_string)
             .collect();
         assert!(found.is_empty(), "{manifest}\n{found:#?}");
+    }
+}
+
+/// What the waypoint does not apply yet (resilience, authorization, JWT) warns where it is bound
+/// to a waypoint, once per field.
+#[test]
+fn what_the_waypoint_does_not_apply_yet_warns() {
+    let cases = [
+        ("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: me}]\n", "spec.targetRefs[0]", "does not check JWTs yet"),
+        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n", "spec.targetRefs[0]", "does not check authorization policies yet"),
+        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  http: [{timeout: 1s, route: [{destination: {host: bound}}]}]\n", "spec.http[0].timeout", "does not apply this yet"),
+        ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: bound, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 1}}}\n", "spec.trafficPolicy.outlierDetection", "does not apply this yet"),
+    ];
+    for (manifest, field, message) in cases {
+        let found = findings(&format!("{BOUND}{manifest}"));
+        let hits: Vec<String> = found
+            .iter()
+            .filter(|f| f.file == "case.yaml" && f.field == field)
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(hits.len(), 1, "{manifest}\n{hits:#?}");
+        assert!(hits[0].contains(message), "{}", hits[0]);
     }
 }
 

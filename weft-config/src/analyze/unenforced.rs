@@ -55,6 +55,9 @@ const INJECTION_LABELS: [&str; 2] = ["istio-injection", "istio.io/rev"];
 /// The fix of everything a gateway proxy would serve.
 const NO_GATEWAY_FIX: &str =
     "expose the workloads another way, such as a Service of type LoadBalancer or NodePort";
+/// What Weft's waypoint does not apply yet (its resilience, authorization and JWT stages).
+const WAYPOINT_NOT_YET: &str = "Weft's waypoint routes and balances but does not apply this yet";
+
 /// The fix of routing and policy that only a waypoint applies.
 const BIND_WAYPOINT_FIX: &str = "bind the Service to a waypoint: label it (or its namespace) \
      istio.io/use-waypoint=<a Gateway of class istio-waypoint>";
@@ -310,6 +313,24 @@ impl<'a> Check<'a> {
             );
             return;
         }
+        // Part 1 of the waypoint routes; its resilience stages come later.
+        for (j, route) in vs.spec.http.iter().enumerate() {
+            let later = [
+                ("timeout", route.timeout.is_some()),
+                ("retries", route.retries.is_some()),
+                ("fault", route.fault.is_some()),
+                ("mirror", route.mirror.is_some() || !route.mirrors.is_empty()),
+                ("corsPolicy", route.cors_policy.is_some()),
+            ];
+            for (name, _) in later.into_iter().filter(|(_, set)| *set) {
+                self.push(
+                    i,
+                    &format!("spec.http[{j}].{name}"),
+                    format!("{WAYPOINT_NOT_YET}: not enforced"),
+                    None,
+                );
+            }
+        }
         for (field, routes) in [("spec.tcp", vs.spec.tcp.len()), ("spec.tls", vs.spec.tls.len())] {
             if routes > 0 {
                 self.push(
@@ -357,6 +378,25 @@ impl<'a> Check<'a> {
             return;
         }
         let waypoints = self.waypoints_of_host(&self.qualify(&dr.spec.host, &dr.metadata.namespace));
+        let policies = dr.spec.traffic_policy.iter().map(|p| ("spec.trafficPolicy".to_owned(), p)).chain(
+            dr.spec.subsets.iter().enumerate().filter_map(|(j, s)| {
+                Some((format!("spec.subsets[{j}].trafficPolicy"), s.traffic_policy.as_ref()?))
+            }),
+        );
+        let mut later = Vec::new();
+        for (field, p) in policies {
+            if p.connection_pool.is_some() {
+                later.push(format!("{field}.connectionPool"));
+            }
+            if p.outlier_detection.is_some() {
+                later.push(format!("{field}.outlierDetection"));
+            }
+        }
+        if !waypoints.is_empty() {
+            for field in later {
+                self.push(i, &field, format!("{WAYPOINT_NOT_YET}: not enforced"), None);
+            }
+        }
         if waypoints.is_empty() {
             self.push(
                 i,
@@ -407,13 +447,29 @@ impl<'a> Check<'a> {
             self.ztunnel_rules(i, p);
         } else if self.targets(i, &p.metadata, &refs) {
             self.waypoint_ports(i, &spec.rules);
+            self.push(
+                i,
+                &refs[0].0,
+                "applies in a waypoint, and Weft's waypoint does not check authorization policies yet: not enforced"
+                    .into(),
+                None,
+            );
         }
     }
 
     fn request_authentication(&mut self, i: usize, r: &RequestAuthentication) {
         let refs = target_refs(r.spec.target_ref.as_ref(), &r.spec.target_refs);
         if !refs.is_empty() {
-            self.targets(i, &r.metadata, &refs);
+            if self.targets(i, &r.metadata, &refs) {
+                self.push(
+                    i,
+                    &refs[0].0,
+                    "applies in a waypoint, and Weft's waypoint does not check JWTs yet: not enforced (tokens are \
+                     not validated)"
+                        .into(),
+                    None,
+                );
+            }
             return;
         }
         let (field, which) = match &r.spec.selector {

@@ -36,6 +36,9 @@ impl Mesh {
             .arg("--ca-dir")
             .arg(state.join("ca"))
             .args(["--trust-domain", TRUST_DOMAIN])
+            // Each waypoint's token is a file there, written when its pod is made.
+            .arg("--waypoint-tokens-dir")
+            .arg(self.waypoint_tokens_dir())
             // In the environment, not on the command line where `ps` shows it.
             .env("WEFT_NODE_TOKENS", tokens.join(","));
         self.spawn("controller", &netns, cmd, false)?;
