@@ -248,3 +248,74 @@ fn the_waypoint_routes_and_balances_a_namespaces_http_traffic() {
     let v2_share = by_version["v2"] / (by_version["v1"] + by_version["v2"]);
     assert!(v2_share > 0.07 && v2_share < 0.16, "v2's share per Prometheus: {v2_share}");
 }
+
+/// gRPC (Python's grpcio, gRPC's own implementation: health check and a unary call) and a
+/// WebSocket upgrade through the waypoint, each counted with its protocol.
+#[test]
+fn grpc_and_websocket_pass_through_the_waypoint() {
+    if !usable("wpgrpc") {
+        return;
+    }
+    let yaml = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    istio.io/dataplane-mode: ambient\n    \
+         istio.io/use-waypoint: waypoint\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: waypoint\n  \
+         namespace: shop\nspec:\n  gatewayClassName: istio-waypoint\n---\n"
+        .to_owned()
+        + &pod("shop", "client", "node-a")
+        + &pod_running("shop", "echo", "node-b", r#"[weft-app, --http, "8080", --grpc, "9090"]"#)
+        + &format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: shop\nspec:\n  clusterIP: {ECHO_VIP}\n  \
+             selector:\n    app: echo\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n  - name: grpc\n    \
+             port: 9090\n    targetPort: 9090\n---\n"
+        );
+    let t = TestMesh::up("wpgrpc", &[("mesh.yaml", yaml)]);
+    let client = t.netns("shop", "client");
+    let python = |script: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &client, "python3", "-c", script])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{script}\n{text}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            t.logs()
+        );
+        text
+    };
+
+    // gRPC health and a unary call, protobuf written by hand (EchoRequest{message: "hi"}).
+    let grpc = python(&format!(
+        "import grpc\nfrom grpc_health.v1 import health_pb2, health_pb2_grpc\n\
+         ch = grpc.insecure_channel('{ECHO_VIP}:9090')\n\
+         r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=''), timeout=5)\n\
+         print(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))\n\
+         echo = ch.unary_unary('/weft.echo.v1.Echo/Echo')\n\
+         print(echo(b'\\x0a\\x02hi', timeout=5))\n"
+    ));
+    assert!(grpc.starts_with("SERVING"), "{grpc}");
+    assert!(grpc.contains("hi") && grpc.contains("echo"), "the echo answered with its pod: {grpc}");
+
+    // A WebSocket upgrade: 101, then bytes echoed both ways through the spliced connection.
+    let ws = python(&format!(
+        "import socket\ns = socket.create_connection(('{ECHO_VIP}', 80), timeout=5)\n\
+         s.sendall(b'GET /ws HTTP/1.1\\r\\nHost: echo\\r\\nConnection: Upgrade\\r\\nUpgrade: websocket\\r\\n\
+         Sec-WebSocket-Version: 13\\r\\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\n\\r\\n')\n\
+         head = b''\nwhile b'\\r\\n\\r\\n' not in head:\n    head += s.recv(4096)\n\
+         print(head.split(b'\\r\\n')[0].decode())\n\
+         s.sendall(b'\\x81\\x05hello')\nback = b''\nwhile len(back) < 7:\n    back += s.recv(4096)\nprint(back)\n"
+    ));
+    assert!(ws.starts_with("HTTP/1.1 101"), "{ws}");
+    assert!(ws.contains("hello"), "{ws}");
+
+    // The waypoint counted each with its protocol.
+    let (status, metrics) = t.mesh.pod_get("shop", "waypoint-0", weft::up::METRICS_PORT, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let requests = |needles: &[&str]| counter(&metrics, "istio_requests_total", needles);
+    assert!(
+        requests(&["request_protocol=\"grpc\"", "grpc_response_status=\"0\"", "response_code=\"200\""])
+            >= 2.0,
+        "{metrics}"
+    );
+    assert_eq!(requests(&["request_protocol=\"http\"", "response_code=\"101\""]), 1.0, "{metrics}");
+}

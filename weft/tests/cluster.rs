@@ -138,7 +138,7 @@ async fn pods_on_two_nodes_reach_each_other_with_their_own_ips() {
         let reply = get_json(&client_ns, &format!("http://{ip}:8080/hello?x=1"));
         assert_eq!(reply["pod"], pod, "{reply}");
         assert_eq!(reply["namespace"], namespace, "{reply}");
-        assert_eq!(reply["path"], "/hello", "{reply}");
+        assert_eq!(reply["path"], "/hello?x=1", "{reply}");
         assert_eq!(reply["local"], format!("{ip}:8080"), "{reply}");
         assert_eq!(peer_ip(&reply), client_ip, "{namespace}/{pod} saw another caller: {reply}");
         assert_eq!(tcp_echo(&client_ns, ip, b"ping through the node"), b"ping through the node");

@@ -1,7 +1,8 @@
 //! The inbound decision: whether a connection for a pod of this node may proceed (the
-//! destination is a workload of this node, the tunnel was opened to it, and its policy allows the
-//! caller), and the labels the destination side reports it with. Pure: the listeners
-//! ([`crate::proxy`]) and the same-node branch of [`crate::outbound::route`] act on it.
+//! destination is a workload of this node, the tunnel was opened to it, it came through the
+//! destination's own waypoint when it has one, and its policy allows the caller), and the labels
+//! the destination side reports it with. Pure: the listeners ([`crate::proxy`]) and the
+//! same-node branch of [`crate::outbound::route`] act on it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -9,8 +10,12 @@ use std::sync::Arc;
 use weft_core::authz::{authorize, Connection, Verdict};
 use weft_core::hbone::Forwarded;
 use weft_core::identity::Identity;
-use weft_core::state::{ProxyState, Service, WaypointDestination, Workload};
+use weft_core::state::{ProxyState, Service, Waypoint, WaypointDestination, Workload};
 use weft_core::telemetry::{ConnectionLabels, Reporter, SecurityPolicy};
+
+/// The reason a connection that skipped its destination's own waypoint is denied with (it opens
+/// the [`InboundRefusal::Denied`] reason, so logs and tests can tell it from other denials).
+pub const BYPASSED_WAYPOINT: &str = "bypassed waypoint";
 
 /// Why an inbound connection is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -59,11 +64,17 @@ pub fn hbone_source(
 }
 
 /// Whether `identity` is that of a waypoint serving `destination` (its own, or one of its
-/// services'): the pods of that waypoint's service, or the workload at its address.
+/// services').
 fn is_waypoint_of(state: &ProxyState, identity: &Identity, destination: &Workload) -> bool {
     let services = destination.services.keys().filter_map(|key| state.service_by_key(key));
     let waypoints = destination.waypoint.iter().chain(services.filter_map(|s| s.waypoint.as_ref()));
-    waypoints.into_iter().any(|waypoint| match &waypoint.destination {
+    waypoints.into_iter().any(|waypoint| is_waypoint(state, identity, waypoint))
+}
+
+/// Whether `identity` is that of `waypoint`: of the pods of the waypoint's service, or of the
+/// workload at its address. A waypoint the proxy does not know has no identity.
+fn is_waypoint(state: &ProxyState, identity: &Identity, waypoint: &Waypoint) -> bool {
+    match &waypoint.destination {
         WaypointDestination::Service(key) => state.endpoints(key).iter().any(|w| w.identity == *identity),
         WaypointDestination::Address(addr) => match state.service_by_address(&addr.network, addr.ip) {
             Some(service) => state.endpoints(&service.key()).iter().any(|w| w.identity == *identity),
@@ -71,12 +82,51 @@ fn is_waypoint_of(state: &ProxyState, identity: &Identity, destination: &Workloa
                 state.workload_by_address(&addr.network, addr.ip).is_some_and(|w| w.identity == *identity)
             }
         },
+    }
+}
+
+/// Weft's waypoint enforcement (Istio leaves it to policy): a destination with its own waypoint
+/// (`istio.io/waypoint-for: workload` or `all`) is reached only through it, so only the
+/// waypoint's identity may connect; anyone else (another workload's HBONE straight to this node,
+/// a plaintext caller) skipped it and is denied with [`BYPASSED_WAYPOINT`]. A service's waypoint
+/// does not count: as in Istio, traffic to the pod's own address may go direct then.
+fn bypassed_waypoint(
+    state: &ProxyState,
+    src_identity: Option<&Identity>,
+    src_ip: IpAddr,
+    destination: &Workload,
+) -> Option<InboundRefusal> {
+    let waypoint = destination.waypoint.as_ref()?;
+    if src_identity.is_some_and(|identity| is_waypoint(state, identity, waypoint)) {
+        return None;
+    }
+    let waypoint = match &waypoint.destination {
+        WaypointDestination::Service(key) => key.clone(),
+        WaypointDestination::Address(addr) => match state.service_by_address(&addr.network, addr.ip) {
+            Some(service) => service.key(),
+            None => match state.workload_by_address(&addr.network, addr.ip) {
+                Some(w) => format!("{}/{} ({})", w.namespace, w.name, addr.ip),
+                None => addr.ip.to_string(),
+            },
+        },
+    };
+    let source = match src_identity {
+        Some(identity) => format!("{identity} at {src_ip}"),
+        None => format!("plaintext client {src_ip}"),
+    };
+    Some(InboundRefusal::Denied {
+        policy: None,
+        reason: format!(
+            "{BYPASSED_WAYPOINT} {waypoint}: {source} is not the waypoint of {}/{}, which is reached only through it",
+            destination.namespace, destination.name
+        ),
     })
 }
 
 /// Whether `src` may reach `dst` (a workload address and port on this node `node`). For HBONE,
 /// `presented` is the workload whose certificate the tunnel was opened with: the destination
-/// must be that workload. Returns the destination workload.
+/// must be that workload. A destination with its own waypoint admits only that waypoint (see
+/// [`bypassed_waypoint`]); then its policy decides. Returns the destination workload.
 pub fn check(
     state: &ProxyState,
     node: &str,
@@ -94,6 +144,9 @@ pub fn check(
                 requested: workload.uid.clone(),
             });
         }
+    }
+    if let Some(refusal) = bypassed_waypoint(state, src_identity, src_ip.to_canonical(), workload) {
+        return Err(refusal);
     }
     let connection = Connection { src_identity: src_identity.cloned(), src_ip: src_ip.to_canonical(), dst };
     match authorize(state, &connection) {
@@ -245,6 +298,105 @@ mod tests {
                 (Err(InboundRefusal::ForgedSource { claimed: c, .. }), Err(want)) => assert_eq!(c, ip(want)),
                 (got, want) => panic!("{identity} {claimed:?}: got {got:?}, want {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_destination_with_its_own_waypoint_admits_only_that_waypoint() {
+        let mut state = node_mesh();
+        // Waypoints `wp` (service and pod) and `wp2` (another destination's).
+        for (name, vip, pod) in [("wp", "10.96.0.99", "10.0.1.99"), ("wp2", "10.96.0.98", "10.0.1.98")] {
+            add_service(&mut state, service("shop", name, vip, &[(15008, 15008)]));
+            add_workload(
+                &mut state,
+                endpoint_of(workload("shop", name, pod), "shop", name, &[(15008, 15008)]),
+            );
+        }
+        // `bound`: a service whose own waypoint is `wp` (waypoint-for: service).
+        let mut bound = service("shop", "bound", "10.96.0.60", &[(80, 8080)]);
+        bound.waypoint = waypoint("shop", "wp");
+        add_service(&mut state, bound);
+        let by_address = Some(weft_core::proto::istio::workload::GatewayAddress {
+            destination: Some(weft_core::proto::istio::workload::gateway_address::Destination::Address(
+                weft_core::proto::istio::workload::NetworkAddress {
+                    network: String::new(),
+                    address: bytes(ip("10.0.1.99")),
+                },
+            )),
+            hbone_mtls_port: 15008,
+        });
+        // (name, address, own waypoint, endpoint of `bound`)
+        let pods = [
+            ("pinned", "10.0.1.50", waypoint("shop", "wp"), false),
+            ("pinned-by-address", "10.0.1.51", by_address, false),
+            ("service-only", "10.0.1.52", None, true),
+            ("all", "10.0.1.53", waypoint("shop", "wp"), true),
+            ("lost", "10.0.1.54", waypoint("shop", "missing-wp"), false),
+        ];
+        for (name, addr, waypoint, in_bound) in pods {
+            let mut w = workload("shop", name, addr);
+            w.waypoint = waypoint;
+            if in_bound {
+                w = endpoint_of(w, "shop", "bound", &[(80, 8080)]);
+            }
+            add_workload(&mut state, w);
+        }
+        let wp = weft_core::testing::identity("shop", "wp");
+        let wp2 = weft_core::testing::identity("shop", "wp2");
+        let client = weft_core::testing::identity("shop", "client");
+
+        // (destination, peer identity; none: plaintext) -> outcome
+        let cases: [(&str, Option<&Identity>, &str); 15] = [
+            ("10.0.1.50:8080", Some(&wp), "ok"),
+            ("10.0.1.50:8080", Some(&client), "bypassed"),
+            ("10.0.1.50:8080", None, "bypassed"),
+            // Another destination's waypoint is anyone else.
+            ("10.0.1.50:8080", Some(&wp2), "bypassed"),
+            ("10.0.1.51:8080", Some(&wp), "ok"),
+            ("10.0.1.51:8080", Some(&client), "bypassed"),
+            ("10.0.1.51:8080", None, "bypassed"),
+            // Only a service's waypoint: the pod's own address may be reached directly.
+            ("10.0.1.52:8080", Some(&client), "ok"),
+            ("10.0.1.52:8080", None, "ok"),
+            ("10.0.1.52:8080", Some(&wp), "ok"),
+            // waypoint-for: all (its own and its service's).
+            ("10.0.1.53:8080", Some(&wp), "ok"),
+            ("10.0.1.53:8080", Some(&client), "bypassed"),
+            // A waypoint this proxy does not know: nobody is it (fail closed).
+            ("10.0.1.54:8080", Some(&client), "bypassed"),
+            // No waypoint at all.
+            ("10.0.1.5:8080", Some(&client), "ok"),
+            ("10.0.1.5:8080", None, "ok"),
+        ];
+        for (dst, identity, want) in cases {
+            let got = match check(&state, NODE, None, identity, ip("10.0.2.9"), sa(dst)) {
+                Ok(_) => "ok".to_string(),
+                Err(InboundRefusal::Denied { policy: None, reason })
+                    if reason.starts_with(BYPASSED_WAYPOINT) =>
+                {
+                    "bypassed".into()
+                }
+                Err(e) => e.to_string(),
+            };
+            assert_eq!(got, want, "{dst} {identity:?}");
+        }
+
+        // The refusal names the source, the destination and the waypoint.
+        let refusal =
+            check(&state, NODE, None, Some(&client), ip("10.0.2.9"), sa("10.0.1.50:8080")).unwrap_err();
+        let text = refusal.to_string();
+        for part in [
+            "spiffe://cluster.local/ns/shop/sa/client",
+            "10.0.2.9",
+            "shop/pinned",
+            "shop/wp.shop.svc.cluster.local",
+        ] {
+            assert!(text.contains(part), "{part} not in {text:?}");
+        }
+        let refusal = check(&state, NODE, None, None, ip("10.0.2.9"), sa("10.0.1.51:8080")).unwrap_err();
+        let text = refusal.to_string();
+        for part in ["plaintext client 10.0.2.9", "shop/pinned-by-address", "shop/wp (10.0.1.99)"] {
+            assert!(text.contains(part), "{part} not in {text:?}");
         }
     }
 

@@ -9,8 +9,10 @@
 //! - A destination (service VIP, or workload IP) bound to a waypoint goes to the waypoint over
 //!   HBONE, with the original destination as the CONNECT authority and the waypoint's identity
 //!   expected; unless the source is that waypoint. A service's own waypoint counts for traffic
-//!   to its VIP; a workload's for traffic to its IP (a service endpoint's waypoint does not
-//!   apply to traffic that chose it through the service, as in Istio).
+//!   to its VIP; a workload's for traffic to its IP, and (unlike Istio, which sends a service's
+//!   traffic straight to the endpoint it picked) for traffic that picked it through a service
+//!   without a waypoint: Weft's destination ztunnel refuses connections that skip a workload's
+//!   own waypoint ([`crate::inbound`]), so they must go through it.
 //! - A service VIP: the service port maps to a target port, an endpoint is picked round robin
 //!   among the service's endpoint candidates ([`ProxyState::endpoint_candidates`]), and the
 //!   connection goes over HBONE to `endpointIP:15008` with authority `endpointIP:targetPort` when
@@ -273,7 +275,7 @@ fn decide(
                 ..tunnel
             }));
         }
-        return to_service(state, service, original_dst, rr);
+        return to_service(state, source, service, original_dst, rr);
     }
 
     let Some(workload) = state.workload_by_ip(dst_ip) else {
@@ -300,6 +302,7 @@ fn decide(
 /// A connection to a service VIP, sent to one of its endpoints.
 fn to_service(
     state: &ProxyState,
+    source: &Workload,
     service: &Arc<Service>,
     original_dst: SocketAddr,
     rr: &RoundRobin,
@@ -316,6 +319,16 @@ fn to_service(
         return Err(OutboundError::NoHealthyEndpoint { service: key, port });
     };
     let authority = SocketAddr::new(ip, target_port);
+    // The endpoint's own waypoint (`waypoint-for: workload|all`) takes effect through its
+    // Service too (see the module docs: the endpoint refuses connections that skip it).
+    if let Some(waypoint) = endpoint.waypoint.as_ref().filter(|wp| !is_waypoint(state, wp, source)) {
+        let tunnel = to_waypoint(state, waypoint, authority, rr, &endpoint.uid)?;
+        return Ok(Outbound::ToWaypoint(Tunnel {
+            destination: Some(endpoint.clone()),
+            service: Some(service.clone()),
+            ..tunnel
+        }));
+    }
     match endpoint.protocol {
         Protocol::Hbone => {
             let mut expected_identities = vec![endpoint.identity.clone()];

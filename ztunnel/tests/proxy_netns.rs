@@ -198,6 +198,7 @@ fn call_from(ns: &str, from: Option<IpAddr>, to: SocketAddr) -> Option<IpAddr> {
 struct Ztunnel {
     _drain: drain::Trigger,
     thread: Option<thread::JoinHandle<()>>,
+    registry: prometheus_client::registry::Registry,
 }
 
 impl Ztunnel {
@@ -205,6 +206,7 @@ impl Ztunnel {
         let (trigger, watch) = drain::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let path = format!("/run/netns/{ns}");
+        let (metrics, registry) = Metrics::new();
         let thread = thread::spawn(move || {
             setns(File::open(path).unwrap(), CloneFlags::CLONE_NEWNET).unwrap();
             let rt =
@@ -214,7 +216,7 @@ impl Ztunnel {
                 let inputs = ProxyInputs {
                     state,
                     certs: Arc::new(CertManager::new(source)),
-                    metrics: Arc::new(Metrics::new().0),
+                    metrics: Arc::new(metrics),
                     node_name: "node-a".into(),
                 };
                 // Production settings: dual-stack wildcard, Istio's ports, IP_TRANSPARENT.
@@ -228,7 +230,20 @@ impl Ztunnel {
             });
         });
         ready_rx.recv().unwrap().unwrap();
-        Ztunnel { _drain: trigger, thread: Some(thread) }
+        Ztunnel { _drain: trigger, thread: Some(thread), registry }
+    }
+
+    /// Waits (bounded) for a metric line containing every one of `parts`.
+    fn wait_metric(&self, parts: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + IO_TIMEOUT;
+        loop {
+            let text = weft_core::telemetry::encode(&self.registry);
+            if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return line.to_owned();
+            }
+            assert!(std::time::Instant::now() < deadline, "no metric line with {parts:?} in:\n{text}");
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -450,4 +465,88 @@ fn node_traffic_meets_the_pods_inbound_policy_and_probes_pass() {
         None,
         "STRICT let a remote probe address in"
     );
+}
+
+/// An HBONE CONNECT from the remote namespace to the pod's application, as `client` (from
+/// `source_ip` when given) claiming `for_addr`: the address the application saw, or the error.
+fn hbone_call(
+    topo: &Topology,
+    ca: &TestCa,
+    client: weft_core::identity::Identity,
+    source_ip: Option<IpAddr>,
+    for_addr: SocketAddr,
+) -> Result<SocketAddr, ClientError> {
+    in_ns_async(&topo.remote, || async {
+        let mut stream = Pool::new(ClientSettings::default())
+            .connect(ConnectRequest {
+                certificate: ca.cert(&client),
+                expected: vec![identity("app-ns", "app")],
+                source_ip,
+                hbone_addr: SocketAddr::new(POD.into(), 15008),
+                authority: SocketAddr::new(POD.into(), APP_PORT),
+                forwarded: weft_core::hbone::Forwarded { for_addr: Some(for_addr), host: None },
+                baggage: None,
+                traceparent: None,
+            })
+            .await?;
+        Ok(exchange(&mut stream, b"hbone").await)
+    })
+}
+
+#[test]
+fn a_pod_with_its_own_waypoint_admits_only_the_waypoint() {
+    let Some(topo) = Topology::new() else { return };
+    let _capture = topo.capture();
+    let (ca, state) = mesh();
+    // The waypoint `app-ns/wp` (identity app-ns/wp): its Service and its pod, which lives on
+    // node-b at OUTSIDE. The pod is bound to it (waypoint-for: workload).
+    add_service(&state, service("app-ns", "wp", "10.96.0.99", &[(15008, 15008)]));
+    let wp_pod = workload("app-ns", "wp", &OUTSIDE.to_string(), "node-b");
+    add_workload(&state, endpoint_of(wp_pod, "app-ns", "wp", &[(15008, 15008)]));
+    let mut app = workload("app-ns", "app", &POD.to_string(), "node-a");
+    app.waypoint = resources::waypoint("app-ns", "wp");
+    add_workload(&state, app);
+    let ztunnel = Ztunnel::start(&topo.node, ca.clone(), state.clone());
+    who_am_i_in(&topo.pod, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), APP_PORT));
+    let from_remote = SocketAddr::new(REMOTE.into(), 41000);
+
+    // Another workload's CONNECT straight to the pod's ztunnel: 401, counted as a denial.
+    let bypass = hbone_call(&topo, &ca, identity("remote-ns", "remote"), None, from_remote);
+    assert!(matches!(&bypass, Err(ClientError::Status { status, .. }) if *status == 401), "{bypass:?}");
+    ztunnel.wait_metric(&[
+        "istio_tcp_connections_closed_total",
+        "reporter=\"destination\"",
+        "source_principal=\"spiffe://cluster.local/ns/remote-ns/sa/remote\"",
+        "destination_workload=\"app\"",
+        "response_flags=\"DENY\"",
+    ]);
+    // A plaintext caller skipped the waypoint too: reset, and counted.
+    assert_eq!(
+        call(&topo.remote, SocketAddr::new(POD.into(), APP_PORT)),
+        None,
+        "plaintext bypassed the waypoint"
+    );
+    ztunnel.wait_metric(&[
+        "istio_tcp_connections_closed_total",
+        "source_principal=\"unknown\"",
+        "destination_workload=\"app\"",
+        "response_flags=\"DENY\"",
+    ]);
+
+    // The waypoint's own CONNECT (from its pod, carrying the original client) is admitted, and
+    // the application sees the original client.
+    let through = hbone_call(&topo, &ca, identity("app-ns", "wp"), Some(OUTSIDE.into()), from_remote);
+    assert_eq!(through.unwrap().ip(), IpAddr::from(REMOTE), "through the waypoint");
+
+    // Bound only through its Service (waypoint-for: service): direct connections to the pod's
+    // own address are Istio's and still admitted, in HBONE and in plaintext.
+    let mut app_svc = service("app-ns", "app", "10.96.0.60", &[(80, u32::from(APP_PORT))]);
+    app_svc.waypoint = resources::waypoint("app-ns", "wp");
+    add_service(&state, app_svc);
+    let app = workload("app-ns", "app", &POD.to_string(), "node-a");
+    add_workload(&state, endpoint_of(app, "app-ns", "app", &[(80, u32::from(APP_PORT))]));
+    let direct = hbone_call(&topo, &ca, identity("remote-ns", "remote"), None, from_remote);
+    assert_eq!(direct.unwrap().ip(), IpAddr::from(REMOTE), "direct HBONE to a service-waypoint pod");
+    let seen = call(&topo.remote, SocketAddr::new(POD.into(), APP_PORT));
+    assert_eq!(seen, Some(REMOTE.into()), "direct plaintext to a service-waypoint pod");
 }

@@ -45,7 +45,9 @@ fn mesh() -> ProxyState {
         endpoint_of(workload("shop", "reviews", "10.0.1.40"), "shop", "reviews", &[(80, 9080)]),
     );
 
-    let mut ratings = workload("shop", "ratings", "10.0.1.50");
+    // A pod with its own waypoint (waypoint-for: workload), behind a service without one.
+    add_service(&mut state, service("shop", "ratings", "10.96.0.45", &[(80, 9080)]));
+    let mut ratings = endpoint_of(workload("shop", "ratings", "10.0.1.50"), "shop", "ratings", &[(80, 9080)]);
     ratings.waypoint = waypoint("shop", "shop-wp");
     add_workload(&mut state, ratings);
 
@@ -181,6 +183,16 @@ fn decides_each_branch() {
             Want::ToWaypoint {
                 connect_to: "10.0.1.99:15008",
                 authority: "10.0.1.50:80",
+                expected: vec![sa("shop-wp")],
+            },
+        ),
+        (
+            "service whose endpoint has its own waypoint: HBONE to that waypoint, authority the endpoint",
+            CLIENT,
+            "10.96.0.45:80",
+            Want::ToWaypoint {
+                connect_to: "10.0.1.99:15008",
+                authority: "10.0.1.50:9080",
                 expected: vec![sa("shop-wp")],
             },
         ),

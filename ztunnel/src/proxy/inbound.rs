@@ -140,7 +140,7 @@ pub(super) async fn handle_plain<S: CertificateSource>(
         (checked, labels)
     };
     if let Err(refusal) = checked {
-        info!(%dst, %refusal, "plaintext connection refused");
+        info!(%peer, %dst, %refusal, "plaintext connection refused");
         if matches!(refusal, InboundRefusal::Denied { .. }) {
             ctx.metrics.denied(labels);
         }
