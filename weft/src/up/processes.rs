@@ -93,17 +93,26 @@ impl Mesh {
 
     /// Waits until `node`'s ztunnel answers 200 on `/healthz/ready`.
     pub fn wait_ztunnel_ready(&mut self, node: &str) -> Result<(), UpError> {
-        let process = ztunnel_process(node);
+        self.wait_ready(&ztunnel_process(node), |mesh| mesh.ztunnel_get(node, READY_PORT, "/healthz/ready"))
+    }
+
+    /// Polls `get` (a GET of `/healthz/ready`) until it answers 200, while `process` lives, for
+    /// at most the ready timeout.
+    fn wait_ready(
+        &mut self,
+        process: &str,
+        get: impl Fn(&Mesh) -> Result<(u16, String), UpError>,
+    ) -> Result<(), UpError> {
         let deadline = Instant::now() + self.ready_timeout;
         loop {
-            let last = match self.ztunnel_get(node, READY_PORT, "/healthz/ready") {
+            let last = match get(self) {
                 Ok((200, _)) => return Ok(()),
                 Ok((status, body)) => format!("/healthz/ready answered {status}: {}", body.trim()),
                 Err(e) => format!("GET /healthz/ready: {e}"),
             };
-            self.check_alive(&process)?;
+            self.check_alive(process)?;
             if Instant::now() > deadline {
-                return Err(self.not_ready(&process, last));
+                return Err(self.not_ready(process, last));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -174,22 +183,9 @@ impl Mesh {
 
     /// Waits until the waypoint pod `pod` answers 200 on `/healthz/ready`.
     fn wait_waypoint_ready(&mut self, pod: &PodDef) -> Result<(), UpError> {
-        let process = pod.process_name();
-        let netns = self.cluster.pod_netns(&pod.namespace, &pod.name)?.to_string();
-        let addr = SocketAddr::new(self.cluster.pod_ip(&pod.namespace, &pod.name)?, READY_PORT);
-        let deadline = Instant::now() + self.ready_timeout;
-        loop {
-            let last = match cluster::in_netns(&netns, || http_get(addr, "/healthz/ready"))? {
-                Ok((200, _)) => return Ok(()),
-                Ok((status, body)) => format!("/healthz/ready answered {status}: {}", body.trim()),
-                Err(e) => format!("GET /healthz/ready: {e}"),
-            };
-            self.check_alive(&process)?;
-            if Instant::now() > deadline {
-                return Err(self.not_ready(&process, last));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait_ready(&pod.process_name(), |mesh| {
+            mesh.pod_get(&pod.namespace, &pod.name, READY_PORT, "/healthz/ready")
+        })
     }
 
     /// GET `path` from port `port` of a pod, from inside its network namespace.
