@@ -246,7 +246,7 @@ fn haproxy(netns: &str, ip: IpAddr, server: IpAddr, dir: &Path) -> anyhow::Resul
     std::fs::write(
         &config,
         format!(
-            "global\n  nbthread 1\n  maxconn 10000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  \
+            "global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  \
              timeout server 30s\nfrontend h1\n  bind {ip}:{HAPROXY_PORT}\n  default_backend server\nfrontend h2\n  \
              bind {ip}:{HAPROXY_H2_PORT} proto h2\n  default_backend server\nbackend server\n  http-reuse always\n  \
              server s1 {server}:{HTTP_PORT}\n"
