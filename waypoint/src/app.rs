@@ -153,12 +153,7 @@ impl App {
 
     /// Runs until SIGTERM, Ctrl-C or `/quitquitquit`, then drains.
     pub async fn run_until_signal(mut self) -> std::io::Result<()> {
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: draining"),
-            _ = self.quit.wait_for(|q| *q) => tracing::info!("quitquitquit: draining"),
-        }
+        drain::stop_signal(&mut self.quit).await?;
         self.shutdown().await;
         Ok(())
     }

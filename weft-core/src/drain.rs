@@ -39,3 +39,15 @@ impl Watch {
         *self.0.borrow()
     }
 }
+
+/// Waits for what stops a proxy: SIGTERM, Ctrl-C, or `quit` turning true (the admin
+/// `/quitquitquit`). Logs which, for the binary's drain that follows.
+pub async fn stop_signal(quit: &mut watch::Receiver<bool>) -> std::io::Result<()> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: draining"),
+        _ = quit.wait_for(|q| *q) => tracing::info!("quitquitquit: draining"),
+    }
+    Ok(())
+}
