@@ -319,3 +319,70 @@ fn grpc_and_websocket_pass_through_the_waypoint() {
     );
     assert_eq!(requests(&["request_protocol=\"http\"", "response_code=\"101\""]), 1.0, "{metrics}");
 }
+
+/// `weft waypoint apply --local` on a running mesh: within 5 s the namespace's traffic flows
+/// through the new waypoint; `weft waypoint delete`: it goes direct again. A caller making a new
+/// connection every 50 ms sees no failure throughout.
+#[test]
+fn a_waypoint_applied_to_a_running_mesh_takes_over_and_gives_back_without_failures() {
+    if !usable("wpapply") {
+        return;
+    }
+    let yaml = namespace("shop", true)
+        + &pod("shop", "client", "node-a")
+        + &pod("shop", "echo", "node-b")
+        + &service("shop", "echo", ECHO_VIP, "echo");
+    let mut t = TestMesh::up("wpapply", &[("mesh.yaml", yaml)]);
+    let client = t.netns("shop", "client");
+    let url = format!("http://{ECHO_VIP}/");
+    get_json(&client, &url);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let (stop, client, url) = (stop.clone(), client.clone(), url.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match curl(&client, 5, &[&url]) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (ok, failed)
+        })
+    };
+
+    t.mesh.apply_waypoint("shop", "waypoint").unwrap_or_else(|e| panic!("apply: {e}\n{}", t.logs()));
+    let applied = std::time::Instant::now();
+    let waypoint_requests = |t: &TestMesh| {
+        t.mesh
+            .pod_get("shop", "waypoint-0", weft::up::METRICS_PORT, "/metrics")
+            .ok()
+            .map(|(_, body)| counter(&body, "istio_requests_total", &["destination_service_name=\"echo\""]))
+            .unwrap_or(0.0)
+    };
+    let through = poll(Duration::from_secs(5), || (waypoint_requests(&t) > 0.0).then_some(()));
+    assert!(through.is_some(), "no request went through the new waypoint within 5 s\n{}", t.logs());
+    eprintln!("traffic through the waypoint {:?} after the label", applied.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+
+    t.mesh.delete_waypoint("shop", "waypoint").unwrap_or_else(|e| panic!("delete: {e}\n{}", t.logs()));
+    assert!(
+        t.mesh.pod_get("shop", "waypoint-0", weft::up::METRICS_PORT, "/metrics").is_err(),
+        "the waypoint is gone"
+    );
+    let direct = get_json(&client, &url);
+    assert_eq!(direct["pod"], "echo", "{direct}");
+    std::thread::sleep(Duration::from_millis(500));
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = caller.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed during the switches: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok >= 10, "only {ok} calls made");
+}

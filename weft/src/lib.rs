@@ -111,8 +111,26 @@ pub enum WaypointCommand {
         #[arg(long, default_value = "waypoint")]
         name: String,
         /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config or in-cluster).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "local")]
         kubeconfig: Option<PathBuf>,
+        /// Apply it to the running local mesh of this name (`weft up --name`) instead: `weft`
+        /// runs the waypoint pod, as the controller's Deployment does on Kubernetes.
+        #[arg(long)]
+        local: Option<String>,
+        /// Where the workspace's binaries are (with --local; default: beside `weft`).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Unbinds a namespace of the running local mesh from its waypoint and removes the waypoint
+    /// (its Gateway, pod and Service).
+    Delete {
+        #[arg(long, short = 'n')]
+        namespace: String,
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+        /// The local mesh's name (`weft up --name`).
+        #[arg(long, default_value = "weft")]
+        local: String,
     },
 }
 
@@ -146,7 +164,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Analyze { paths, namespace } => {
             analyze::run(&paths, namespace, &mut std::io::stdout().lock())
         }
-        Command::Waypoint { command: WaypointCommand::Apply { namespace, name, kubeconfig } } => {
+        Command::Waypoint {
+            command: WaypointCommand::Apply { namespace, name, local: Some(local), bin_dir, .. },
+        } => {
+            let bin_dir = match bin_dir {
+                Some(dir) => dir,
+                None => up::default_bin_dir()?,
+            };
+            up::Mesh::attach(&local, bin_dir)?.apply_waypoint(&namespace, &name)?;
+            println!("waypoint {namespace}/{name} is running in {local}; namespace {namespace} uses it");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Waypoint { command: WaypointCommand::Delete { namespace, name, local } } => {
+            up::Mesh::attach(&local, up::default_bin_dir()?)?.delete_waypoint(&namespace, &name)?;
+            println!("waypoint {namespace}/{name} removed from {local}; namespace {namespace} goes direct");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Waypoint { command: WaypointCommand::Apply { namespace, name, kubeconfig, .. } } => {
             let message = block_on(async {
                 let client = k8s::client(kubeconfig.as_deref()).await?;
                 k8s::waypoint_apply(client, &namespace, &name).await

@@ -170,6 +170,46 @@ impl Cluster {
         })
     }
 
+    /// Adds a pod to the running cluster on `node` (its namespace, veth, addresses and routes),
+    /// without touching the others, and records it in the state file.
+    pub fn add_pod(&mut self, namespace: &str, name: &str, node: &str) -> Result<PodPlan, ClusterError> {
+        let pod = self.plan.add_pod(namespace, name, node)?;
+        let node_plan = self.node(node)?.clone();
+        let made = (|| {
+            ip(&["netns", "add", &pod.netns])?;
+            ip_in(&pod.netns, &["link", "set", "lo", "up"])?;
+            if self.plan.gateways.iter().any(IpAddr::is_ipv6) {
+                sysctl_in(
+                    &pod.netns,
+                    &["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"],
+                )?;
+            }
+            build_pod(&self.plan, &node_plan, &pod)?;
+            sysctl_in(&node_plan.netns, &[&format!("net.ipv4.conf.{}.proxy_arp=1", pod.host_veth)])
+        })();
+        if let Err(e) = made {
+            let _ = ip(&["netns", "del", &pod.netns]);
+            self.plan.remove_pod(namespace, name);
+            return Err(e);
+        }
+        self.save()?;
+        Ok(pod)
+    }
+
+    /// Stops what runs in a pod added with [`Cluster::add_pod`] (or planned at creation) and
+    /// removes its namespace (and so its veth and routes) and its record.
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) -> Result<(), ClusterError> {
+        let Some(pod) = self.plan.remove_pod(namespace, name) else { return Ok(()) };
+        netns::stop_processes_in(&pod.netns, STOP_GRACE)?;
+        ip(&["netns", "del", &pod.netns])?;
+        self.save()
+    }
+
+    /// Writes the plan to the state file, every namespace it names made.
+    fn save(&self) -> Result<(), ClusterError> {
+        write_state(&State { plan: self.plan.clone(), namespaces: self.plan.netns_names(), complete: true })
+    }
+
     /// Removes the cluster: see [`destroy`].
     pub fn destroy(self) -> Result<(), ClusterError> {
         destroy(&self.plan.cluster)

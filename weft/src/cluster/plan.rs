@@ -504,6 +504,58 @@ impl Plan {
         self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
     }
 
+    /// Places one more pod on `node` in a planned cluster, without moving the others: the node's
+    /// first free addresses and a veth name no other pod of the node has. Returns its plan.
+    pub fn add_pod(&mut self, namespace: &str, name: &str, node: &str) -> Result<PodPlan, PlanError> {
+        check_dns_label("namespace", namespace)?;
+        check_dns_label("pod", name)?;
+        if self.pod(namespace, name).is_some() {
+            return Err(PlanError::DuplicatePod { namespace: namespace.into(), name: name.into() });
+        }
+        let node_plan = self.node(node).ok_or_else(|| PlanError::UnknownNode {
+            namespace: namespace.into(),
+            name: name.into(),
+            node: node.into(),
+            known: self.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>().join(", "),
+        })?;
+        let full = format!("{namespace}/{name}");
+        let netns = checked_netns(format!("{}pod-{namespace}-{name}", self.netns_prefix))?;
+        if self.pods.iter().any(|p| p.netns == netns) {
+            return Err(PlanError::NetnsClash { first: full.clone(), second: full, netns });
+        }
+        let used: BTreeSet<IpAddr> = self.pods_on(node).flat_map(|p| p.ips.iter().copied()).collect();
+        let mut ips = Vec::new();
+        for cidr in &node_plan.pod_cidrs {
+            let ip = (2..cidr.size().min(1 << 16))
+                .filter_map(|n| cidr.nth(n))
+                .find(|ip| !used.contains(ip))
+                .ok_or_else(|| PlanError::Addressing(format!("no address left for pod {full}")))?;
+            ips.push(ip);
+        }
+        let veths: BTreeSet<&str> = self.pods_on(node).map(|p| p.host_veth.as_str()).collect();
+        let host_veth = (0u32..64)
+            .map(|salt| veth_name(&format!("{}/{full}/{salt}", self.cluster)))
+            .find(|v| !veths.contains(v.as_str()))
+            .ok_or_else(|| PlanError::VethNames(node.into()))?;
+        let pod = PodPlan {
+            name: name.into(),
+            namespace: namespace.into(),
+            node: node.into(),
+            netns,
+            ips,
+            iface: POD_IFACE.to_string(),
+            host_veth,
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// Takes a pod out of the plan; returns it, if it was there.
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) -> Option<PodPlan> {
+        let i = self.pods.iter().position(|p| p.namespace == namespace && p.name == name)?;
+        Some(self.pods.remove(i))
+    }
+
     /// The pods placed on `node`.
     pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a PodPlan> + 'a {
         self.pods.iter().filter(move |p| p.node == node)

@@ -18,7 +18,7 @@ const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// The label of a Gateway's pods and Service, as Kubernetes' Gateway API and Istio set it.
 const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 /// Where waypoint pods run (the controller's node; any node would do).
-const WAYPOINT_NODE: &str = "node-a";
+pub(super) const WAYPOINT_NODE: &str = "node-a";
 /// Where waypoint Service VIPs are taken from: the first free address from here on, inside
 /// Kubernetes' default service range 10.96.0.0/12.
 const WAYPOINT_VIP_START: [u8; 4] = [10, 96, 200, 1];
@@ -150,7 +150,7 @@ fn expand_list(value: Value, docs: &mut Vec<Value>) {
     docs.push(value);
 }
 
-fn set_status(doc: &mut Value, namespace: &str, ips: &[IpAddr]) {
+pub(super) fn set_status(doc: &mut Value, namespace: &str, ips: &[IpAddr]) {
     let Value::Object(map) = doc else { return };
     if let Some(Value::Object(meta)) = map.get_mut("metadata") {
         meta.entry("namespace").or_insert_with(|| Value::String(namespace.into()));
@@ -173,25 +173,34 @@ fn set_status(doc: &mut Value, namespace: &str, ips: &[IpAddr]) {
 /// Pod (labelled with the Gateway's name, out of the ambient capture, running as service
 /// account `<gateway name>`, running `waypoint`) and a Service with a VIP and the HBONE port
 /// 15008, named `mesh` as Istio names it. One file per Gateway, under [`WAYPOINTS_DIR`].
-fn waypoint_documents(files: &[(PathBuf, Vec<Value>)]) -> Vec<(PathBuf, Vec<Value>)> {
+pub(super) fn waypoint_documents(files: &[(PathBuf, Vec<Value>)]) -> Vec<(PathBuf, Vec<Value>)> {
     let mut used: Vec<String> = Vec::new();
     let mut gateways = Vec::new();
+    let mut existing = Vec::new();
     for (_, docs) in files {
         for doc in docs {
             if let Some(ip) = doc.pointer("/spec/clusterIP").and_then(Value::as_str) {
                 used.push(ip.to_owned());
             }
             let Ok(decoded) = weft_config::decode(doc.clone()) else { continue };
-            if let Object::KubeGateway(gw) = decoded.object {
-                if gw.is_waypoint() {
+            match decoded.object {
+                Object::KubeGateway(gw) if gw.is_waypoint() => {
                     gateways.push((gw.metadata.namespace.clone(), gw.metadata.name.clone()));
                 }
+                // The directory `weft up` wrote already holds the waypoint's documents.
+                Object::Pod(pod) if pod.metadata.labels.contains_key(GATEWAY_NAME_LABEL) => {
+                    existing.push((
+                        pod.metadata.namespace.clone(),
+                        pod.metadata.labels[GATEWAY_NAME_LABEL].clone(),
+                    ));
+                }
+                _ => {}
             }
         }
     }
     let mut next = u32::from_be_bytes(WAYPOINT_VIP_START);
     let mut out = Vec::new();
-    for (namespace, name) in gateways {
+    for (namespace, name) in gateways.into_iter().filter(|g| !existing.contains(g)) {
         let vip = loop {
             let ip = std::net::Ipv4Addr::from(next).to_string();
             next += 1;

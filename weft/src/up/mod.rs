@@ -15,6 +15,7 @@
 mod http;
 mod manifests;
 mod processes;
+mod waypoints;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -272,7 +273,7 @@ impl Mesh {
         cluster::state_dir(self.name()).join("tokens").join("waypoints")
     }
 
-    fn waypoint_token_path(&self, namespace: &str, gateway: &str) -> PathBuf {
+    pub(super) fn waypoint_token_path(&self, namespace: &str, gateway: &str) -> PathBuf {
         self.waypoint_tokens_dir().join(namespace).join(gateway)
     }
 
@@ -351,7 +352,7 @@ pub fn config_dir(name: &str) -> PathBuf {
 }
 
 /// Writes a new random token to `path` (readable by root only).
-fn write_token(path: &Path) -> Result<(), UpError> {
+pub(super) fn write_token(path: &Path) -> Result<(), UpError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
     }
