@@ -150,7 +150,10 @@ impl Mesh {
                 .env("SERVICE_ACCOUNT", &pod.service_account)
                 .env("NODE_NAME", &pod.node)
                 .env("XDS_ADDRESS", format!("http://{}", self.controller_addr()?))
-                .env("WEFT_TOKEN_FILE", self.waypoint_token_path(&pod.namespace, gateway));
+                .env("WEFT_TOKEN_FILE", self.waypoint_token_path(&pod.namespace, gateway))
+                // A node's share of the cores, as each ztunnel gets: more threads than cores
+                // only adds cross-thread wake-ups (measured in BENCHMARKS.md, Waypoint).
+                .env("WAYPOINT_WORKER_THREADS", self.worker_threads().to_string());
         }
         self.spawn(&pod.process_name(), &netns, cmd, false)
     }
