@@ -3,7 +3,7 @@
 //! values and checked together before anything is bound. The effective [`Config`] is served in
 //! the admin `/config_dump`.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -231,29 +231,6 @@ impl Config {
     /// The name of the Waypoint resource this waypoint takes: `<namespace>/<name>`.
     pub fn resource_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
-    }
-
-    /// A configuration for tests that run the waypoint in-process: every port on loopback,
-    /// chosen by the kernel.
-    pub fn local(name: &str, identity: Identity, xds_address: &str) -> Config {
-        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-        Config {
-            name: name.to_owned(),
-            namespace: identity.namespace().to_owned(),
-            pod_name: name.to_owned(),
-            pod_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            node_name: None,
-            identity,
-            xds_address: xds_address.to_owned(),
-            ca_address: xds_address.to_owned(),
-            token: Token::None,
-            hbone: SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
-            worker_threads: NonZeroUsize::MIN,
-            admin: AdminAddresses { admin: any, metrics: any, readiness: any },
-            log_format: LogFormat::Plain,
-            access_log: false,
-            sniff_timeout: DEFAULT_SNIFF_TIMEOUT,
-        }
     }
 }
 

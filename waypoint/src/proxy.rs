@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -515,9 +515,4 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// `addr` with an IPv4-mapped IPv6 address made IPv4.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-/// The client's address as `x-forwarded-for` writes it.
-pub fn client_ip(stream: &Stream) -> IpAddr {
-    stream.client.ip()
 }

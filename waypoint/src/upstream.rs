@@ -205,11 +205,6 @@ impl Upstreams {
             .map_err(|source| UpstreamError::Request { address: key.address, source })
     }
 
-    /// Open HBONE connections (for tests and the admin).
-    pub fn tunnels_open(&self) -> usize {
-        self.hbone.connections_open()
-    }
-
     fn idle_http1(&self, key: Key) -> Option<http1::SendRequest<Body>> {
         let mut pool = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         let idle = pool.get_mut(&key)?;
