@@ -14,72 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e_support::*;
-use weft::cluster;
 use weft::up;
-use weft_core::cert_manager::{CaClient, CertManager, Token};
-use weft_core::hbone::{ClientError, ClientSettings, ConnectRequest, Forwarded, Pool};
 use weft_core::identity::Identity;
 use weft_core::tls::WorkloadCertificate;
-
-/// A certificate of `ns/sa` from the local cluster's CA, asked for with `node`'s token from
-/// inside the node's namespace, as anything holding that node's credentials may.
-fn certificate(t: &TestMesh, node: &str, ns: &str, sa: &str) -> Arc<WorkloadCertificate> {
-    try_certificate(t, node, ns, sa).unwrap()
-}
-
-/// [`certificate`], or the CA's refusal.
-fn try_certificate(t: &TestMesh, node: &str, ns: &str, sa: &str) -> Result<Arc<WorkloadCertificate>, String> {
-    let token = cluster::state_dir(t.mesh.name()).join("tokens").join(node);
-    let endpoint = format!("http://{}", t.mesh.controller_addr().unwrap());
-    let identity = Identity::new(up::TRUST_DOMAIN, ns, sa).unwrap();
-    in_runtime(&t.node_netns(node), async move {
-        let ca = CaClient::new(&endpoint, Token::File(token), Duration::from_secs(3600)).unwrap();
-        CertManager::new(ca).get(&identity).await.map_err(|e| e.to_string())
-    })
-}
-
-/// Runs `f` to completion on a runtime whose threads are in the namespace `netns`.
-fn in_runtime<T: Send>(netns: &str, f: impl std::future::Future<Output = T> + Send) -> T {
-    weft_core::netns::run_in(netns, || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    })
-    .unwrap()
-}
-
-/// One CONNECT to `to` (`ip:port` of a pod) through `to`'s HBONE port, presenting `cert`, from
-/// this namespace's own address, with `forwarded: for=<claimed>` when given.
-async fn connect(
-    cert: Arc<WorkloadCertificate>,
-    expected: Identity,
-    to: SocketAddr,
-    claimed: Option<SocketAddr>,
-) -> Result<(), ClientError> {
-    let pool = Pool::new(ClientSettings::default());
-    pool.connect(ConnectRequest {
-        certificate: cert,
-        expected: vec![expected],
-        source_ip: None,
-        hbone_addr: SocketAddr::new(to.ip(), 15008),
-        authority: to,
-        forwarded: Forwarded { for_addr: claimed, host: None },
-        baggage: None,
-        traceparent: None,
-    })
-    .await
-    .map(drop)
-}
-
-fn status(result: &Result<(), ClientError>) -> Option<u16> {
-    match result {
-        Err(ClientError::Status { status, .. }) => Some(status.as_u16()),
-        _ => None,
-    }
-}
 
 #[test]
 fn the_source_is_the_pods_own_address_and_a_forged_forwarded_header_is_refused() {
@@ -152,7 +89,7 @@ fn the_source_is_the_pods_own_address_and_a_forged_forwarded_header_is_refused()
             let mut results = Vec::new();
             for claimed in [Some(SocketAddr::new(client_ip, 4444)), Some("8.8.8.8:53".parse().unwrap()), None]
             {
-                results.push(connect(cert.clone(), echo.clone(), to, claimed).await);
+                results.push(connect(cert.clone(), echo.clone(), to.ip(), to, claimed).await);
             }
             results
         }

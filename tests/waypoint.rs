@@ -196,6 +196,39 @@ fn the_waypoint_routes_and_balances_a_namespaces_http_traffic() {
     let sticky = answers(&client, &format!("http://{STICKY_VIP}/"), 200, &["-H", "x-user: alice"]);
     assert_eq!(sticky.len(), 1, "{sticky:?}");
 
+    // Hostile peers. A CONNECT to the waypoint for what is not bound to it (a pod of a
+    // service-bound namespace, an address outside the mesh, a port the service lacks) is refused:
+    // the waypoint is no relay under its own identity. A bound destination is accepted.
+    let cert = certificate(&t, "node-a", "shop", "client");
+    let waypoint_id = weft_core::identity::Identity::new("cluster.local", "shop", "waypoint").unwrap();
+    let waypoint_ip = t.ip("shop", "waypoint-0");
+    let targets: Vec<std::net::SocketAddr> = vec![
+        format!("{ECHO_VIP}:80").parse().unwrap(),
+        std::net::SocketAddr::new(t.ip("shop", "rr-1"), 8080),
+        "8.8.8.8:53".parse().unwrap(),
+        format!("{ECHO_VIP}:9999").parse().unwrap(),
+    ];
+    let results = in_runtime(&t.node_netns("node-a"), {
+        let (cert, id) = (cert.clone(), waypoint_id.clone());
+        async move {
+            let mut out = Vec::new();
+            for to in targets {
+                out.push(connect(cert.clone(), id.clone(), waypoint_ip, to, None).await);
+            }
+            out
+        }
+    });
+    let statuses: Vec<_> =
+        results.iter().map(|r| if r.is_ok() { Some(200) } else { e2e_support::status(r) }).collect();
+    assert_eq!(statuses, [Some(200), Some(400), Some(400), Some(400)], "{results:?}");
+    // A request head over the limit (60 KiB) gets 431 and harms nothing else.
+    let big = format!("x-big: {}", "a".repeat(70_000));
+    let refused =
+        curl(&client, 5, &["-o", "/dev/null", "-w", "%{http_code}", "-H", &big, &format!("{echo}/api")])
+            .unwrap();
+    assert_eq!(refused, "431");
+    assert_eq!(get_json(&client, &format!("{echo}/headers"))["pod"], "echo-v1");
+
     // The waypoint's metrics count it all, with Istio's labels.
     let metrics = waypoint_metrics();
     let requests = |needles: &[&str]| counter(&metrics, "istio_requests_total", needles);

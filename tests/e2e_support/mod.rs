@@ -10,8 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
 use weft::cluster;
 use weft::up::{self, Mesh, UpOptions};
+use weft_core::cert_manager::{CaClient, CertManager, Token};
+use weft_core::hbone::{ClientError, ClientSettings, ConnectRequest, Forwarded, Pool};
+use weft_core::identity::Identity;
+use weft_core::tls::WorkloadCertificate;
 
 /// Whether the local cluster can run here; under CI=true a "no" is a failure.
 pub fn usable(test: &str) -> bool {
@@ -438,4 +445,73 @@ pub fn counter(metrics: &str, name: &str, needles: &[&str]) -> f64 {
         .filter(|l| needles.iter().all(|n| l.contains(n)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+// ---- HBONE from a node, as anything holding a node's credentials may ----
+
+/// A certificate of `ns/sa` from the local cluster's CA, asked for with `node`'s token from
+/// inside the node's namespace, as anything holding that node's credentials may.
+pub fn certificate(t: &TestMesh, node: &str, ns: &str, sa: &str) -> Arc<WorkloadCertificate> {
+    try_certificate(t, node, ns, sa).unwrap()
+}
+
+/// [`certificate`], or the CA's refusal.
+pub fn try_certificate(
+    t: &TestMesh,
+    node: &str,
+    ns: &str,
+    sa: &str,
+) -> Result<Arc<WorkloadCertificate>, String> {
+    let token = cluster::state_dir(t.mesh.name()).join("tokens").join(node);
+    let endpoint = format!("http://{}", t.mesh.controller_addr().unwrap());
+    let identity = Identity::new(up::TRUST_DOMAIN, ns, sa).unwrap();
+    in_runtime(&t.node_netns(node), async move {
+        let ca = CaClient::new(&endpoint, Token::File(token), Duration::from_secs(3600)).unwrap();
+        CertManager::new(ca).get(&identity).await.map_err(|e| e.to_string())
+    })
+}
+
+/// Runs `f` to completion on a runtime whose threads are in the namespace `netns`.
+pub fn in_runtime<T: Send>(netns: &str, f: impl std::future::Future<Output = T> + Send) -> T {
+    weft_core::netns::run_in(netns, || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    })
+    .unwrap()
+}
+
+/// One CONNECT to `to` through the HBONE port of `via` (the pod's own node, or a waypoint),
+/// presenting `cert`, from this namespace's own address, with `forwarded: for=<claimed>` when
+/// given.
+pub async fn connect(
+    cert: Arc<WorkloadCertificate>,
+    expected: Identity,
+    via: IpAddr,
+    to: SocketAddr,
+    claimed: Option<SocketAddr>,
+) -> Result<(), ClientError> {
+    let pool = Pool::new(ClientSettings::default());
+    pool.connect(ConnectRequest {
+        certificate: cert,
+        expected: vec![expected],
+        source_ip: None,
+        hbone_addr: SocketAddr::new(via, 15008),
+        authority: to,
+        forwarded: Forwarded { for_addr: claimed, host: None },
+        baggage: None,
+        traceparent: None,
+    })
+    .await
+    .map(drop)
+}
+
+pub fn status(result: &Result<(), ClientError>) -> Option<u16> {
+    match result {
+        Err(ClientError::Status { status, .. }) => Some(status.as_u16()),
+        _ => None,
+    }
 }

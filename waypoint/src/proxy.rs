@@ -115,7 +115,11 @@ impl Load {
     /// Counts a request to `uid` in flight until the guard is dropped.
     pub fn start(&self, uid: &str) -> InFlight {
         let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        let counter = map.entry(uid.to_owned()).or_default().clone();
+        // Looked up first: the key is allocated only the first time an endpoint is used.
+        let counter = match map.get(uid) {
+            Some(counter) => counter.clone(),
+            None => map.entry(uid.to_owned()).or_default().clone(),
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         InFlight(counter)
     }
