@@ -96,6 +96,7 @@ impl App {
             requests,
             tcp,
         ));
+        ctx.clusters.metrics.register(&mut registry);
         let proxy = Proxy::bind(Arc::clone(&ctx)).await.map_err(StartError::Listener)?;
         let hbone = proxy.local_addr().map_err(StartError::Listener)?;
 

@@ -46,7 +46,8 @@
 //! - `httpCookie` with a `ttl` (Envoy then sets the cookie when the request has none) is not
 //!   carried by the model: only an existing cookie is read. Envoy's ring hash and Maglev are
 //!   replaced by rendezvous hashing, whose placement differs but whose stickiness is the same.
-//! - No locality, endpoint weights, outlier ejection or panic threshold yet.
+//! - Ejected endpoints (outlier detection) and, on a retry, endpoints already tried are taken out
+//!   by the caller's [`LoadState::filter`] before the pick. No locality or endpoint weights yet.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -95,6 +96,9 @@ pub trait LoadState {
     fn next_turn(&mut self, cluster: &Cluster<'_>) -> u64;
     /// The requests in flight to `endpoint`.
     fn in_flight(&self, endpoint: &Endpoint) -> u64;
+    /// Narrows the candidates before the pick: ejected endpoints leave, and a retry prefers
+    /// endpoints not tried yet. An empty result is 503 UH.
+    fn filter(&mut self, _candidates: &mut Vec<Endpoint>) {}
 }
 
 /// Where the request goes.
@@ -166,8 +170,7 @@ pub fn choose(
                 .ok_or_else(|| BalanceError::NoSubset { host: host.to_owned(), subset: name.to_owned() })?,
         ),
     };
-    let policy: Option<&TrafficPolicy> =
-        subset.map(|s| &s.traffic_policy).or(bound.map(|s| &s.traffic_policy));
+    let policy = traffic_policy(config, target.host, subset);
     let balancer = policy.map_or(&LoadBalancer::LeastRequest, |p| p.load_balancer(target.port));
     if *balancer == LoadBalancer::Passthrough {
         return Ok(Upstream::OriginalDestination(request.original_destination));
@@ -184,6 +187,7 @@ pub fn choose(
         }
         candidates.retain(|e| in_subset_labels(&e.workload, subset));
     }
+    load.filter(&mut candidates);
     let no_endpoint = || BalanceError::NoHealthyEndpoint {
         host: host.to_owned(),
         subset: target.subset.map(str::to_owned),
@@ -201,6 +205,12 @@ pub fn choose(
     let ip = endpoint.workload.address_like(request.original_destination.ip()).ok_or_else(no_endpoint)?;
     let address = SocketAddr::new(ip, endpoint.target_port);
     Ok(Upstream::Endpoint { endpoint, address })
+}
+
+/// The DestinationRule policy for requests to `host` (and `subset`): the subset's (laid over
+/// the service's by the controller), else the service's; `None` for a host not bound here.
+pub fn traffic_policy<'c>(config: &'c Waypoint, host: &str, subset: Option<&'c Subset>) -> Option<&'c TrafficPolicy> {
+    subset.map(|s| &s.traffic_policy).or(config.services.get(host).map(|s| &s.traffic_policy))
 }
 
 /// The index among `candidates` (not empty) that `balancer` picks.

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST, LOCATION};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -22,14 +22,16 @@ use weft_core::cert_manager::CertificateSource;
 use weft_core::state::Workload;
 use weft_core::telemetry::{ConnectionLabels, Reporter, ResponseFlags, SecurityPolicy};
 
-use crate::balance::{self, Upstream};
 use crate::body::{Counted, OnEnd, Recorded};
+use crate::fault;
 use crate::metrics::{Finished, RequestLabels, RequestMetrics};
-use crate::model::PortProtocol;
+use crate::model::{AbortStatus, PortProtocol, Retries};
 use crate::normalize::normalize_path;
 use crate::proxy::{Ctx, Destination, InFlight, Stream};
-use crate::route::{self, Connection, Decision, HeaderChanges, RequestHead};
-use crate::upstream::{self, Endpoint};
+use crate::replay::{Tee, MAX_REPLAY_BYTES};
+use crate::route::{self, Connection, Decision, RequestHead};
+use crate::send::{self, Policies, Prepared, Via};
+use crate::upstream;
 
 /// Headers that belong to one hop and are not forwarded (RFC 9110 §7.6.1), plus HTTP/1's
 /// framing; an upgrade keeps `connection` and `upgrade`.
@@ -51,14 +53,25 @@ const FORWARDED: &str = "forwarded";
 type Body = upstream::Body;
 
 /// What a request's record needs when its response ends.
-struct Record {
+pub struct Record {
     metrics: RequestMetrics,
-    labels: RequestLabels,
+    pub labels: RequestLabels,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
     header_grpc_status: Option<String>,
     access: Option<AccessLine>,
     _in_flight: Option<InFlight>,
+}
+
+impl Record {
+    /// The request (now: its attempt) goes to `workload` at `address`.
+    pub fn to<S>(&mut self, ctx: &Ctx<S>, workload: &Workload, address: SocketAddr) {
+        self.labels.connection = self.labels.connection.clone().with_destination(workload);
+        self._in_flight = Some(ctx.load.start(&workload.uid));
+        if let Some(access) = &mut self.access {
+            access.upstream = Some(address);
+        }
+    }
 }
 
 /// The access log line's fields (Envoy's default format's, as JSON keys when logs are JSON).
@@ -148,16 +161,17 @@ pub async fn handle<S: CertificateSource>(
 }
 
 /// A response the waypoint makes itself.
-struct Local {
-    status: StatusCode,
-    flags: ResponseFlags,
-    body: Bytes,
-    headers: HeaderMap,
-    reason: String,
+pub struct Local {
+    pub status: StatusCode,
+    pub flags: ResponseFlags,
+    pub body: Bytes,
+    pub headers: HeaderMap,
+    /// Why, for the debug log.
+    pub reason: String,
 }
 
 impl Local {
-    fn new(
+    pub fn new(
         status: StatusCode,
         flags: ResponseFlags,
         body: &'static str,
@@ -173,7 +187,10 @@ impl Local {
     }
 
     fn into_response(self, record: &mut Record) -> Response<Body> {
-        record.labels.connection.response_flags = self.flags;
+        // A delay injected before a local answer keeps its flag unless the answer has one.
+        if self.flags != ResponseFlags::None || record.labels.connection.response_flags == ResponseFlags::None {
+            record.labels.connection.response_flags = self.flags;
+        }
         debug!(status = %self.status, flags = self.flags.as_str(), reason = self.reason, "local response");
         let mut response = Response::new(full(self.body));
         *response.status_mut() = self.status;
@@ -223,18 +240,9 @@ async fn forward<S: CertificateSource>(
         headers: request.headers(),
     };
 
-    let (target, changes, new_path, new_authority, route_name) = match &stream.destination {
-        Destination::Workload { workload, port } => {
-            // A workload's own traffic: no service routes, to the workload itself.
-            let address = SocketAddr::new(stream.original.ip(), *port);
-            (
-                Target::Workload(Arc::clone(workload), address),
-                HeaderChanges::default(),
-                None,
-                None,
-                String::new(),
-            )
-        }
+    let routed = match &stream.destination {
+        // A workload's own traffic: no service routes, to the workload itself.
+        Destination::Workload { .. } => None,
         Destination::Service { service, port } => {
             let conn = Connection {
                 source: Some(&stream.peer_identity),
@@ -260,57 +268,29 @@ async fn forward<S: CertificateSource>(
                     headers.apply_response(&mut local.headers);
                     return Err(local);
                 }
-                Decision::Forward(fwd) => {
-                    let breq = balance::Request {
-                        headers: request.headers(),
-                        path: &path,
-                        source_ip: stream.client.ip(),
-                        original_destination: stream.original,
-                    };
-                    let mut view = ctx.load.view();
-                    let upstream = balance::choose(config, &state, &fwd, &breq, &mut view).map_err(|e| {
-                        let body = if e.flags() == ResponseFlags::NoHealthyUpstream {
-                            "no healthy upstream"
-                        } else {
-                            ""
-                        };
-                        Local::new(e.status(), e.flags(), body, e.to_string())
-                    })?;
-                    let target = match upstream {
-                        Upstream::Endpoint { endpoint, address } => {
-                            Target::Workload(endpoint.workload, address)
-                        }
-                        Upstream::OriginalDestination(address) => match state.workload_by_ip(address.ip()) {
-                            Some(w) => Target::Workload(Arc::clone(w), address),
-                            None => {
-                                return Err(Local::new(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    ResponseFlags::NoHealthyUpstream,
-                                    "no healthy upstream",
-                                    format!("PASSTHROUGH to {address}, which is no workload"),
-                                ))
-                            }
-                        },
-                    };
-                    let route_name = fwd.route.map(|r| r.name.clone()).unwrap_or_default();
-                    // The destination's labels now that it is known.
-                    if let Some(svc) =
-                        state.service_by_key(&format!("{}/{}", fwd.service.namespace, fwd.target.host))
-                    {
-                        record.labels.connection =
-                            record.labels.connection.clone().with_destination_service(svc);
-                    }
-                    (target, fwd.headers, fwd.path.clone(), fwd.authority.map(str::to_owned), route_name)
-                }
+                Decision::Forward(fwd) => Some(fwd),
             }
         }
     };
-    let Target::Workload(workload, address) = target;
-    record.labels.connection = record.labels.connection.clone().with_destination(&workload);
-    record._in_flight = Some(ctx.load.start(&workload.uid));
-    if let Some(access) = &mut record.access {
-        access.upstream = Some(address);
-        access.route = route_name;
+    let route = routed.as_ref().and_then(|fwd| fwd.route);
+    if let Some(fwd) = &routed {
+        // The destination's labels now that it is known.
+        if let Some(svc) = state.service_by_key(&format!("{}/{}", fwd.service.namespace, fwd.target.host)) {
+            record.labels.connection = record.labels.connection.clone().with_destination_service(svc);
+        }
+        if let Some(access) = &mut record.access {
+            access.route = fwd.route.map(|r| r.name.clone()).unwrap_or_default();
+        }
+    }
+
+    // Fault injection, before anything goes upstream.
+    let injection = route.map(|r| fault::decide(&r.fault, || rand::random::<f64>() * 100.0)).unwrap_or_default();
+    if let Some(delay) = injection.delay {
+        record.labels.connection.response_flags = ResponseFlags::DelayInjected;
+        tokio::time::sleep(delay).await;
+    }
+    if let Some(abort) = injection.abort {
+        return Err(aborted(abort, is_grpc(request.headers())));
     }
 
     let upgrade = is_upgrade(request.headers()) && request.version() == Version::HTTP_11;
@@ -319,25 +299,13 @@ async fn forward<S: CertificateSource>(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    let changes = routed.as_ref().map(|fwd| fwd.headers).unwrap_or_default();
     changes.apply_request(&mut parts.headers);
+    let new_authority = routed.as_ref().and_then(|fwd| fwd.authority).map(str::to_owned);
+    let new_path = routed.as_ref().and_then(|fwd| fwd.path.clone());
     let authority = new_authority.unwrap_or(authority);
     let path = new_path.unwrap_or(path);
     add_forwarding(&mut parts.headers, stream.client);
-    let body = Counted::new(body, request_bytes).boxed();
-    let service = match &stream.destination {
-        Destination::Service { service, .. } => Some(service.hostname.clone()),
-        Destination::Workload { .. } => None,
-    };
-    let endpoint = Endpoint {
-        address,
-        identity: workload.identity.clone(),
-        client: stream.client.ip(),
-        service,
-        traceparent: stream.traceparent.clone(),
-    };
-    let cert = ctx.certificate().await.map_err(|e| {
-        Local::new(StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::UpstreamConnectionFailure, "", e)
-    })?;
     // Istio's choice: a port declared HTTP/2 (or gRPC) goes upstream over HTTP/2, one declared
     // HTTP over HTTP/1.1 (whatever the client spoke); a detected one as the client spoke.
     let upstream_h2 = match stream.declared {
@@ -345,28 +313,25 @@ async fn forward<S: CertificateSource>(
         Some(PortProtocol::Http) => false,
         _ => downstream_version == Version::HTTP_2,
     };
-    let result = if upstream_h2 {
-        parts.uri = absolute(&authority, &path)?;
-        parts.version = Version::HTTP_2;
-        parts.headers.remove(HOST);
-        ctx.upstreams.send_http2(cert, &endpoint, Request::from_parts(parts, body)).await
-    } else {
-        parts.uri = path.parse::<Uri>().map_err(|_| bad_request("the rewritten path is not a valid URI"))?;
-        parts.version = Version::HTTP_11;
-        if let Ok(host) = HeaderValue::from_str(&authority) {
-            parts.headers.insert(HOST, host);
+    let prepared = Prepared::new(parts, authority, path, upstream_h2).map_err(bad_request)?;
+    let (body, recording) = Tee::new(Counted::new(body, request_bytes).boxed(), MAX_REPLAY_BYTES);
+    let via = match (&stream.destination, &routed) {
+        (_, Some(fwd)) => Via::Service(fwd),
+        (Destination::Workload { workload, port }, None) => {
+            Via::Workload(workload, SocketAddr::new(stream.original.ip(), *port))
         }
-        ctx.upstreams.send_http1(cert, &endpoint, Request::from_parts(parts, body)).await
+        (Destination::Service { .. }, None) => {
+            return Err(Local::new(StatusCode::NOT_FOUND, ResponseFlags::NoRouteFound, "", "no route"));
+        }
     };
-    let response = result.map_err(|e| {
-        let (flags, body) = if e.is_connect_failure() {
-            (ResponseFlags::UpstreamConnectionFailure, "upstream connect error or disconnect/reset before headers. reset reason: connection failure")
-        } else {
-            (ResponseFlags::UpstreamConnectionTermination, "upstream connect error or disconnect/reset before headers. reset reason: connection termination")
-        };
-        info!(%address, error = %e, "upstream request failed");
-        Local::new(StatusCode::SERVICE_UNAVAILABLE, flags, body, e.to_string())
-    })?;
+    let policies = Policies {
+        retries: route.map_or_else(|| Retries::Default.policy(), |r| r.retries.policy()),
+        timeout: route.and_then(|r| r.timeout),
+        mirrors: route.map_or(&[], |r| r.mirrors.as_slice()),
+        upgrade,
+    };
+    let response =
+        send::forward(ctx, stream, config, &state, via, prepared, body.boxed(), recording, policies, record).await?;
     let mut response = response;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
@@ -382,9 +347,22 @@ async fn forward<S: CertificateSource>(
     Ok(Response::from_parts(parts, body.boxed()))
 }
 
-/// Where a request goes: a workload at an address.
-enum Target {
-    Workload(Arc<Workload>, SocketAddr),
+/// The local answer to a request aborted by fault injection: the status with Envoy's body, or
+/// for gRPC a trailers-only response with the status.
+fn aborted(abort: AbortStatus, grpc: bool) -> Box<Local> {
+    match abort {
+        AbortStatus::Http(status) => Local::new(status, ResponseFlags::FaultInjected, fault::ABORT_BODY, "fault abort"),
+        AbortStatus::Grpc(code) => {
+            let mut local = Local::new(StatusCode::OK, ResponseFlags::FaultInjected, "", "fault abort");
+            local.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            local.headers.insert("grpc-status", HeaderValue::from(code));
+            local.headers.insert("grpc-message", HeaderValue::from_static("fault filter abort"));
+            if !grpc {
+                debug!("gRPC abort of a request that is not gRPC");
+            }
+            local
+        }
+    }
 }
 
 /// The request's authority: `:authority` (HTTP/2, or an absolute HTTP/1 target), else `Host`.
@@ -475,13 +453,7 @@ fn request_id() -> String {
     format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }
 
-fn absolute(authority: &str, path: &str) -> Result<Uri, Box<Local>> {
-    format!("http://{authority}{path}")
-        .parse::<Uri>()
-        .map_err(|_| bad_request("the authority or path is not a valid URI"))
-}
-
-fn bad_request(reason: &str) -> Box<Local> {
+fn bad_request(reason: &'static str) -> Box<Local> {
     Local::new(StatusCode::BAD_REQUEST, ResponseFlags::DownstreamProtocolError, "Bad Request", reason)
 }
 

@@ -15,15 +15,22 @@
 pub mod app;
 pub mod balance;
 pub mod body;
+pub mod cluster;
 pub mod config;
+pub mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
 pub mod metrics;
+pub mod mirror;
 pub mod model;
+pub mod outlier;
 pub mod normalize;
 pub mod proxy;
+pub mod replay;
+pub mod retry;
 pub mod route;
+pub mod send;
 pub mod sniff;
 pub mod upstream;
 pub mod xds;

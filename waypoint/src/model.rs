@@ -350,9 +350,17 @@ pub struct Delay {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Abort {
-    #[serde(serialize_with = "status")]
-    pub status: StatusCode,
+    pub status: AbortStatus,
     pub percentage: Percent,
+}
+
+/// What an aborted request is answered with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum AbortStatus {
+    #[serde(serialize_with = "status")]
+    Http(StatusCode),
+    /// A gRPC status code (1 to 16), answered as a trailers-only gRPC response.
+    Grpc(u32),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -410,8 +418,35 @@ pub struct ConnectionPool {
     pub http2_max_requests: Option<NonZeroU32>,
     pub max_requests_per_connection: Option<NonZeroU32>,
     pub max_retries: Option<NonZeroU32>,
+    /// `http.idleTimeout`: an upstream connection with no request for this long is closed.
     pub idle_timeout: Option<Duration>,
     pub max_concurrent_streams: Option<NonZeroU32>,
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// An upstream connection older than this is closed (after its requests end).
+    pub max_connection_duration: Option<Duration>,
+    /// `tcp.idleTimeout`: a TCP stream with no bytes either way for this long is closed.
+    pub tcp_idle_timeout: Option<Duration>,
+    pub h2_upgrade_policy: H2Upgrade,
+    /// Upstream requests use the client's HTTP version (over the port's declared protocol).
+    pub use_client_protocol: bool,
+}
+
+/// TCP keepalive on upstream connections; unset fields keep the kernel's setting.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TcpKeepalive {
+    pub probes: Option<NonZeroU32>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+}
+
+/// Whether HTTP/1.1 requests go upstream as HTTP/2.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum H2Upgrade {
+    /// Istio's mesh default: not upgraded.
+    #[default]
+    Default,
+    DoNotUpgrade,
+    Upgrade,
 }
 
 /// Ejection of failing endpoints. Counts are as the controller sent them (0: that check is off;
@@ -427,6 +462,10 @@ pub struct OutlierDetection {
     pub max_ejection_percent: u32,
     /// 0 to 100.
     pub min_health_percent: u32,
+    /// Counted only with `split_external_local_origin_errors`.
+    pub consecutive_local_origin_failures: u32,
+    /// Local-origin failures (connect failure, reset, timeout) count apart from responses.
+    pub split_external_local_origin_errors: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -17,6 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 use weft_core::cert_manager::{CertManager, CertificateSource};
 use weft_core::drain;
@@ -33,6 +34,8 @@ use weft_core::telemetry::{
 use weft_core::tls::WorkloadCertificate;
 
 use crate::balance::{Cluster, LoadState};
+use crate::cluster::Clusters;
+use crate::mirror::MAX_MIRRORS_IN_FLIGHT;
 use crate::config::Config;
 use crate::metrics::RequestMetrics;
 use crate::model::{PortProtocol, Waypoint};
@@ -58,6 +61,9 @@ pub struct Ctx<S> {
     pub requests: RequestMetrics,
     pub tcp: TcpMetrics,
     pub load: Load,
+    pub clusters: Clusters,
+    /// Mirrored requests in flight ([`crate::mirror::MAX_MIRRORS_IN_FLIGHT`]).
+    pub mirrors: Arc<Semaphore>,
 }
 
 /// Where an accepted CONNECT leads.
@@ -86,6 +92,9 @@ pub struct Stream {
     /// What the destination port declares it carries; `None`: detected.
     pub declared: Option<PortProtocol>,
 }
+
+/// What narrows a balancing decision's candidates ([`LoadState::filter`]).
+pub type CandidateFilter<'a> = dyn FnMut(&mut Vec<MeshEndpoint>) + 'a;
 
 /// A round-robin position's key: Envoy's cluster (host, subset, port).
 type ClusterKey = (String, Option<String>, u16);
@@ -126,7 +135,13 @@ impl Load {
 
     /// A view for one balancing decision.
     pub fn view(&self) -> LoadView<'_> {
-        LoadView { load: self }
+        LoadView { load: self, filter: None }
+    }
+
+    /// A view whose candidates pass through `filter` first (outlier ejection, endpoints
+    /// already tried).
+    pub fn view_filtered<'f>(&'f self, filter: &'f mut CandidateFilter<'f>) -> LoadView<'f> {
+        LoadView { load: self, filter: Some(filter) }
     }
 }
 
@@ -139,9 +154,16 @@ impl Drop for InFlight {
 /// [`LoadState`] over the shared [`Load`].
 pub struct LoadView<'l> {
     load: &'l Load,
+    filter: Option<&'l mut CandidateFilter<'l>>,
 }
 
 impl LoadState for LoadView<'_> {
+    fn filter(&mut self, candidates: &mut Vec<MeshEndpoint>) {
+        if let Some(filter) = &mut self.filter {
+            filter(candidates);
+        }
+    }
+
     fn random(&mut self) -> u64 {
         rand::random()
     }
@@ -184,6 +206,8 @@ impl<S: CertificateSource> Ctx<S> {
             requests,
             tcp,
             load: Load::default(),
+            clusters: Clusters::default(),
+            mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
         }
     }
 

@@ -22,7 +22,7 @@ use tracing::warn;
 
 use weft_config::kube::{KubeGateway, Service as KubeService, WAYPOINT_GATEWAY_CLASS};
 use weft_config::meta::{ObjectMeta, PolicyTargetReference};
-use weft_config::networking::{self as net, DestinationRule, HttpRoute as IstioRoute, VirtualService};
+use weft_config::networking::{self as net, DestinationRule, H2UpgradePolicy, HttpRoute as IstioRoute, VirtualService};
 use weft_config::security::{
     AuthorizationAction, AuthorizationPolicy as IstioPolicy, JwtRule as IstioJwtRule,
     RequestAuthentication as IstioRequestAuthentication, Rule as IstioRule,
@@ -327,6 +327,7 @@ fn http_route(route: &IstioRoute, namespace: &str, vs_name: &str) -> wp::HttpRou
                 .map(|s| s.split(',').map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect())
                 .unwrap_or_default(),
             backoff: r.backoff.as_ref().map(duration),
+            retry_remote_localities: r.retry_remote_localities.unwrap_or(false),
         }),
         fault: route.fault.as_ref().map(|f| wp::Fault {
             delay: f.delay.as_ref().map(|d| fault::Delay {
@@ -336,6 +337,7 @@ fn http_route(route: &IstioRoute, namespace: &str, vs_name: &str) -> wp::HttpRou
             abort: f.abort.as_ref().map(|a| fault::Abort {
                 http_status: a.http_status.and_then(|s| u32::try_from(s).ok()).unwrap_or(0),
                 percentage: percent(a.percentage.as_ref(), None),
+                grpc_status: a.grpc_status.clone().unwrap_or_default(),
             }),
         }),
         mirrors: mirrors(route, namespace),
@@ -507,22 +509,47 @@ fn connection_pool(c: &net::ConnectionPoolSettings) -> wp::ConnectionPool {
         max_retries: n(http.and_then(|h| h.max_retries)),
         idle_timeout: http.and_then(|h| h.idle_timeout.as_ref()).map(duration),
         max_concurrent_streams: n(http.and_then(|h| h.max_concurrent_streams)),
+        tcp_keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(|k| wp::TcpKeepalive {
+            probes: k.probes.unwrap_or(0),
+            time: k.time.as_ref().map(duration),
+            interval: k.interval.as_ref().map(duration),
+        }),
+        max_connection_duration: tcp.and_then(|t| t.max_connection_duration.as_ref()).map(duration),
+        tcp_idle_timeout: tcp.and_then(|t| t.idle_timeout.as_ref()).map(duration),
+        h2_upgrade_policy: match http.and_then(|h| h.h2_upgrade_policy) {
+            Some(H2UpgradePolicy::Upgrade) => wp::H2UpgradePolicy::H2UpgradeUpgrade,
+            Some(H2UpgradePolicy::DoNotUpgrade) => wp::H2UpgradePolicy::H2UpgradeDoNotUpgrade,
+            Some(H2UpgradePolicy::Default) | None => wp::H2UpgradePolicy::H2UpgradeDefault,
+        } as i32,
+        use_client_protocol: http.and_then(|h| h.use_client_protocol).unwrap_or(false),
     }
 }
 
-/// Outlier detection; the deprecated `consecutiveErrors` counts as `consecutive5xxErrors` when
-/// the latter is absent, as in Istio.
+/// Outlier detection with Istio's defaults for what is unset: 5 consecutive 5xx errors (the
+/// deprecated `consecutiveErrors` counts when `consecutive5xxErrors` is absent), gateway errors
+/// off, at most 10 % ejected, 5 local-origin failures; durations stay unset (the waypoint knows
+/// Istio's 10 s interval and 30 s base ejection time).
 fn outlier_detection(o: &net::OutlierDetection) -> wp::OutlierDetection {
-    let n = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    let n = |v: Option<i32>, default: u32| v.map_or(default, |v| u32::try_from(v).unwrap_or(0));
     wp::OutlierDetection {
-        consecutive_5xx_errors: o.consecutive_5xx_errors.unwrap_or_else(|| n(o.consecutive_errors)),
+        consecutive_5xx_errors: o
+            .consecutive_5xx_errors
+            .unwrap_or_else(|| n(o.consecutive_errors, DEFAULT_CONSECUTIVE_ERRORS)),
         consecutive_gateway_errors: o.consecutive_gateway_errors.unwrap_or(0),
         interval: o.interval.as_ref().map(duration),
         base_ejection_time: o.base_ejection_time.as_ref().map(duration),
-        max_ejection_percent: n(o.max_ejection_percent),
-        min_health_percent: n(o.min_health_percent),
+        max_ejection_percent: n(o.max_ejection_percent, DEFAULT_MAX_EJECTION_PERCENT),
+        min_health_percent: n(o.min_health_percent, 0),
+        consecutive_local_origin_failures: o
+            .consecutive_local_origin_failures
+            .unwrap_or(DEFAULT_CONSECUTIVE_ERRORS),
+        split_external_local_origin_errors: o.split_external_local_origin_errors.unwrap_or(false),
     }
 }
+
+/// Istio's default thresholds for outlier detection (Envoy's, which Istio keeps).
+const DEFAULT_CONSECUTIVE_ERRORS: u32 = 5;
+const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
 
 fn duration(d: &IstioDuration) -> prost_types::Duration {
     prost_types::Duration {

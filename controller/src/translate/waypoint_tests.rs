@@ -219,6 +219,8 @@ fn circuit_breaking_destination_rule_in_every_networking_version() {
             interval: secs(1),
             base_ejection_time: secs(180),
             max_ejection_percent: 100,
+            // Istio's default, filled in.
+            consecutive_local_origin_failures: 5,
             ..Default::default()
         }),
         ..Default::default()

@@ -568,11 +568,11 @@ fn fault(proto: &wp::Fault, at: &str, problems: &mut Problems) -> Fault {
         Some(Delay { fixed: fixed.unwrap_or_default(), percentage: percentage? })
     });
     let abort = proto.abort.as_ref().and_then(|a| {
-        let status = problems.check(
-            at,
-            "fault.abort.httpStatus",
-            status_in(a.http_status, 200..=599).map_err(|e| format!("{e} (gRPC aborts are not supported)")),
-        );
+        let status = if a.grpc_status.is_empty() {
+            problems.check(at, "fault.abort.httpStatus", status_in(a.http_status, 200..=599).map(AbortStatus::Http))
+        } else {
+            problems.check(at, "fault.abort.grpcStatus", grpc_status(&a.grpc_status).map(AbortStatus::Grpc))
+        };
         let percentage = problems.check(at, "fault.abort.percentage", Percent::try_from(a.percentage));
         Some(Abort { status: status?, percentage: percentage? })
     });
@@ -691,6 +691,71 @@ fn connection_pool(
             problems,
         ),
         max_concurrent_streams: NonZeroU32::new(proto.max_concurrent_streams),
+        tcp_keepalive: proto.tcp_keepalive.as_ref().map(|k| TcpKeepalive {
+            probes: NonZeroU32::new(k.probes),
+            time: optional_duration(k.time.as_ref(), at, &format!("{field}.tcp.tcpKeepalive.time"), problems),
+            interval: optional_duration(
+                k.interval.as_ref(),
+                at,
+                &format!("{field}.tcp.tcpKeepalive.interval"),
+                problems,
+            ),
+        }),
+        max_connection_duration: optional_duration(
+            proto.max_connection_duration.as_ref(),
+            at,
+            &format!("{field}.tcp.maxConnectionDuration"),
+            problems,
+        ),
+        tcp_idle_timeout: optional_duration(
+            proto.tcp_idle_timeout.as_ref(),
+            at,
+            &format!("{field}.tcp.idleTimeout"),
+            problems,
+        ),
+        h2_upgrade_policy: match wp::H2UpgradePolicy::try_from(proto.h2_upgrade_policy) {
+            Ok(wp::H2UpgradePolicy::H2UpgradeUpgrade) => H2Upgrade::Upgrade,
+            Ok(wp::H2UpgradePolicy::H2UpgradeDoNotUpgrade) => H2Upgrade::DoNotUpgrade,
+            Ok(wp::H2UpgradePolicy::H2UpgradeDefault) | Err(_) => H2Upgrade::Default,
+        },
+        use_client_protocol: proto.use_client_protocol,
+    }
+}
+
+/// A gRPC status code by its name (`UNAVAILABLE`) or number (`14`), 1 to 16 (0 is OK, not an
+/// abort).
+fn grpc_status(name: &str) -> Result<u32, String> {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    let code = match name.trim().parse::<u32>() {
+        Ok(code) => code,
+        Err(_) => NAMES
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(name.trim()))
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| format!("{name:?} is not a gRPC status name or code"))?,
+    };
+    if (1..=16).contains(&code) {
+        Ok(code)
+    } else {
+        Err(format!("{name:?} is not a gRPC error status (1 to 16)"))
     }
 }
 
@@ -719,6 +784,8 @@ fn outlier_detection(
         ),
         max_ejection_percent: percent("maxEjectionPercent", proto.max_ejection_percent, problems),
         min_health_percent: percent("minHealthPercent", proto.min_health_percent, problems),
+        consecutive_local_origin_failures: proto.consecutive_local_origin_failures,
+        split_external_local_origin_errors: proto.split_external_local_origin_errors,
     }
 }
 

@@ -399,10 +399,11 @@ fn retries_timeouts_faults_and_mirrors_convert() {
         per_try_timeout: Some(prost_types::Duration { seconds: 2, nanos: 500_000_000 }),
         retry_on: vec!["5xx".into(), " 409 ".into(), "reset".into()],
         backoff: secs(0),
+        retry_remote_localities: true,
     });
     route.fault = Some(wp::Fault {
         delay: Some(wp::fault::Delay { fixed_delay: secs(7), percentage: 0.1 }),
-        abort: Some(wp::fault::Abort { http_status: 500, percentage: 100.0 }),
+        abort: Some(wp::fault::Abort { http_status: 500, percentage: 100.0, grpc_status: String::new() }),
     });
     route.mirrors = vec![wp::Mirror {
         destination: Some(wp::Destination { host: RATINGS.into(), subset: "v2".into(), port: 9080 }),
@@ -433,7 +434,10 @@ fn retries_timeouts_faults_and_mirrors_convert() {
         r.fault,
         Fault {
             delay: Some(Delay { fixed: Duration::from_secs(7), percentage: Percent(0.1) }),
-            abort: Some(Abort { status: StatusCode::INTERNAL_SERVER_ERROR, percentage: Percent::ALL }),
+            abort: Some(Abort {
+                status: AbortStatus::Http(StatusCode::INTERNAL_SERVER_ERROR),
+                percentage: Percent::ALL
+            }),
         }
     );
     assert_eq!(
@@ -449,6 +453,26 @@ fn retries_timeouts_faults_and_mirrors_convert() {
     let Retries::Policy(p) = &routes[2].retries else { panic!("{:?}", routes[2].retries) };
     assert_eq!((p.attempts.get(), p.retry_on.as_slice()), (5, DEFAULT_RETRY_ON.as_slice()));
 
+    // gRPC aborts by name or number; anything else names the field.
+    for (grpc, expected) in [("UNAVAILABLE", Some(14)), ("unavailable", Some(14)), ("8", Some(8))] {
+        let mut route = http(vec![], vec![to(REVIEWS, "", 100)]);
+        route.fault = Some(wp::Fault {
+            abort: Some(wp::fault::Abort { http_status: 0, percentage: 100.0, grpc_status: grpc.into() }),
+            ..Default::default()
+        });
+        let w = convert(vec![reviews(vec![route])]);
+        let abort = w.services[REVIEWS].routes[0].fault.abort.clone().map(|a| a.status);
+        assert_eq!(abort, expected.map(AbortStatus::Grpc), "{grpc}");
+    }
+    for grpc in ["OK", "0", "17", "SOMETIMES"] {
+        let mut route = http(vec![], vec![to(REVIEWS, "", 100)]);
+        route.fault = Some(wp::Fault {
+            abort: Some(wp::fault::Abort { http_status: 0, percentage: 100.0, grpc_status: grpc.into() }),
+            ..Default::default()
+        });
+        assert_eq!(fields(&problems(vec![reviews(vec![route])])), ["fault.abort.grpcStatus"], "{grpc}");
+    }
+
     let mut bad = http(vec![], vec![to(REVIEWS, "", 100)]);
     bad.retries = Some(wp::Retries {
         attempts: 1,
@@ -458,7 +482,7 @@ fn retries_timeouts_faults_and_mirrors_convert() {
     });
     bad.fault = Some(wp::Fault {
         delay: Some(wp::fault::Delay { fixed_delay: None, percentage: f64::NAN }),
-        abort: Some(wp::fault::Abort { http_status: 0, percentage: 101.0 }),
+        abort: Some(wp::fault::Abort { http_status: 0, percentage: 101.0, grpc_status: String::new() }),
     });
     bad.mirrors = vec![wp::Mirror { destination: None, percentage: -1.0 }];
     assert_eq!(
