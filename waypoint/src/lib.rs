@@ -8,6 +8,9 @@
 //! - [`model`]: the Waypoint resource as typed values, converted where it enters.
 //! - [`proxy`]: the HBONE listener, each CONNECT stream, protocol detection ([`sniff`]) and TCP.
 //! - [`http`]: one request: [`normalize`], [`route`] (pure), [`balance`] (pure), upstream.
+//! - [`outlier`]: outlier detection, the endpoints of a cluster ejected for consecutive failures
+//!   (pure, per cluster).
+//! - [`retry`]: whether a failed attempt is retried, the backoff, the retry budget (pure).
 //! - [`upstream`]: HBONE tunnels and pooled HTTP/1.1 and HTTP/2 connections to endpoints.
 //! - [`metrics`] and [`body`]: Istio's request metrics and the access log, recorded as each
 //!   response ends.
@@ -22,7 +25,9 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod normalize;
+pub mod outlier;
 pub mod proxy;
+pub mod retry;
 pub mod route;
 pub mod sniff;
 pub mod upstream;
