@@ -115,9 +115,7 @@ impl Cluster {
             state.settings = None;
             return None;
         };
-        let mut settings = outlier::Settings::from(config);
-        settings.consecutive_local_origin = config.consecutive_local_origin_failures;
-        settings.split_local_origin = config.split_external_local_origin_errors;
+        let settings = outlier::Settings::from(config);
         if state.settings.as_ref() != Some(&settings) {
             state.detector = Some(Detector::new(settings.clone()));
             state.settings = Some(settings.clone());

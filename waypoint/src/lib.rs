@@ -1,13 +1,19 @@
-//! Weft's waypoint: the per-namespace L7 proxy that terminates HBONE and applies routing (and,
-//! in later parts, resilience, L7 authorization and JWT checks) to the traffic of the services
-//! and workloads bound to it. A library the thin `main.rs` runs (and tests run in-process).
+//! Weft's waypoint: the per-namespace L7 proxy that terminates HBONE and applies routing and
+//! resilience (and, in a later part, L7 authorization and JWT checks) to the traffic of the
+//! services and workloads bound to it. A library the thin `main.rs` runs (and tests run in-process).
 //!
 //! - [`config`]: every flag and environment variable, parsed and checked once.
 //! - [`app`]: builds and runs the whole waypoint from a [`config::Config`].
 //! - [`xds`]: what it subscribes to (its own Waypoint resource and the mesh).
 //! - [`model`]: the Waypoint resource as typed values, converted where it enters.
 //! - [`proxy`]: the HBONE listener, each CONNECT stream, protocol detection ([`sniff`]) and TCP.
-//! - [`http`]: one request: [`normalize`], [`route`] (pure), [`balance`] (pure), upstream.
+//! - [`http`]: one request: [`normalize`], [`route`] (pure), [`fault`] (pure), then [`send`].
+//! - [`send`]: attempts upstream under the route's retries and timeouts, each to an endpoint
+//!   [`balance`] (pure) picks, with [`mirror`]ed copies; request bodies kept for replay by
+//!   [`replay`]; per-cluster limits, counters and outlier state in [`cluster`].
+//! - [`outlier`]: outlier detection, the endpoints of a cluster ejected for consecutive failures
+//!   (pure, per cluster).
+//! - [`retry`]: whether a failed attempt is retried, the backoff, the retry budget (pure).
 //! - [`upstream`]: HBONE tunnels and pooled HTTP/1.1 and HTTP/2 connections to endpoints.
 //! - [`metrics`] and [`body`]: Istio's request metrics and the access log, recorded as each
 //!   response ends.
@@ -24,8 +30,8 @@ pub mod http;
 pub mod metrics;
 pub mod mirror;
 pub mod model;
-pub mod outlier;
 pub mod normalize;
+pub mod outlier;
 pub mod proxy;
 pub mod replay;
 pub mod retry;
