@@ -136,7 +136,7 @@ fn the_waypoint_routes_and_balances_a_namespaces_http_traffic() {
     };
 
     // HTTP/1.1 and HTTP/2 (prior knowledge) through the waypoint; the caller's address is kept.
-    let h1 = get_json(&client, &format!("{echo}/headers"));
+    let h1 = get_json(&client, &format!("{echo}/headers/echo"));
     assert_eq!(h1["pod"], "echo-v1", "{h1}");
     assert_eq!(peer_ip(&h1), t.ip("shop", "client"), "the server sees the client's own address: {h1}");
     let h2 = curl(&client, 5, &["--http2-prior-knowledge", &format!("{echo}/api")]).unwrap();
@@ -170,7 +170,7 @@ fn the_waypoint_routes_and_balances_a_namespaces_http_traffic() {
 
     // Header set/add/remove, seen by the server and the client.
     let with_headers =
-        curl(&client, 5, &["-i", "-H", "x-remove: gone", "-H", "x-added: 0", &format!("{echo}/headers")])
+        curl(&client, 5, &["-i", "-H", "x-remove: gone", "-H", "x-added: 0", &format!("{echo}/headers/echo")])
             .unwrap();
     assert!(with_headers.to_ascii_lowercase().contains("x-response: r"), "{with_headers}");
     let body = &with_headers[with_headers.find("\r\n\r\n").unwrap() + 4..];
@@ -227,7 +227,7 @@ fn the_waypoint_routes_and_balances_a_namespaces_http_traffic() {
         curl(&client, 5, &["-o", "/dev/null", "-w", "%{http_code}", "-H", &big, &format!("{echo}/api")])
             .unwrap();
     assert_eq!(refused, "431");
-    assert_eq!(get_json(&client, &format!("{echo}/headers"))["pod"], "echo-v1");
+    assert_eq!(get_json(&client, &format!("{echo}/headers/echo"))["pod"], "echo-v1");
 
     // The waypoint's metrics count it all, with Istio's labels.
     let metrics = waypoint_metrics();
