@@ -209,7 +209,11 @@ pub fn choose(
 
 /// The DestinationRule policy for requests to `host` (and `subset`): the subset's (laid over
 /// the service's by the controller), else the service's; `None` for a host not bound here.
-pub fn traffic_policy<'c>(config: &'c Waypoint, host: &str, subset: Option<&'c Subset>) -> Option<&'c TrafficPolicy> {
+pub fn traffic_policy<'c>(
+    config: &'c Waypoint,
+    host: &str,
+    subset: Option<&'c Subset>,
+) -> Option<&'c TrafficPolicy> {
     subset.map(|s| &s.traffic_policy).or(config.services.get(host).map(|s| &s.traffic_policy))
 }
 

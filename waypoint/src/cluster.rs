@@ -222,7 +222,11 @@ impl ClusterMetrics {
                 &self.ejections_enforced,
             ),
             ("upstream_rq_mirror", "Mirrored requests sent", &self.mirror),
-            ("upstream_rq_mirror_overflow", "Mirrored requests dropped: too many in flight", &self.mirror_overflow),
+            (
+                "upstream_rq_mirror_overflow",
+                "Mirrored requests dropped: too many in flight",
+                &self.mirror_overflow,
+            ),
         ];
         for (name, help, family) in counters {
             envoy.register(name, help, family.clone());

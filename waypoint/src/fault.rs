@@ -40,7 +40,8 @@ mod tests {
 
     fn fault(delay: Option<f64>, abort: Option<f64>) -> Fault {
         Fault {
-            delay: delay.map(|p| Delay { fixed: Duration::from_millis(300), percentage: p.try_into().unwrap() }),
+            delay: delay
+                .map(|p| Delay { fixed: Duration::from_millis(300), percentage: p.try_into().unwrap() }),
             abort: abort.map(|p| Abort {
                 status: AbortStatus::Http(StatusCode::INTERNAL_SERVER_ERROR),
                 percentage: p.try_into().unwrap(),

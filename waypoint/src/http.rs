@@ -188,7 +188,8 @@ impl Local {
 
     fn into_response(self, record: &mut Record) -> Response<Body> {
         // A delay injected before a local answer keeps its flag unless the answer has one.
-        if self.flags != ResponseFlags::None || record.labels.connection.response_flags == ResponseFlags::None {
+        if self.flags != ResponseFlags::None || record.labels.connection.response_flags == ResponseFlags::None
+        {
             record.labels.connection.response_flags = self.flags;
         }
         debug!(status = %self.status, flags = self.flags.as_str(), reason = self.reason, "local response");
@@ -284,7 +285,8 @@ async fn forward<S: CertificateSource>(
     }
 
     // Fault injection, before anything goes upstream.
-    let injection = route.map(|r| fault::decide(&r.fault, || rand::random::<f64>() * 100.0)).unwrap_or_default();
+    let injection =
+        route.map(|r| fault::decide(&r.fault, || rand::random::<f64>() * 100.0)).unwrap_or_default();
     if let Some(delay) = injection.delay {
         record.labels.connection.response_flags = ResponseFlags::DelayInjected;
         tokio::time::sleep(delay).await;
@@ -331,7 +333,8 @@ async fn forward<S: CertificateSource>(
         upgrade,
     };
     let response =
-        send::forward(ctx, stream, config, &state, via, prepared, body.boxed(), recording, policies, record).await?;
+        send::forward(ctx, stream, config, &state, via, prepared, body.boxed(), recording, policies, record)
+            .await?;
     let mut response = response;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
@@ -351,7 +354,9 @@ async fn forward<S: CertificateSource>(
 /// for gRPC a trailers-only response with the status.
 fn aborted(abort: AbortStatus, grpc: bool) -> Box<Local> {
     match abort {
-        AbortStatus::Http(status) => Local::new(status, ResponseFlags::FaultInjected, fault::ABORT_BODY, "fault abort"),
+        AbortStatus::Http(status) => {
+            Local::new(status, ResponseFlags::FaultInjected, fault::ABORT_BODY, "fault abort")
+        }
         AbortStatus::Grpc(code) => {
             let mut local = Local::new(StatusCode::OK, ResponseFlags::FaultInjected, "", "fault abort");
             local.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));

@@ -52,7 +52,10 @@ mod tests {
         let mirrors = [mirror("a", 100.0), mirror("b", 50.0), mirror("c", 0.0)];
         let hosts = |draws: [f64; 3]| {
             let mut draws = draws.into_iter();
-            pick(&mirrors, || draws.next().unwrap()).iter().map(|m| m.destination.host.clone()).collect::<Vec<_>>()
+            pick(&mirrors, || draws.next().unwrap())
+                .iter()
+                .map(|m| m.destination.host.clone())
+                .collect::<Vec<_>>()
         };
         assert_eq!(hosts([99.9, 49.9, 0.0]), ["a", "b"]);
         assert_eq!(hosts([0.0, 50.0, 0.0]), ["a"]);

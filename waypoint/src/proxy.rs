@@ -35,9 +35,9 @@ use weft_core::tls::WorkloadCertificate;
 
 use crate::balance::{Cluster, LoadState};
 use crate::cluster::Clusters;
-use crate::mirror::MAX_MIRRORS_IN_FLIGHT;
 use crate::config::Config;
 use crate::metrics::RequestMetrics;
+use crate::mirror::MAX_MIRRORS_IN_FLIGHT;
 use crate::model::{PortProtocol, Waypoint};
 use crate::sniff::{sniff, Sniffed, MAX_SNIFF};
 use crate::upstream::{Endpoint, Upstreams};

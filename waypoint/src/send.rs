@@ -64,7 +64,9 @@ impl Prepared {
     /// A request head to send over HTTP/2 (`http2`) or HTTP/1.1, or why it cannot be sent.
     pub fn new(parts: Parts, authority: String, path: String, http2: bool) -> Result<Prepared, &'static str> {
         let uri = if http2 {
-            format!("http://{authority}{path}").parse::<Uri>().map_err(|_| "the authority or path is not a valid URI")?
+            format!("http://{authority}{path}")
+                .parse::<Uri>()
+                .map_err(|_| "the authority or path is not a valid URI")?
         } else {
             path.parse::<Uri>().map_err(|_| "the rewritten path is not a valid URI")?
         };
@@ -121,7 +123,8 @@ pub async fn forward<S: CertificateSource>(
     let cluster = ctx.clusters.get(&key);
     let pool = policy.and_then(|p| p.connection_pool(port));
     let outlier_config = policy.and_then(|p| p.outlier_detection(port)).cloned();
-    let Some(_active) = cluster.start_request(pool.and_then(|p| p.http2_max_requests).map(|n| u64::from(n.get())))
+    let Some(_active) =
+        cluster.start_request(pool.and_then(|p| p.http2_max_requests).map(|n| u64::from(n.get())))
     else {
         return Err(overflow(&key, "http2MaxRequests"));
     };
@@ -142,7 +145,8 @@ pub async fn forward<S: CertificateSource>(
     let mut retries = 0u32;
     let mut _retry = None;
     loop {
-        let picked = pick(ctx, stream, config, state, via, &prepared, &cluster, outlier_config.as_ref(), &tried)?;
+        let picked =
+            pick(ctx, stream, config, state, via, &prepared, &cluster, outlier_config.as_ref(), &tried)?;
         tried.push(picked.workload.uid.clone());
         record.to(ctx, &picked.workload, picked.address);
         let endpoint = Endpoint {
@@ -185,7 +189,12 @@ pub async fn forward<S: CertificateSource>(
         let outcome = match &result {
             None if deadline.is_some_and(|d| Instant::now() >= d) => {
                 cluster.metrics.timeout.get_or_create(&cluster.labels).inc();
-                report_outlier(&cluster, outlier_config.as_ref(), &picked, OutlierOutcome::LocalOriginFailure);
+                report_outlier(
+                    &cluster,
+                    outlier_config.as_ref(),
+                    &picked,
+                    OutlierOutcome::LocalOriginFailure,
+                );
                 return Err(timeout());
             }
             None => {
@@ -199,9 +208,10 @@ pub async fn forward<S: CertificateSource>(
             Some(Err(e)) if e.is_connect_failure() => Outcome::Failure(Failure::ConnectFailure),
             Some(Err(e)) if e.is_refused_stream() => Outcome::Failure(Failure::RefusedStream),
             Some(Err(_)) => Outcome::Failure(Failure::Reset),
-            Some(Ok(response)) => {
-                Outcome::Response(ResponseView { status: response.status().as_u16(), headers: response.headers() })
-            }
+            Some(Ok(response)) => Outcome::Response(ResponseView {
+                status: response.status().as_u16(),
+                headers: response.headers(),
+            }),
         };
         report_outlier(
             &cluster,
@@ -274,7 +284,9 @@ fn pick<S: CertificateSource>(
 ) -> Result<Picked, Box<Local>> {
     let forward = match via {
         Via::Service(forward) => forward,
-        Via::Workload(workload, address) => return Ok(Picked { workload: Arc::clone(workload), address, hosts: 1 }),
+        Via::Workload(workload, address) => {
+            return Ok(Picked { workload: Arc::clone(workload), address, hosts: 1 })
+        }
     };
     let breq = balance::Request {
         headers: &prepared.parts.headers,
@@ -296,7 +308,8 @@ fn pick<S: CertificateSource>(
             let keep = retry::prefer_untried(candidates, &tried, |e| e.workload.uid.as_str());
             if keep.len() < candidates.len() {
                 let all = std::mem::take(candidates);
-                *candidates = all.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, e)| e).collect();
+                *candidates =
+                    all.into_iter().enumerate().filter(|(i, _)| keep.contains(i)).map(|(_, e)| e).collect();
             }
         }
     };
@@ -306,7 +319,9 @@ fn pick<S: CertificateSource>(
         Local::new(e.status(), e.flags(), body, e.to_string())
     })?;
     match upstream {
-        Upstream::Endpoint { endpoint, address } => Ok(Picked { workload: endpoint.workload, address, hosts }),
+        Upstream::Endpoint { endpoint, address } => {
+            Ok(Picked { workload: endpoint.workload, address, hosts })
+        }
         Upstream::OriginalDestination(address) => match state.workload_by_ip(address.ip()) {
             Some(w) => Ok(Picked { workload: Arc::clone(w), address, hosts: 1 }),
             None => Err(Local::new(
@@ -343,8 +358,10 @@ fn send_mirror<S: CertificateSource>(
         cluster.metrics.mirror_overflow.get_or_create(&cluster.labels).inc();
         return;
     };
-    let shadow = Forward { target, route: None, path: None, authority: None, headers: Default::default(), ..*forward };
-    let picked = match pick(ctx, stream, config, state, Via::Service(&shadow), prepared, &cluster, None, &[]) {
+    let shadow =
+        Forward { target, route: None, path: None, authority: None, headers: Default::default(), ..*forward };
+    let picked = match pick(ctx, stream, config, state, Via::Service(&shadow), prepared, &cluster, None, &[])
+    {
         Ok(picked) => picked,
         Err(local) => {
             debug!(mirror = %key.name(), reason = local.reason, "mirror not sent");
@@ -352,7 +369,8 @@ fn send_mirror<S: CertificateSource>(
         }
     };
     cluster.metrics.mirror.get_or_create(&cluster.labels).inc();
-    let limits = Limits::new(key.name(), traffic_policy(config, &target).and_then(|p| p.connection_pool(target.port)));
+    let limits =
+        Limits::new(key.name(), traffic_policy(config, &target).and_then(|p| p.connection_pool(target.port)));
     let copy = match Prepared::new(
         clone_parts(&prepared.parts),
         mirror::shadow_authority(&prepared.authority),
@@ -450,8 +468,9 @@ fn report_outlier(
     if config.is_none() {
         return;
     }
-    let ejected =
-        cluster.outlier(config, Instant::now(), |d| d.record(&picked.workload.uid, outcome, Instant::now(), picked.hosts));
+    let ejected = cluster.outlier(config, Instant::now(), |d| {
+        d.record(&picked.workload.uid, outcome, Instant::now(), picked.hosts)
+    });
     if let Some(Some(ejection)) = ejected {
         cluster.metrics.ejections_enforced.get_or_create(&cluster.labels).inc();
         info!(endpoint = %picked.address, cluster = cluster.labels.cluster_name, ?ejection, "endpoint ejected");
@@ -478,7 +497,9 @@ fn overflow_named(cluster: &str, limit: &str) -> Box<Local> {
         "",
         format!("{cluster}: {limit} reached"),
     );
-    local.body = Bytes::from_static(b"upstream connect error or disconnect/reset before headers. reset reason: overflow");
+    local.body = Bytes::from_static(
+        b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    );
     local
 }
 
@@ -496,4 +517,3 @@ fn upstream_failure(e: &UpstreamError, address: SocketAddr, flags: ResponseFlags
     local.body = Bytes::from(format!("{RESET_BODY}{reason}"));
     local
 }
-

@@ -37,11 +37,11 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Notify;
 use tracing::debug;
 use weft_core::hbone::{ClientError, ConnectRequest, Forwarded, H2Stream, Pool};
 use weft_core::identity::Identity;
 use weft_core::names::HBONE_PORT;
-use tokio::sync::Notify;
 use weft_core::tls::WorkloadCertificate;
 
 use crate::model::ConnectionPool;
@@ -95,7 +95,9 @@ impl UpstreamError {
     pub fn is_connect_failure(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Tunnel { .. } | UpstreamError::Handshake { .. } | UpstreamError::ConnectTimeout { .. }
+            UpstreamError::Tunnel { .. }
+                | UpstreamError::Handshake { .. }
+                | UpstreamError::ConnectTimeout { .. }
         )
     }
 
@@ -143,7 +145,6 @@ impl Limits {
         }
     }
 }
-
 
 /// Idle HTTP/1.1 connections kept per endpoint and client.
 const MAX_IDLE_PER_KEY: usize = 64;

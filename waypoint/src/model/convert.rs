@@ -569,7 +569,11 @@ fn fault(proto: &wp::Fault, at: &str, problems: &mut Problems) -> Fault {
     });
     let abort = proto.abort.as_ref().and_then(|a| {
         let status = if a.grpc_status.is_empty() {
-            problems.check(at, "fault.abort.httpStatus", status_in(a.http_status, 200..=599).map(AbortStatus::Http))
+            problems.check(
+                at,
+                "fault.abort.httpStatus",
+                status_in(a.http_status, 200..=599).map(AbortStatus::Http),
+            )
         } else {
             problems.check(at, "fault.abort.grpcStatus", grpc_status(&a.grpc_status).map(AbortStatus::Grpc))
         };

@@ -712,9 +712,18 @@ fn what_the_waypoint_does_not_apply_yet_warns() {
     let cases = [
         ("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: me}]\n", "spec.targetRefs[0]", "does not check JWTs yet"),
         ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n", "spec.targetRefs[0]", "does not check authorization policies yet"),
-        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  http: [{timeout: 1s, route: [{destination: {host: bound}}]}]\n", "spec.http[0].timeout", "does not apply this yet"),
-        ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: bound, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 1}}}\n", "spec.trafficPolicy.outlierDetection", "does not apply this yet"),
+        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  http: [{corsPolicy: {allowOrigins: [{exact: a}]}, route: [{destination: {host: bound}}]}]\n", "spec.http[0].corsPolicy", "does not apply this yet"),
     ];
+    // Resilience is applied: no finding.
+    for (manifest, field) in [
+        ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  http: [{timeout: 1s, retries: {attempts: 3}, fault: {abort: {httpStatus: 500}}, mirror: {host: bound}, route: [{destination: {host: bound}}]}]\n", "spec.http[0]"),
+        ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: bound, trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}, outlierDetection: {consecutive5xxErrors: 1}}}\n", "spec.trafficPolicy"),
+    ] {
+        let found = findings(&format!("{BOUND}{manifest}"));
+        let hits: Vec<String> =
+            found.iter().filter(|f| f.file == "case.yaml" && f.field.starts_with(field)).map(ToString::to_string).collect();
+        assert!(hits.is_empty(), "{manifest}\n{hits:#?}");
+    }
     for (manifest, field, message) in cases {
         let found = findings(&format!("{BOUND}{manifest}"));
         let hits: Vec<String> = found

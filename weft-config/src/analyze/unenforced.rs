@@ -13,7 +13,9 @@
 //! - ServiceEntry (not translated: its hosts are reached as passthrough TCP) and Telemetry;
 //! - a mesh VirtualService or a DestinationRule whose hosts no Service bound to a waypoint
 //!   serves (only a waypoint routes), a DestinationRule with a `workloadSelector` (sidecars'), TLS
-//!   origination settings, a VirtualService without hosts (delegates are not followed);
+//!   origination settings, a VirtualService without hosts (delegates are not followed), and a
+//!   route's `corsPolicy` (the waypoint applies routes, timeouts, retries, faults, mirrors,
+//!   connection pools and outlier detection, not CORS yet);
 //! - AuthorizationPolicy: CUSTOM and AUDIT actions; a policy ztunnel enforces (selector,
 //!   namespace or mesh-wide) with L7 fields (`to.operation` hosts, methods, paths,
 //!   `from.source` requestPrincipals, remoteIpBlocks, any `when`) or malformed ports or ipBlocks:
@@ -55,8 +57,9 @@ const INJECTION_LABELS: [&str; 2] = ["istio-injection", "istio.io/rev"];
 /// The fix of everything a gateway proxy would serve.
 const NO_GATEWAY_FIX: &str =
     "expose the workloads another way, such as a Service of type LoadBalancer or NodePort";
-/// What Weft's waypoint does not apply yet (its resilience, authorization and JWT stages).
-const WAYPOINT_NOT_YET: &str = "Weft's waypoint routes and balances but does not apply this yet";
+/// What Weft's waypoint does not apply yet (CORS, authorization and JWT).
+const WAYPOINT_NOT_YET: &str =
+    "Weft's waypoint routes, balances and applies resilience but does not apply this yet";
 
 /// The fix of routing and policy that only a waypoint applies.
 const BIND_WAYPOINT_FIX: &str = "bind the Service to a waypoint: label it (or its namespace) \
@@ -313,19 +316,12 @@ impl<'a> Check<'a> {
             );
             return;
         }
-        // Part 1 of the waypoint routes; its resilience stages come later.
+        // The waypoint applies routes, timeouts, retries, faults and mirrors; not CORS.
         for (j, route) in vs.spec.http.iter().enumerate() {
-            let later = [
-                ("timeout", route.timeout.is_some()),
-                ("retries", route.retries.is_some()),
-                ("fault", route.fault.is_some()),
-                ("mirror", route.mirror.is_some() || !route.mirrors.is_empty()),
-                ("corsPolicy", route.cors_policy.is_some()),
-            ];
-            for (name, _) in later.into_iter().filter(|(_, set)| *set) {
+            if route.cors_policy.is_some() {
                 self.push(
                     i,
-                    &format!("spec.http[{j}].{name}"),
+                    &format!("spec.http[{j}].corsPolicy"),
                     format!("{WAYPOINT_NOT_YET}: not enforced"),
                     None,
                 );
@@ -378,25 +374,6 @@ impl<'a> Check<'a> {
             return;
         }
         let waypoints = self.waypoints_of_host(&self.qualify(&dr.spec.host, &dr.metadata.namespace));
-        let policies = dr.spec.traffic_policy.iter().map(|p| ("spec.trafficPolicy".to_owned(), p)).chain(
-            dr.spec.subsets.iter().enumerate().filter_map(|(j, s)| {
-                Some((format!("spec.subsets[{j}].trafficPolicy"), s.traffic_policy.as_ref()?))
-            }),
-        );
-        let mut later = Vec::new();
-        for (field, p) in policies {
-            if p.connection_pool.is_some() {
-                later.push(format!("{field}.connectionPool"));
-            }
-            if p.outlier_detection.is_some() {
-                later.push(format!("{field}.outlierDetection"));
-            }
-        }
-        if !waypoints.is_empty() {
-            for field in later {
-                self.push(i, &field, format!("{WAYPOINT_NOT_YET}: not enforced"), None);
-            }
-        }
         if waypoints.is_empty() {
             self.push(
                 i,
