@@ -22,7 +22,9 @@ use tracing::warn;
 
 use weft_config::kube::{KubeGateway, Service as KubeService, WAYPOINT_GATEWAY_CLASS};
 use weft_config::meta::{ObjectMeta, PolicyTargetReference};
-use weft_config::networking::{self as net, DestinationRule, H2UpgradePolicy, HttpRoute as IstioRoute, VirtualService};
+use weft_config::networking::{
+    self as net, DestinationRule, H2UpgradePolicy, HttpRoute as IstioRoute, VirtualService,
+};
 use weft_config::security::{
     AuthorizationAction, AuthorizationPolicy as IstioPolicy, JwtRule as IstioJwtRule,
     RequestAuthentication as IstioRequestAuthentication, Rule as IstioRule,
