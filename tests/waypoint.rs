@@ -169,9 +169,12 @@ fn the_waypoint_routes_and_balances_a_namespaces_http_traffic() {
     assert!(teapot.starts_with("HTTP/1.1 418") && teapot.ends_with("short and stout"), "{teapot}");
 
     // Header set/add/remove, seen by the server and the client.
-    let with_headers =
-        curl(&client, 5, &["-i", "-H", "x-remove: gone", "-H", "x-added: 0", &format!("{echo}/headers/echo")])
-            .unwrap();
+    let with_headers = curl(
+        &client,
+        5,
+        &["-i", "-H", "x-remove: gone", "-H", "x-added: 0", &format!("{echo}/headers/echo")],
+    )
+    .unwrap();
     assert!(with_headers.to_ascii_lowercase().contains("x-response: r"), "{with_headers}");
     let body = &with_headers[with_headers.find("\r\n\r\n").unwrap() + 4..];
     let seen: serde_json::Value = serde_json::from_str(body).unwrap();
