@@ -61,9 +61,16 @@ pub struct Record {
     header_grpc_status: Option<String>,
     access: Option<AccessLine>,
     _in_flight: Option<InFlight>,
+    /// Whatever must live as long as the request (limits' counts), dropped with the record.
+    _held: Vec<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Record {
+    /// Keeps `guard` until the response ends.
+    pub fn hold(&mut self, guard: Box<dyn std::any::Any + Send + Sync>) {
+        self._held.push(guard);
+    }
+
     /// The request (now: its attempt) goes to `workload` at `address`.
     pub fn to<S>(&mut self, ctx: &Ctx<S>, workload: &Workload, address: SocketAddr) {
         self.labels.connection = self.labels.connection.clone().with_destination(workload);
@@ -148,6 +155,7 @@ pub async fn handle<S: CertificateSource>(
         header_grpc_status: None,
         access,
         _in_flight: None,
+        _held: Vec::new(),
     };
     let response = match forward(&ctx, &stream, request, request_bytes, &mut record).await {
         Ok(response) => response,

@@ -91,6 +91,12 @@ impl Body for Tee {
                     } else {
                         copy.len += data.len();
                         copy.chunks.push(data.clone());
+                        drop(copy);
+                        // A client may never poll past a body's declared length: its last
+                        // frame completes it.
+                        if self.inner.is_end_stream() {
+                            self.settle(State::Complete);
+                        }
                     }
                 } else if let Some(trailers) = frame.trailers_ref() {
                     copy.trailers = Some(trailers.clone());

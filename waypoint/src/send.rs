@@ -139,7 +139,6 @@ pub async fn forward<S: CertificateSource>(
         }
     }
 
-    let headers = prepared.parts.headers.clone();
     let mut body = Some(body);
     let mut tried: Vec<String> = Vec::new();
     let mut retries = 0u32;
@@ -222,7 +221,8 @@ pub async fn forward<S: CertificateSource>(
                 Outcome::Failure(_) => OutlierOutcome::LocalOriginFailure,
             },
         );
-        let retriable = retry_policy.as_ref().is_some_and(|p| retry::retriable(p, &outcome, &headers));
+        let retriable =
+            retry_policy.as_ref().is_some_and(|p| retry::retriable(p, &outcome, &prepared.parts.headers));
         let mut flags = ResponseFlags::None;
         if retriable {
             let policy = retry_policy.as_ref().expect("retriable only under a policy");

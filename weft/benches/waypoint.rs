@@ -9,6 +9,8 @@
 //! - L4 mesh: `mesh`, ambient, the Service VIP (client → ztunnel → HBONE → ztunnel → server);
 //! - waypoint: `l7`, ambient and bound to a waypoint (client → ztunnel → waypoint (on node-a) →
 //!   ztunnel → server);
+//! - waypoint+policy: `l7p`, as `l7` with a retry policy, a route timeout, a connection pool and
+//!   outlier detection in place (generous limits: the cost of applying them, issue 12);
 //! - haproxy, nginx: `plain`, through the proxy in plain/proxy on node-a (Debian's packages, one
 //!   thread / one worker, HTTP/1.1 keep-alive to the server), as the waypoint is placed.
 //!
@@ -145,10 +147,15 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Vec<Measured>> {
         wait_listening(&proxy_netns, port)?;
     }
     let waypoint = Procs { pids: vec![Procs::find(c.pod_netns("l7", "waypoint-0")?, "waypoint")?] };
+    let waypoint_policy = Procs { pids: vec![Procs::find(c.pod_netns("l7p", "waypoint-0")?, "waypoint")?] };
     let haproxy_procs = Procs { pids: vec![Procs::find(&proxy_netns, "haproxy")?] };
     let nginx_procs = Procs { pids: all(&proxy_netns, "nginx")? };
     let vip = |ns: &str| -> anyhow::Result<IpAddr> {
-        Ok(if ns == "mesh" { "10.96.0.20".parse()? } else { "10.96.0.21".parse()? })
+        Ok(match ns {
+            "mesh" => "10.96.0.20".parse()?,
+            "l7" => "10.96.0.21".parse()?,
+            _ => "10.96.0.22".parse()?,
+        })
     };
     let route = |name,
                  ns: &str,
@@ -178,6 +185,13 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Vec<Measured>> {
             SocketAddr::new(vip("l7")?, SERVICE_PORT),
             Some(waypoint),
             Some(SocketAddr::new(vip("l7")?, SERVICE_PORT)),
+        )?,
+        route(
+            "waypoint+policy",
+            "l7p",
+            SocketAddr::new(vip("l7p")?, SERVICE_PORT),
+            Some(waypoint_policy),
+            Some(SocketAddr::new(vip("l7p")?, SERVICE_PORT)),
         )?,
         route(
             "haproxy",
@@ -338,7 +352,7 @@ fn print(measured: &[Measured], load_start: &LoadAvg, load_end: &LoadAvg) {
     );
     println!("load average: start {}, end {}", load_start.shown(), load_end.shown());
     println!(
-        "{:<10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>11} {:>10} {:>11}",
+        "{:<15} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>11} {:>10} {:>11}",
         "path",
         "p50 us",
         "p99 us",
@@ -360,7 +374,7 @@ fn print(measured: &[Measured], load_start: &LoadAvg, load_end: &LoadAvg) {
             |load: &Option<Load>| load.as_ref().map_or(f64::NAN, |w| w.rps / w.proxy_cores.max(1e-9));
         let rps = |load: &Option<Load>| load.as_ref().map_or(f64::NAN, |w| w.rps);
         println!(
-            "{:<10} {:>9.0} {:>9.0} {:>9} {:>10.4} {:>10.1} {:>10.0} {:>11.0} {:>10.0} {:>11.0}",
+            "{:<15} {:>9.0} {:>9.0} {:>9} {:>10.4} {:>10.1} {:>10.0} {:>11.0} {:>10.0} {:>11.0}",
             m.route.name,
             q(m, 0.5),
             q(m, 0.99),
@@ -374,7 +388,7 @@ fn print(measured: &[Measured], load_start: &LoadAvg, load_end: &LoadAvg) {
             rps(&m.h2),
             per_core(&m.h2),
         );
-        let key = m.route.name.replace(' ', "_").to_lowercase();
+        let key = m.route.name.replace([' ', '+'], "_").to_lowercase();
         figures.push((format!("{key}_p50"), q(m, 0.5), "us"));
         figures.push((format!("{key}_p99"), q(m, 0.99), "us"));
         if m.route.proxy.is_some() {
@@ -405,6 +419,18 @@ fn print(measured: &[Measured], load_start: &LoadAvg, load_end: &LoadAvg) {
         );
         figures.push(("waypoint_added_p99_over_l4".into(), added_p99, "us"));
         figures.push(("waypoint_vs_haproxy_rps_per_core".into(), ratio, "ratio"));
+    }
+    if let (Some(w), Some(p)) = (find("waypoint"), find("waypoint+policy")) {
+        let per_core =
+            |load: &Option<Load>| load.as_ref().map_or(f64::NAN, |x| x.rps / x.proxy_cores.max(1e-9));
+        let (h1, h2) = (per_core(&p.wrk) / per_core(&w.wrk), per_core(&p.h2) / per_core(&w.h2));
+        let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
+        println!(
+            "issue 12: with retries and a DestinationRule, rps/core {h1:.2}x (HTTP/1.1) and {h2:.2}x (HTTP/2) of the plain waypoint (>= 0.90): {}",
+            verdict(h1 >= 0.9 && h2 >= 0.9)
+        );
+        figures.push(("policy_vs_plain_waypoint_rps_per_core".into(), h1, "ratio"));
+        figures.push(("policy_vs_plain_waypoint_h2_rps_per_core".into(), h2, "ratio"));
     }
     figures.push(("loadavg_start_1m".into(), load_start.one, "load"));
     figures.push(("loadavg_end_1m".into(), load_end.one, "load"));
