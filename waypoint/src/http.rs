@@ -22,10 +22,11 @@ use weft_core::cert_manager::CertificateSource;
 use weft_core::state::Workload;
 use weft_core::telemetry::{ConnectionLabels, Reporter, ResponseFlags, SecurityPolicy};
 
+use crate::balance;
 use crate::body::{Counted, OnEnd, Recorded};
 use crate::fault;
 use crate::metrics::{Finished, RequestLabels, RequestMetrics};
-use crate::model::{AbortStatus, PortProtocol, Retries};
+use crate::model::{AbortStatus, H2Upgrade, PortProtocol, Retries};
 use crate::normalize::normalize_path;
 use crate::proxy::{Ctx, Destination, InFlight, Stream};
 use crate::replay::{Tee, MAX_REPLAY_BYTES};
@@ -317,10 +318,18 @@ async fn forward<S: CertificateSource>(
     let path = new_path.unwrap_or(path);
     add_forwarding(&mut parts.headers, stream.client);
     // Istio's choice: a port declared HTTP/2 (or gRPC) goes upstream over HTTP/2, one declared
-    // HTTP over HTTP/1.1 (whatever the client spoke); a detected one as the client spoke.
-    let upstream_h2 = match stream.declared {
-        Some(PortProtocol::Http2) => true,
-        Some(PortProtocol::Http) => false,
+    // HTTP over HTTP/1.1 (whatever the client spoke); a detected one as the client spoke. The
+    // DestinationRule may say otherwise: `useClientProtocol`, or `h2UpgradePolicy: UPGRADE`
+    // (an HTTP/1.1 request goes upstream as HTTP/2; never an upgrade, which HTTP/2 cannot carry).
+    let pool = routed.as_ref().and_then(|fwd| {
+        let subset = fwd.target.subset.and_then(|name| config.subset(fwd.target.host, name));
+        balance::traffic_policy(config, fwd.target.host, subset)?.connection_pool(fwd.target.port)
+    });
+    let upstream_h2 = match (stream.declared, pool) {
+        (_, Some(p)) if p.use_client_protocol => downstream_version == Version::HTTP_2,
+        (_, Some(p)) if p.h2_upgrade_policy == H2Upgrade::Upgrade && !upgrade => true,
+        (Some(PortProtocol::Http2), _) => true,
+        (Some(PortProtocol::Http), _) => false,
         _ => downstream_version == Version::HTTP_2,
     };
     let prepared = Prepared::new(parts, authority, path, upstream_h2).map_err(bad_request)?;

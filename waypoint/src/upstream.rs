@@ -21,9 +21,12 @@
 //!   and `tcp.maxConnectionDuration`: an idle connection past either is not reused.
 //! - `tcp.connectTimeout` (default 10 s, Istio's): the tunnel and handshake together.
 //!
+//! `http.h2UpgradePolicy` and `http.useClientProtocol` choose the protocol ([`crate::http`]).
+//!
 //! Not applied: `tcp.maxConnections` to HTTP/2 (one connection per endpoint and client),
-//! `http.maxConcurrentStreams` (the endpoint's own SETTINGS limit applies), and
-//! `tcp.tcpKeepalive` (the HBONE connections under the tunnels are shared by every cluster).
+//! `http.maxConcurrentStreams` (the endpoint's own SETTINGS limit applies), `tcp.tcpKeepalive`
+//! (the HBONE connections under the tunnels are shared by every cluster) and `tcp.idleTimeout`
+//! for TCP streams.
 
 use std::collections::HashMap;
 use std::error::Error as _;
