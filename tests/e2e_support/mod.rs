@@ -515,3 +515,120 @@ pub fn status(result: &Result<(), ClientError>) -> Option<u16> {
         _ => None,
     }
 }
+
+// ---- Resilience: many requests from one curl, what a pod received, the waypoint's side ----
+
+/// One answer of [`replies`]: the status (0 when curl got none, e.g. past `--max-time`), curl's
+/// `time_total` in seconds, and the body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub code: u16,
+    pub secs: f64,
+    pub body: String,
+}
+
+/// `urls` fetched in turn by one curl inside `netns` (one keep-alive connection per host), with
+/// `extra` arguments for every one and at most `secs` seconds each; a failed transfer is a reply
+/// with code 0, not an error.
+pub fn replies(netns: &str, secs: u32, extra: &[&str], urls: &[String]) -> Vec<Reply> {
+    const MARK: &str = "\n@@reply ";
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-s", "--max-time", &secs.to_string()])
+        .args(["-w", &format!("{MARK}%{{http_code}} %{{time_total}}\\n")])
+        .args(extra)
+        .args(urls)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut parts = text.split(MARK);
+    let mut body = parts.next().unwrap_or_default().to_owned();
+    let mut out_replies = Vec::new();
+    for part in parts {
+        let (head, rest) = part.split_once('\n').unwrap_or((part, ""));
+        let (code, secs) = head.split_once(' ').unwrap_or((head, "0"));
+        out_replies.push(Reply {
+            code: code.trim().parse().unwrap_or(0),
+            secs: secs.trim().parse().unwrap_or(f64::NAN),
+            body: std::mem::take(&mut body),
+        });
+        body = rest.to_owned();
+    }
+    assert_eq!(
+        out_replies.len(),
+        urls.len(),
+        "curl in {netns} answered {} of {} URLs ({}): {}",
+        out_replies.len(),
+        urls.len(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out_replies
+}
+
+/// `n` GETs of `url` by one curl ([`replies`]).
+pub fn replies_n(netns: &str, secs: u32, extra: &[&str], url: &str, n: usize) -> Vec<Reply> {
+    replies(netns, secs, extra, &vec![url.to_owned(); n])
+}
+
+/// `clients` curls at once, `n` GETs of `url` each ([`replies_n`]); the replies of all.
+pub fn replies_parallel(
+    netns: &str,
+    secs: u32,
+    extra: &[&str],
+    url: &str,
+    n: usize,
+    clients: usize,
+) -> Vec<Reply> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> =
+            (0..clients).map(|_| s.spawn(|| replies_n(netns, secs, extra, url, n))).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// How many of `replies` have status `code`.
+pub fn with_code(replies: &[Reply], code: u16) -> usize {
+    replies.iter().filter(|r| r.code == code).count()
+}
+
+/// The statuses of `replies`, counted.
+pub fn codes(replies: &[Reply]) -> BTreeMap<u16, usize> {
+    let mut codes = BTreeMap::new();
+    for r in replies {
+        *codes.entry(r.code).or_insert(0) += 1;
+    }
+    codes
+}
+
+/// The `q`-quantile (0..=1) of the replies' times, in seconds.
+pub fn quantile(replies: &[Reply], q: f64) -> f64 {
+    let mut secs: Vec<f64> = replies.iter().map(|r| r.secs).collect();
+    secs.sort_by(f64::total_cmp);
+    let at = ((secs.len() as f64 * q).ceil() as usize).clamp(1, secs.len()) - 1;
+    secs[at]
+}
+
+/// weft-app's `/count` at `ns/pod` on its HTTP `port`, read from inside the pod (not through the
+/// mesh): `{"requests": N, "by_path": {..}, "pod": ..}`.
+pub fn app_counts(t: &TestMesh, ns: &str, pod: &str, port: u16) -> serde_json::Value {
+    let (status, body) = t.mesh.pod_get(ns, pod, port, "/count").unwrap();
+    assert_eq!(status, 200, "{ns}/{pod} /count: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{ns}/{pod} /count: not JSON ({e}): {body}"))
+}
+
+/// The requests weft-app at `ns/pod` (HTTP on `port`) has received ([`app_counts`]).
+pub fn received(t: &TestMesh, ns: &str, pod: &str, port: u16) -> u64 {
+    app_counts(t, ns, pod, port)["requests"].as_u64().unwrap()
+}
+
+/// The Prometheus text of the waypoint of namespace `ns` (`waypoint-0`, :15020/metrics).
+pub fn waypoint_metrics(t: &TestMesh, ns: &str) -> String {
+    let (status, body) = t.mesh.pod_get(ns, "waypoint-0", up::METRICS_PORT, "/metrics").unwrap();
+    assert_eq!(status, 200, "{ns} waypoint /metrics: {body}");
+    body
+}
+
+/// The last lines of the log of pod `ns/pod`'s process (the waypoint's, for `waypoint-0`).
+pub fn pod_log(t: &TestMesh, ns: &str, pod: &str) -> String {
+    up::log_tail(&t.mesh.log_path(&format!("pod-{ns}-{pod}")))
+}

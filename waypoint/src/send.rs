@@ -253,7 +253,10 @@ pub async fn forward<S: CertificateSource>(
         }
         return match result {
             Some(Ok(response)) => {
-                record.labels.connection.response_flags = flags;
+                // A flag of the attempts (URX) wins over one set before them (DI).
+                if flags != ResponseFlags::None {
+                    record.labels.connection.response_flags = flags;
+                }
                 Ok(response)
             }
             Some(Err(e)) => Err(upstream_failure(&e, picked.address, flags)),
