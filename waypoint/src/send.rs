@@ -472,7 +472,16 @@ fn report_outlier(
         return;
     }
     let ejected = cluster.outlier(config, Instant::now(), |d| {
-        d.record(&picked.workload.uid, outcome, Instant::now(), picked.hosts)
+        let now = Instant::now();
+        // A response means the connection held: with local-origin errors counted apart, that
+        // success resets their count (the detector ignores it otherwise).
+        let connected = match outcome {
+            OutlierOutcome::Response(_) => {
+                d.record(&picked.workload.uid, OutlierOutcome::LocalOriginSuccess, now, picked.hosts)
+            }
+            _ => None,
+        };
+        d.record(&picked.workload.uid, outcome, now, picked.hosts).or(connected)
     });
     if let Some(Some(ejection)) = ejected {
         cluster.metrics.ejections_enforced.get_or_create(&cluster.labels).inc();
