@@ -74,10 +74,11 @@ if [[ $(helm version --template '{{.Version}}' 2>/dev/null) != "$HELM_VERSION" ]
   rm -rf "$tools_tmp"
 fi
 # grpcio (gRPC's own Python implementation) is the end-to-end tests' gRPC client: grpcurl is not
-# packaged for Debian 12 nor on PyPI.
+# packaged for Debian 12 nor on PyPI. PyJWT (with cryptography, for RSA, EC and EdDSA) makes the
+# tokens of the waypoint's JWT tests.
 readonly PIP_PACKAGES=(kubernetes-validate==1.37.0 pytest grpcio==1.85.3 grpcio-health-checking==1.85.1
-  grpcio-reflection==1.85.1)
-if ! python3 -c 'import kubernetes_validate, pytest, grpc, grpc_health, grpc_reflection' >/dev/null 2>&1 ||
+  grpcio-reflection==1.85.1 "PyJWT[crypto]==2.15.1")
+if ! python3 -c 'import kubernetes_validate, pytest, grpc, grpc_health, grpc_reflection, jwt, cryptography' >/dev/null 2>&1 ||
   [[ $(python3 -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))') != 1.37.0 ]]; then
   echo "setup: installing ${PIP_PACKAGES[*]} (pip)"
   python3 -m pip install -q --root-user-action=ignore "${PIP_PACKAGES[@]}"
