@@ -15,6 +15,7 @@
 //!   (pure, per cluster).
 //! - [`retry`]: whether a failed attempt is retried, the backoff, the retry budget (pure).
 //! - [`upstream`]: HBONE tunnels and pooled HTTP/1.1 and HTTP/2 connections to endpoints.
+//! - [`jwt`]: RequestAuthentication, Envoy's `jwt_authn` (pure), with keys from [`jwks`].
 //! - [`metrics`] and [`body`]: Istio's request metrics and the access log, recorded as each
 //!   response ends.
 
@@ -27,6 +28,8 @@ pub mod fault;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod jwks;
+pub mod jwt;
 pub mod metrics;
 pub mod mirror;
 pub mod model;
