@@ -7,6 +7,7 @@
 //! - [`xds`]: what it subscribes to (its own Waypoint resource and the mesh).
 //! - [`model`]: the Waypoint resource as typed values, converted where it enters.
 //! - [`proxy`]: the HBONE listener, each CONNECT stream, protocol detection ([`sniff`]) and TCP.
+//! - [`authz`]: Istio's AuthorizationPolicy applied to one request (pure): CUSTOM, DENY, ALLOW, AUDIT.
 //! - [`http`]: one request: [`normalize`], [`route`] (pure), [`fault`] (pure), then [`send`].
 //! - [`send`]: attempts upstream under the route's retries and timeouts, each to an endpoint
 //!   [`balance`] (pure) picks, with [`mirror`]ed copies; request bodies kept for replay by
@@ -20,6 +21,7 @@
 //!   response ends.
 
 pub mod app;
+pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod cluster;
