@@ -19,6 +19,7 @@ use weft_core::tls::DEFAULT_CERT_LIFETIME;
 use weft_core::xds::{self, Synced, XdsConfig};
 
 use crate::config::Config;
+use crate::jwks::Jwks;
 use crate::metrics::RequestMetrics;
 use crate::model::Waypoint;
 use crate::proxy::{Ctx, Proxy};
@@ -88,6 +89,7 @@ impl App {
         let tcp = TcpMetrics::default();
         tcp.register(&mut registry);
 
+        let jwks = Jwks::with_timing(config.jwks_refresh, crate::jwks::MIN_REFETCH_GAP);
         let ctx = Arc::new(Ctx::new(
             Arc::clone(&config),
             Arc::clone(&waypoint),
@@ -95,13 +97,18 @@ impl App {
             Arc::clone(&certs),
             requests,
             tcp,
+            jwks.clone(),
         ));
         ctx.clusters.metrics.register(&mut registry);
         let proxy = Proxy::bind(Arc::clone(&ctx)).await.map_err(StartError::Listener)?;
         let hbone = proxy.local_addr().map_err(StartError::Listener)?;
 
-        let handler =
-            Arc::new(WaypointHandler::new(config.resource_name(), Arc::clone(&waypoint), Arc::clone(&state)));
+        let handler = Arc::new(WaypointHandler::new(
+            config.resource_name(),
+            Arc::clone(&waypoint),
+            Arc::clone(&state),
+            jwks,
+        ));
         let (synced_tx, synced) = watch::channel(Synced::new(&xds::Handler::type_urls(handler.as_ref())));
         let mut metadata =
             std::collections::BTreeMap::from([(WAYPOINT_NAME_METADATA.to_owned(), config.name.clone())]);

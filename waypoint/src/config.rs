@@ -35,6 +35,8 @@ pub mod env {
     pub const WORKER_THREADS: &str = "WAYPOINT_WORKER_THREADS";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
     pub const ACCESS_LOG: &str = "WAYPOINT_ACCESS_LOG";
+    /// Istio's name for how often JWKS are refetched (istiod's there; the waypoint's here).
+    pub const JWKS_REFRESH: &str = "PILOT_JWT_PUB_KEY_REFRESH_INTERVAL";
 }
 
 /// How long the first bytes of a stream of undeclared protocol are waited for before it is
@@ -100,6 +102,9 @@ pub struct Args {
     /// Log one line per request (target `access`), as Envoy's access log.
     #[arg(long, env = env::ACCESS_LOG)]
     access_log: bool,
+    /// How often each RequestAuthentication's `jwksUri` is fetched again (`20m`, `30s`, `500ms`).
+    #[arg(long, env = env::JWKS_REFRESH, default_value = "20m")]
+    jwks_refresh_interval: String,
 }
 
 /// The waypoint's effective configuration.
@@ -123,6 +128,8 @@ pub struct Config {
     pub admin: AdminAddresses,
     pub log_format: LogFormat,
     pub access_log: bool,
+    /// How often JWKS are refetched.
+    pub jwks_refresh: Duration,
     pub sniff_timeout: Duration,
 }
 
@@ -156,6 +163,12 @@ impl Config {
         let readiness =
             value(e, "--readiness-address", &args.readiness_address, socket_addr(&args.readiness_address));
         let log_format = value(e, "--log-format/LOG_FORMAT", &args.log_format, log_format(&args.log_format));
+        let jwks_refresh = value(
+            e,
+            "--jwks-refresh-interval/PILOT_JWT_PUB_KEY_REFRESH_INTERVAL",
+            &args.jwks_refresh_interval,
+            duration(&args.jwks_refresh_interval),
+        );
         let xds_address =
             value(e, "--xds-address/XDS_ADDRESS", &args.xds_address, endpoint(&args.xds_address));
         let ca_given = args.ca_address.clone().unwrap_or_else(|| args.xds_address.clone());
@@ -183,6 +196,7 @@ impl Config {
             ca_address,
             identity,
             token,
+            jwks_refresh,
         ) {
             (
                 Some(pod_ip),
@@ -196,6 +210,7 @@ impl Config {
                 Some(ca_address),
                 Some(identity),
                 Some(token),
+                Some(jwks_refresh),
             ) if errors.is_empty() => Ok(Config {
                 pod_name: args.pod_name.filter(|p| !p.is_empty()).unwrap_or_else(|| args.name.clone()),
                 name: args.name,
@@ -211,6 +226,7 @@ impl Config {
                 admin: AdminAddresses { admin, metrics, readiness },
                 log_format,
                 access_log: args.access_log,
+                jwks_refresh,
                 sniff_timeout: DEFAULT_SNIFF_TIMEOUT,
             }),
             _ => Err(ConfigError(errors)),
@@ -238,6 +254,25 @@ fn display<S: serde::Serializer>(value: &impl std::fmt::Display, serializer: S) 
     serializer.collect_str(value)
 }
 
+/// A duration as Istio writes one: a number and a unit (`ms`, `s`, `m`, `h`), at least 1 ms.
+fn duration(given: &str) -> Result<Duration, String> {
+    let given = given.trim();
+    let split = given.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(given.len());
+    let (number, unit) = given.split_at(split);
+    let number: f64 =
+        number.parse().map_err(|_| format!("{given:?} is not a duration such as 20m or 30s"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(format!("{given:?}: the unit must be ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| *d >= Duration::from_millis(1))
+        .ok_or_else(|| format!("{given:?} is not a duration of at least 1ms"))
+}
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -1,4 +1,5 @@
-//! One HTTP request through the waypoint: normalize the path, route it ([`crate::route`]),
+//! One HTTP request through the waypoint: check its JWT and the authorization policies
+//! ([`crate::security`]: 401 or 403 `RBAC: access denied`), normalize the path, route it ([`crate::route`]),
 //! answer locally (redirect, direct response, no route) or choose an endpoint
 //! ([`crate::balance`]) and forward it there over HBONE ([`crate::upstream`]), with the
 //! route's rewrites and header changes, `x-forwarded-for` and `forwarded` naming the client;
@@ -26,11 +27,12 @@ use crate::balance;
 use crate::body::{Counted, OnEnd, Recorded};
 use crate::fault;
 use crate::metrics::{Finished, RequestLabels, RequestMetrics};
-use crate::model::{AbortStatus, H2Upgrade, PortProtocol, Retries};
+use crate::model::{AbortStatus, H2Upgrade, PortProtocol, Retries, Waypoint};
 use crate::normalize::normalize_path;
 use crate::proxy::{Ctx, Destination, InFlight, Stream};
 use crate::replay::{Tee, MAX_REPLAY_BYTES};
 use crate::route::{self, Connection, Decision, RequestHead};
+use crate::security;
 use crate::send::{self, Policies, Prepared, Via};
 use crate::upstream;
 
@@ -91,6 +93,9 @@ struct AccessLine {
     upstream: Option<SocketAddr>,
     route: String,
     client: SocketAddr,
+    /// The policy that denied the request (`<namespace>.<name>`), or the AUDIT policies that
+    /// matched it.
+    policy: String,
 }
 
 impl OnEnd for Record {
@@ -112,7 +117,7 @@ impl OnEnd for Record {
                 grpc_status = l.grpc_response_status, bytes_received = finished.request_bytes,
                 bytes_sent = finished.response_bytes, duration_ms = finished.duration.as_millis() as u64,
                 upstream_host = a.upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
-                route_name = a.route, downstream_remote_address = %a.client,
+                route_name = a.route, downstream_remote_address = %a.client, policy = a.policy,
                 source_principal = l.connection.source_principal,
                 destination_service = l.connection.destination_service, "request");
         }
@@ -147,6 +152,7 @@ pub async fn handle<S: CertificateSource>(
         upstream: None,
         route: String::new(),
         client: stream.client,
+        policy: String::new(),
     });
     let mut record = Record {
         metrics: ctx.requests.clone(),
@@ -227,6 +233,7 @@ async fn forward<S: CertificateSource>(
         ));
     };
     let state = ctx.state.load();
+    let request = secure(ctx, stream, config, request, record).await?;
     let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let path = if request.method() == Method::CONNECT {
         // CONNECT (to tunnel TCP through an HTTP proxy) is not a route Istio's waypoint serves.
@@ -365,6 +372,63 @@ async fn forward<S: CertificateSource>(
     }
     changes.apply_response(&mut parts.headers);
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// The security stage ([`security::check`]): the request as it goes on (a token may be gone,
+/// claims copied into headers), or the 401 or 403 that answers it. Skipped when nothing
+/// applies.
+async fn secure<S: CertificateSource>(
+    ctx: &Arc<Ctx<S>>,
+    stream: &Stream,
+    config: &Waypoint,
+    request: Request<Incoming>,
+    record: &mut Record,
+) -> Result<Request<Incoming>, Box<Local>> {
+    let (service, port) = match &stream.destination {
+        Destination::Service { service, port } => (config.services.get(&service.hostname), *port),
+        Destination::Workload { port, .. } => (None, *port),
+    };
+    if config.security.is_empty() && service.is_none_or(|s| s.security.is_empty()) {
+        return Ok(request);
+    }
+    let grpc = is_grpc(request.headers());
+    let peer = security::Peer {
+        identity: &stream.peer_identity,
+        client: stream.client,
+        destination: SocketAddr::new(stream.original.ip(), port),
+    };
+    let (mut parts, body) = request.into_parts();
+    match security::check(config, service, &ctx.jwks, &peer, &mut parts).await {
+        Ok(allowed) => {
+            if let Some(access) = &mut record.access {
+                access.policy = allowed.audited.join(",");
+            }
+            for policy in &allowed.audited {
+                info!(target: "audit", policy, principal = allowed.principal.as_deref().unwrap_or("-"),
+                    method = %parts.method, path = parts.uri.path(), client = %stream.client, "request audited");
+            }
+            Ok(Request::from_parts(parts, body))
+        }
+        Err(refused) => {
+            if let Some(access) = &mut record.access {
+                access.policy = refused.policy.clone().unwrap_or_default();
+            }
+            let code = if refused.status == StatusCode::UNAUTHORIZED { 16 } else { 7 };
+            let mut local = Local::new(refused.status, ResponseFlags::None, "", refused.reason);
+            if grpc {
+                local.status = StatusCode::OK;
+                local.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                local.headers.insert("grpc-status", HeaderValue::from(code));
+                if let Ok(message) = HeaderValue::from_str(&refused.body) {
+                    local.headers.insert("grpc-message", message);
+                }
+            } else {
+                local.body = Bytes::from(refused.body);
+                local.headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+            Err(local)
+        }
+    }
 }
 
 /// The local answer to a request aborted by fault injection: the status with Envoy's body, or

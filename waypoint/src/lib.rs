@@ -1,6 +1,6 @@
-//! Weft's waypoint: the per-namespace L7 proxy that terminates HBONE and applies routing and
-//! resilience (and, in a later part, L7 authorization and JWT checks) to the traffic of the
-//! services and workloads bound to it. A library the thin `main.rs` runs (and tests run in-process).
+//! Weft's waypoint: the per-namespace L7 proxy that terminates HBONE and applies JWT checks, L7
+//! authorization, routing and resilience to the traffic of the services and workloads bound to
+//! it. A library the thin `main.rs` runs (and tests run in-process).
 //!
 //! - [`config`]: every flag and environment variable, parsed and checked once.
 //! - [`app`]: builds and runs the whole waypoint from a [`config::Config`].
@@ -8,7 +8,8 @@
 //! - [`model`]: the Waypoint resource as typed values, converted where it enters.
 //! - [`proxy`]: the HBONE listener, each CONNECT stream, protocol detection ([`sniff`]) and TCP.
 //! - [`authz`]: Istio's AuthorizationPolicy applied to one request (pure): CUSTOM, DENY, ALLOW, AUDIT.
-//! - [`http`]: one request: [`normalize`], [`route`] (pure), [`fault`] (pure), then [`send`].
+//! - [`http`]: one request: [`security`] ([`jwt`] with keys from [`jwks`], then [`authz`],
+//!   both pure), [`normalize`], [`route`] (pure), [`fault`] (pure), then [`send`].
 //! - [`send`]: attempts upstream under the route's retries and timeouts, each to an endpoint
 //!   [`balance`] (pure) picks, with [`mirror`]ed copies; request bodies kept for replay by
 //!   [`replay`]; per-cluster limits, counters and outlier state in [`cluster`].
@@ -41,6 +42,7 @@ pub mod proxy;
 pub mod replay;
 pub mod retry;
 pub mod route;
+pub mod security;
 pub mod send;
 pub mod sniff;
 pub mod upstream;

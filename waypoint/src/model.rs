@@ -37,6 +37,9 @@ use serde::{Serialize, Serializer};
 
 use weft_core::identity::Identity;
 
+use crate::authz::Policy;
+use crate::jwt::RequestAuthentication;
+
 /// The most a match regex or rewrite regex may compile to; a larger one is refused (the default
 /// of the `regex` crate, stated so that a hostile pattern is refused rather than allocated).
 const REGEX_SIZE_LIMIT: usize = 10 * (1 << 20);
@@ -61,6 +64,17 @@ pub struct Waypoint {
     pub identity: Identity,
     /// The services that send their traffic through this waypoint, by hostname.
     pub services: BTreeMap<String, Service>,
+    /// What targets the waypoint itself (its Gateway, or the `istio-waypoint` GatewayClass):
+    /// applies to every request through it.
+    pub security: Security,
+}
+
+/// The AuthorizationPolicies and RequestAuthentications that apply, as [`crate::authz`] and
+/// [`crate::jwt`] read them.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    pub policies: Vec<Policy>,
+    pub request_authentications: Vec<RequestAuthentication>,
 }
 
 /// A service bound to the waypoint, with the VirtualService routes and DestinationRule policy
@@ -83,6 +97,8 @@ pub struct Service {
     /// `<namespace>/<name>` of the VirtualServices and DestinationRule resolved into this entry.
     pub virtual_services: Vec<String>,
     pub destination_rule: Option<String>,
+    /// What targets this Service: applies to the requests for it.
+    pub security: Security,
 }
 
 /// What a Service port declares it carries (Istio's protocol selection).
@@ -497,6 +513,34 @@ pub struct Problem {
     pub at: String,
     pub field: String,
     pub reason: String,
+}
+
+impl Security {
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty() && self.request_authentications.is_empty()
+    }
+
+    /// The request authentications by name, as they are compared and shown.
+    fn names(&self) -> Vec<String> {
+        self.request_authentications.iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect()
+    }
+}
+
+impl PartialEq for Security {
+    /// Policies compare whole; request authentications by name (their keys are fetched data).
+    fn eq(&self, other: &Security) -> bool {
+        self.policies == other.policies && self.names() == other.names()
+    }
+}
+
+impl Serialize for Security {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut out = s.serialize_struct("Security", 2)?;
+        out.serialize_field("policies", &self.policies)?;
+        out.serialize_field("request_authentications", &self.names())?;
+        out.end()
+    }
 }
 
 impl Waypoint {

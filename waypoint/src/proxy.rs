@@ -36,6 +36,7 @@ use weft_core::tls::WorkloadCertificate;
 use crate::balance::{Cluster, LoadState};
 use crate::cluster::Clusters;
 use crate::config::Config;
+use crate::jwks::Jwks;
 use crate::metrics::RequestMetrics;
 use crate::mirror::MAX_MIRRORS_IN_FLIGHT;
 use crate::model::{PortProtocol, Waypoint};
@@ -62,6 +63,8 @@ pub struct Ctx<S> {
     pub tcp: TcpMetrics,
     pub load: Load,
     pub clusters: Clusters,
+    /// The JWKS of the RequestAuthentications that apply (fetched as the configuration arrives).
+    pub jwks: Jwks,
     /// Mirrored requests in flight ([`crate::mirror::MAX_MIRRORS_IN_FLIGHT`]).
     pub mirrors: Arc<Semaphore>,
 }
@@ -191,6 +194,7 @@ impl<S: CertificateSource> Ctx<S> {
         certs: Arc<CertManager<S>>,
         requests: RequestMetrics,
         tcp: TcpMetrics,
+        jwks: Jwks,
     ) -> Ctx<S> {
         let pool = Pool::new(ClientSettings {
             connect_timeout: CONNECT_TIMEOUT,
@@ -207,6 +211,7 @@ impl<S: CertificateSource> Ctx<S> {
             tcp,
             load: Load::default(),
             clusters: Clusters::default(),
+            jwks,
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
         }
     }

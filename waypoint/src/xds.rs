@@ -12,6 +12,8 @@ use weft_core::proto::WAYPOINT_TYPE_URL;
 use weft_core::state::{ProxyState, Shared};
 use weft_core::xds::{apply_mesh, Handler, MeshHandler, MeshResource};
 
+use crate::jwks::Jwks;
+use crate::jwt::KeySource;
 use crate::model::Waypoint;
 
 /// A decoded resource.
@@ -26,6 +28,9 @@ pub struct WaypointHandler {
     pub resource_name: String,
     pub waypoint: Arc<Shared<Option<Waypoint>>>,
     pub mesh: MeshHandler,
+    /// Fetches the JWKS a new configuration names (off the data path), drops those it no
+    /// longer names.
+    pub jwks: Jwks,
 }
 
 impl WaypointHandler {
@@ -33,8 +38,27 @@ impl WaypointHandler {
         resource_name: String,
         waypoint: Arc<Shared<Option<Waypoint>>>,
         state: Arc<Shared<ProxyState>>,
+        jwks: Jwks,
     ) -> Self {
-        WaypointHandler { resource_name, waypoint, mesh: MeshHandler { state } }
+        WaypointHandler { resource_name, waypoint, mesh: MeshHandler { state }, jwks }
+    }
+
+    /// Starts fetching every `jwksUri` of `waypoint` and forgets the others.
+    fn fetch_keys(&self, waypoint: &Waypoint) {
+        let rules = waypoint
+            .security
+            .request_authentications
+            .iter()
+            .chain(waypoint.services.values().flat_map(|s| s.security.request_authentications.iter()))
+            .flat_map(|ra| ra.rules.iter());
+        let mut uris = Vec::new();
+        for rule in rules {
+            if let KeySource::Remote(uri) = &rule.keys {
+                self.jwks.ensure(uri, rule.timeout);
+                uris.push(uri.clone());
+            }
+        }
+        self.jwks.retain(|uri| uris.iter().any(|u| u == uri));
     }
 }
 
@@ -71,6 +95,7 @@ impl Handler for WaypointHandler {
             }
             for (_, resource) in resources {
                 if let Resource::Waypoint(waypoint) = resource {
+                    self.fetch_keys(&waypoint);
                     self.waypoint.update(|w| *w = Some(*waypoint));
                 }
             }

@@ -11,6 +11,9 @@
 //!   ztunnel → server);
 //! - waypoint+policy: `l7p`, as `l7` with a retry policy, a route timeout, a connection pool and
 //!   outlier detection in place (generous limits: the cost of applying them, issue 12);
+//! - waypoint+authz: `l7s`, as `l7` with a RequestAuthentication (an ES256 token checked on
+//!   every request) and an ALLOW policy of 10 rules, the last one allowing the bench's requests
+//!   (issue 13);
 //! - haproxy, nginx: `plain`, through the proxy in plain/proxy on node-a (Debian's packages, one
 //!   thread / one worker, HTTP/1.1 keep-alive to the server), as the waypoint is placed.
 //!
@@ -38,6 +41,10 @@ mod support;
 use support::*;
 
 const CLUSTER: &str = "wpbench";
+/// The `l7s` path's token: ES256, issuer `bench@weft.local`, audience `server`, valid until 2100,
+/// signed with the key whose public half is the RequestAuthentication's inline JWKS in
+/// `examples/bench-waypoint/mesh.yaml` (a key of the bench's own, protecting nothing).
+const BENCH_TOKEN: &str = "eyJhbGciOiJFUzI1NiIsImtpZCI6ImJlbmNoIiwidHlwIjoiSldUIn0.eyJpc3MiOiJiZW5jaEB3ZWZ0LmxvY2FsIiwic3ViIjoiY2xpZW50IiwiYXVkIjoic2VydmVyIiwiZXhwIjo0MTAyNDQ0ODAwLCJpYXQiOjE3NjQ3MDAwMDB9.MM5qgdf12feRbpbJKUAsL9HtlcxEp7atfsQ92lHKO8IJz3K8o2Nj9NbA0YcjGms6y72NV2NtXdKCXa8XuUSrbQ";
 const LOCK: &str = "/run/lock/weft-bench-waypoint.lock";
 
 const HTTP_PORT: u16 = 8080;
@@ -72,10 +79,23 @@ struct Route {
     addr: SocketAddr,
     /// The Host it sends.
     host: String,
+    /// A header every request on this path carries (the token on the authz path).
+    header: Option<(&'static str, String)>,
     /// The proxy measured on this path, if any.
     proxy: Option<Procs>,
     /// Where an HTTP/2 client connects, when the path is measured over HTTP/2.
     h2_addr: Option<SocketAddr>,
+}
+
+impl Route {
+    /// A keep-alive connection on this path, its requests carrying the path's header.
+    fn connect(&self) -> anyhow::Result<Connection> {
+        let conn = Connection::open(&self.client_netns, self.addr, &self.host)?;
+        Ok(match &self.header {
+            Some((name, value)) => conn.with_header(name, value),
+            None => conn,
+        })
+    }
 }
 
 /// What was measured on one route.
@@ -154,13 +174,15 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Vec<Measured>> {
     }
     let waypoint = Procs { pids: vec![Procs::find(c.pod_netns("l7", "waypoint-0")?, "waypoint")?] };
     let waypoint_policy = Procs { pids: vec![Procs::find(c.pod_netns("l7p", "waypoint-0")?, "waypoint")?] };
+    let waypoint_authz = Procs { pids: vec![Procs::find(c.pod_netns("l7s", "waypoint-0")?, "waypoint")?] };
     let haproxy_procs = Procs { pids: vec![Procs::find(&proxy_netns, "haproxy")?] };
     let nginx_procs = Procs { pids: all(&proxy_netns, "nginx")? };
     let vip = |ns: &str| -> anyhow::Result<IpAddr> {
         Ok(match ns {
             "mesh" => "10.96.0.20".parse()?,
             "l7" => "10.96.0.21".parse()?,
-            _ => "10.96.0.22".parse()?,
+            "l7p" => "10.96.0.22".parse()?,
+            _ => "10.96.0.23".parse()?,
         })
     };
     let route = |name,
@@ -178,6 +200,7 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Vec<Measured>> {
             } else {
                 addr.to_string()
             },
+            header: (ns == "l7s").then(|| ("authorization", format!("Bearer {BENCH_TOKEN}"))),
             proxy,
             h2_addr: h2,
         })
@@ -200,6 +223,13 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Vec<Measured>> {
             Some(SocketAddr::new(vip("l7p")?, SERVICE_PORT)),
         )?,
         route(
+            "waypoint+authz",
+            "l7s",
+            SocketAddr::new(vip("l7s")?, SERVICE_PORT),
+            Some(waypoint_authz),
+            Some(SocketAddr::new(vip("l7s")?, SERVICE_PORT)),
+        )?,
+        route(
             "haproxy",
             "plain",
             SocketAddr::new(proxy_ip, HAPROXY_PORT),
@@ -217,7 +247,7 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Vec<Measured>> {
     // One request on each first: tunnels, certificates and upstream connections are made
     // before anything is timed.
     for r in &routes {
-        let mut conn = Connection::open(&r.client_netns, r.addr, &r.host)?;
+        let mut conn = r.connect()?;
         let (status, body) = conn.get(&format!("/bytes/{BODY_BYTES}"))?;
         ensure!(
             status == 200 && body == BODY_BYTES,
@@ -233,7 +263,7 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Vec<Measured>> {
         eprintln!("{}: {RATE} requests/s over {CONNECTIONS} connections...", r.name);
         let none = Procs { pids: Vec::new() };
         let procs = r.proxy.as_ref().unwrap_or(&none);
-        let latency = fixed_rate(schedule, || Connection::open(&r.client_netns, r.addr, &r.host), procs)?;
+        let latency = fixed_rate(schedule, || r.connect(), procs)?;
         let (wrk, h2) = match &r.proxy {
             Some(p) => {
                 eprintln!("{}: wrk -c{WRK_CONNECTIONS} -d{WRK_SECONDS}s...", r.name);
@@ -299,7 +329,9 @@ fn wrk(route: &Route, proxy: &Procs) -> anyhow::Result<Load> {
     let out = Command::new("ip")
         .args(["netns", "exec", &route.client_netns, "wrk", "-t1"])
         .args([format!("-c{WRK_CONNECTIONS}"), format!("-d{WRK_SECONDS}s")])
-        .args(["-H", &format!("Host: {}", route.host), &url])
+        .args(["-H", &format!("Host: {}", route.host)])
+        .args(route.header.iter().flat_map(|(n, v)| ["-H".to_owned(), format!("{n}: {v}")]))
+        .arg(&url)
         .output()
         .context("running wrk")?;
     let cores = proxy.cpu()?.since(&before).total() / started.elapsed().as_secs_f64();
@@ -327,7 +359,9 @@ fn h2load(route: &Route, addr: SocketAddr, proxy: &Procs) -> anyhow::Result<Load
     let out = Command::new("ip")
         .args(["netns", "exec", &route.client_netns, "h2load"])
         .args([format!("-n{H2_REQUESTS}"), format!("-c{H2_CONNECTIONS}"), format!("-m{H2_STREAMS}")])
-        .args(["-H", &format!(":authority: {}", route.host), &url])
+        .args(["-H", &format!(":authority: {}", route.host)])
+        .args(route.header.iter().flat_map(|(n, v)| ["-H".to_owned(), format!("{n}: {v}")]))
+        .arg(&url)
         .output()
         .context("running h2load")?;
     let cores = proxy.cpu()?.since(&before).total() / started.elapsed().as_secs_f64();
@@ -437,6 +471,18 @@ fn print(measured: &[Measured], load_start: &LoadAvg, load_end: &LoadAvg) {
         );
         figures.push(("policy_vs_plain_waypoint_rps_per_core".into(), h1, "ratio"));
         figures.push(("policy_vs_plain_waypoint_h2_rps_per_core".into(), h2, "ratio"));
+    }
+    if let (Some(w), Some(a)) = (find("waypoint"), find("waypoint+authz")) {
+        let per_core =
+            |load: &Option<Load>| load.as_ref().map_or(f64::NAN, |x| x.rps / x.proxy_cores.max(1e-9));
+        let (h1, h2) = (per_core(&a.wrk) / per_core(&w.wrk), per_core(&a.h2) / per_core(&w.h2));
+        let added_p99 = q(a, 0.99) - q(w, 0.99);
+        println!(
+            "issue 13: with JWT validation and an ALLOW policy of 10 rules, rps/core {h1:.2}x (HTTP/1.1) and {h2:.2}x (HTTP/2) of the plain waypoint; p99 {added_p99:+.0} us"
+        );
+        figures.push(("authz_vs_plain_waypoint_rps_per_core".into(), h1, "ratio"));
+        figures.push(("authz_vs_plain_waypoint_h2_rps_per_core".into(), h2, "ratio"));
+        figures.push(("authz_added_p99".into(), added_p99, "us"));
     }
     figures.push(("loadavg_start_1m".into(), load_start.one, "load"));
     figures.push(("loadavg_end_1m".into(), load_end.one, "load"));

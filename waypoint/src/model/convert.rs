@@ -34,12 +34,14 @@ impl TryFrom<&wp::Waypoint> for Waypoint {
             }
             services.insert(converted.hostname.clone(), converted);
         }
+        let security = security(&proto.policies, &proto.request_authentications, &here, &mut problems);
         match identity {
             Some(identity) if problems.list.is_empty() => Ok(Waypoint {
                 name: proto.name.clone(),
                 namespace: proto.namespace.clone(),
                 identity,
                 services,
+                security,
             }),
             _ => Err(ResourceError {
                 waypoint: format!("{}/{}", proto.namespace, proto.name),
@@ -140,6 +142,7 @@ fn service(proto: &wp::Service, problems: &mut Problems) -> Option<Service> {
         let subset = Subset { name: s.name.clone(), labels: s.labels.clone(), traffic_policy: policy };
         subsets.entry(s.name.clone()).or_insert(subset);
     }
+    let security = security(&proto.policies, &proto.request_authentications, &at, problems);
     (problems.list.len() == before).then(|| Service {
         hostname: proto.hostname.clone(),
         name: proto.name.clone(),
@@ -151,7 +154,32 @@ fn service(proto: &wp::Service, problems: &mut Problems) -> Option<Service> {
         subsets,
         virtual_services: proto.virtual_services.clone(),
         destination_rule: (!proto.destination_rule.is_empty()).then(|| proto.destination_rule.clone()),
+        security,
     })
+}
+
+/// The policies and request authentications of the waypoint or of one service; each that does
+/// not convert is a problem naming it.
+fn security(
+    policies: &[wp::AuthorizationPolicy],
+    request_authentications: &[wp::RequestAuthentication],
+    at: &str,
+    problems: &mut Problems,
+) -> Security {
+    let mut out = Security::default();
+    for (i, p) in policies.iter().enumerate() {
+        let field = format!("policies[{i}] (AuthorizationPolicy {}/{})", p.namespace, p.name);
+        if let Some(policy) = problems.check(at, &field, Policy::try_from(p)) {
+            out.policies.push(policy);
+        }
+    }
+    for (i, r) in request_authentications.iter().enumerate() {
+        let field = format!("requestAuthentications[{i}]");
+        if let Some(ra) = problems.check(at, &field, RequestAuthentication::try_from(r)) {
+            out.request_authentications.push(ra);
+        }
+    }
+    out
 }
 
 fn http_route(proto: &wp::HttpRoute, at: &str, problems: &mut Problems) -> Option<HttpRoute> {

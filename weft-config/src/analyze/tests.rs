@@ -558,8 +558,8 @@ const UNENFORCED: &[Unenforced] = &[
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {action: AUDIT, rules: [{}]}\n",
         "AuthorizationPolicy default/p",
         "spec.action",
-        "action AUDIT is not enforced: Weft writes no audit log",
-        "",
+        "action AUDIT is not enforced by ztunnel: only a waypoint logs audited requests",
+        "targetRefs",
     ),
     // AuthorizationPolicy targets.
     (
@@ -705,17 +705,19 @@ fn what_a_waypoint_enforces_draws_no_warning() {
     }
 }
 
-/// What the waypoint does not apply yet (resilience, authorization, JWT) warns where it is bound
-/// to a waypoint, once per field.
+/// What the waypoint does not apply yet (CORS; a CUSTOM policy's provider) warns where it is
+/// bound to a waypoint, once per field.
 #[test]
 fn what_the_waypoint_does_not_apply_yet_warns() {
     let cases = [
-        ("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: me}]\n", "spec.targetRefs[0]", "does not check JWTs yet"),
-        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n", "spec.targetRefs[0]", "does not check authorization policies yet"),
+        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  action: CUSTOM\n  provider: {name: ext}\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n", "spec.provider", "has no extension provider \"ext\""),
         ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  http: [{corsPolicy: {allowOrigins: [{exact: a}]}, route: [{destination: {host: bound}}]}]\n", "spec.http[0].corsPolicy", "does not apply this yet"),
     ];
-    // Resilience is applied: no finding.
+    // Resilience, L7 policies and JWTs are applied: no finding.
     for (manifest, field) in [
+        ("apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: j}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  jwtRules: [{issuer: me}]\n", "spec"),
+        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n", "spec"),
+        ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  targetRefs: [{kind: Service, group: '', name: bound}]\n  action: AUDIT\n  rules: [{}]\n", "spec"),
         ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [bound]\n  http: [{timeout: 1s, retries: {attempts: 3}, fault: {abort: {httpStatus: 500}}, mirror: {host: bound}, route: [{destination: {host: bound}}]}]\n", "spec.http[0]"),
         ("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: bound, trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}, outlierDetection: {consecutive5xxErrors: 1}}}\n", "spec.trafficPolicy"),
     ] {

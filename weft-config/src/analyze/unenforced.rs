@@ -16,7 +16,9 @@
 //!   origination settings, a VirtualService without hosts (delegates are not followed), and a
 //!   route's `corsPolicy` (the waypoint applies routes, timeouts, retries, faults, mirrors,
 //!   connection pools and outlier detection, not CORS yet);
-//! - AuthorizationPolicy: CUSTOM and AUDIT actions; a policy ztunnel enforces (selector,
+//! - AuthorizationPolicy: CUSTOM (a waypoint has no extension provider: it denies what the rules
+//!   match; ztunnel ignores the policy) and AUDIT where ztunnel would enforce it (only a waypoint
+//!   logs audits); a policy ztunnel enforces (selector,
 //!   namespace or mesh-wide) with L7 fields (`to.operation` hosts, methods, paths,
 //!   `from.source` requestPrincipals, remoteIpBlocks, any `when`) or malformed ports or ipBlocks:
 //!   an ALLOW rule with them is dropped (the workloads refuse what only it allowed; with no rule
@@ -57,9 +59,9 @@ const INJECTION_LABELS: [&str; 2] = ["istio-injection", "istio.io/rev"];
 /// The fix of everything a gateway proxy would serve.
 const NO_GATEWAY_FIX: &str =
     "expose the workloads another way, such as a Service of type LoadBalancer or NodePort";
-/// What Weft's waypoint does not apply yet (CORS, authorization and JWT).
+/// What Weft's waypoint does not apply yet (CORS).
 const WAYPOINT_NOT_YET: &str =
-    "Weft's waypoint routes, balances and applies resilience but does not apply this yet";
+    "Weft's waypoint routes, balances, applies resilience and checks policies and JWTs but does not apply this yet";
 
 /// The fix of routing and policy that only a waypoint applies.
 const BIND_WAYPOINT_FIX: &str = "bind the Service to a waypoint: label it (or its namespace) \
@@ -392,6 +394,27 @@ impl<'a> Check<'a> {
 
     fn authorization_policy(&mut self, i: usize, p: &AuthorizationPolicy) {
         let spec = &p.spec;
+        let refs = target_refs(spec.target_ref.as_ref(), &spec.target_refs);
+        if !refs.is_empty() {
+            // A waypoint applies it (ALLOW, DENY, AUDIT and CUSTOM), when the refs reach one.
+            if self.targets(i, &p.metadata, &refs) {
+                self.waypoint_ports(i, &spec.rules);
+                if spec.action == AuthorizationAction::Custom {
+                    let provider =
+                        spec.provider.as_ref().map(|x| format!(" {:?}", x.name)).unwrap_or_default();
+                    self.push(
+                        i,
+                        "spec.provider",
+                        format!(
+                            "action CUSTOM: Weft's waypoint has no extension provider{provider} to call, so it \
+                             denies (403) every request the policy's rules match"
+                        ),
+                        Some("express the decision as ALLOW or DENY rules"),
+                    );
+                }
+            }
+            return;
+        }
         match spec.action {
             AuthorizationAction::Custom => {
                 let provider =
@@ -400,53 +423,31 @@ impl<'a> Check<'a> {
                     i,
                     "spec.action",
                     format!(
-                        "action CUSTOM (external authorization{provider}) is not enforced: Weft calls no external \
-                         authorizer, so requests are not checked by it"
+                        "action CUSTOM (external authorization{provider}) is not enforced by ztunnel: Weft calls \
+                         no external authorizer, so connections are not checked by it"
                     ),
                     Some("express the decision as ALLOW or DENY rules"),
                 );
-                return;
             }
             AuthorizationAction::Audit => {
                 self.push(
                     i,
                     "spec.action",
-                    "action AUDIT is not enforced: Weft writes no audit log (AUDIT never allows or denies)"
+                    "action AUDIT is not enforced by ztunnel: only a waypoint logs audited requests (AUDIT never \
+                     allows or denies)"
                         .into(),
-                    None,
+                    Some("target the Service (or its waypoint Gateway) with targetRefs in place of a selector"),
                 );
-                return;
             }
-            AuthorizationAction::Allow | AuthorizationAction::Deny => {}
-        }
-        let refs = target_refs(spec.target_ref.as_ref(), &spec.target_refs);
-        if refs.is_empty() {
-            self.ztunnel_rules(i, p);
-        } else if self.targets(i, &p.metadata, &refs) {
-            self.waypoint_ports(i, &spec.rules);
-            self.push(
-                i,
-                &refs[0].0,
-                "applies in a waypoint, and Weft's waypoint does not check authorization policies yet: not enforced"
-                    .into(),
-                None,
-            );
+            AuthorizationAction::Allow | AuthorizationAction::Deny => self.ztunnel_rules(i, p),
         }
     }
 
     fn request_authentication(&mut self, i: usize, r: &RequestAuthentication) {
         let refs = target_refs(r.spec.target_ref.as_ref(), &r.spec.target_refs);
         if !refs.is_empty() {
-            if self.targets(i, &r.metadata, &refs) {
-                self.push(
-                    i,
-                    &refs[0].0,
-                    "applies in a waypoint, and Weft's waypoint does not check JWTs yet: not enforced (tokens are \
-                     not validated)"
-                        .into(),
-                    None,
-                );
-            }
+            // Checked in the waypoints the refs reach (`targets` reports those that reach none).
+            self.targets(i, &r.metadata, &refs);
             return;
         }
         let (field, which) = match &r.spec.selector {

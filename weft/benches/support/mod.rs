@@ -323,6 +323,8 @@ pub struct Connection {
     pub stream: TcpStream,
     pub reader: BufReader<TcpStream>,
     pub host: String,
+    /// Further header lines every request carries (each ending in CRLF).
+    pub extra: String,
 }
 
 impl Connection {
@@ -333,11 +335,17 @@ impl Connection {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(RESPONSE_TIMEOUT))?;
         let reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
-        Ok(Connection { stream, reader, host: host.to_owned() })
+        Ok(Connection { stream, reader, host: host.to_owned(), extra: String::new() })
+    }
+
+    /// The same connection, its requests also carrying `name: value`.
+    pub fn with_header(mut self, name: &str, value: &str) -> Connection {
+        self.extra.push_str(&format!("{name}: {value}\r\n"));
+        self
     }
 
     pub fn request(&self, path: &str) -> Vec<u8> {
-        format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host).into_bytes()
+        format!("GET {path} HTTP/1.1\r\nHost: {}\r\n{}\r\n", self.host, self.extra).into_bytes()
     }
 
     /// One request, then its response (status, body length).
