@@ -398,6 +398,10 @@ async fn secure<S: CertificateSource>(
         destination: SocketAddr::new(stream.original.ip(), port),
     };
     let (mut parts, body) = request.into_parts();
+    if let Some(access) = &mut record.access {
+        // A token may ride in the query (`access_token`, `fromParams`): the log never shows it.
+        access.path = parts.uri.path().to_owned();
+    }
     match security::check(config, service, &ctx.jwks, &peer, &mut parts).await {
         Ok(allowed) => {
             if let Some(access) = &mut record.access {
