@@ -632,3 +632,40 @@ pub fn waypoint_metrics(t: &TestMesh, ns: &str) -> String {
 pub fn pod_log(t: &TestMesh, ns: &str, pod: &str) -> String {
     up::log_tail(&t.mesh.log_path(&format!("pod-{ns}-{pod}")))
 }
+
+// ---- Authorization: a static file server in a pod (an identity provider's JWKS) ----
+
+/// `python3 -m http.server <port>` serving `dir` inside `netns` on every address, as an identity
+/// provider publishing its JWKS; started when it answers, killed on drop.
+pub struct FileServer {
+    child: Child,
+}
+
+impl FileServer {
+    pub fn start(netns: &str, port: u16, dir: &Path) -> FileServer {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", netns, "python3", "-m", "http.server", &port.to_string()])
+            .args(["--bind", "0.0.0.0", "--directory"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}/");
+        let up = poll(Duration::from_secs(10), || curl(netns, 1, &["-o", "/dev/null", &url]).ok());
+        if up.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("python3 -m http.server {port} in {netns} never answered");
+        }
+        FileServer { child }
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

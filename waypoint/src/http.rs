@@ -417,6 +417,9 @@ async fn secure<S: CertificateSource>(
             if let Some(access) = &mut record.access {
                 access.policy = refused.policy.clone().unwrap_or_default();
             }
+            debug!(target: "authz", status = refused.status.as_u16(), policy = refused.policy.as_deref().unwrap_or("-"),
+                reason = refused.reason, method = %parts.method, path = parts.uri.path(), client = %stream.client,
+                "request refused");
             let code = if refused.status == StatusCode::UNAUTHORIZED { 16 } else { 7 };
             let mut local = Local::new(refused.status, ResponseFlags::None, "", refused.reason);
             if grpc {

@@ -70,7 +70,7 @@ pub async fn check(
         None
     } else {
         jwt::authenticate(&rules, jwks, parts).await.map_err(|refusal| Refused {
-            status: StatusCode::UNAUTHORIZED,
+            status: refusal.status,
             body: refusal.body.to_string(),
             reason: refusal.reason,
             policy: None,
@@ -113,11 +113,18 @@ pub async fn check(
     };
     match authz::authorize(&policies, &request) {
         Decision::Allow { audited } => Ok(Allowed { principal, audited }),
-        Decision::Deny { policy, reason, .. } => Err(Refused {
-            status: StatusCode::FORBIDDEN,
-            body: authz::DENIED_BODY.to_owned(),
-            reason,
-            policy,
-        }),
+        Decision::Deny { policy, reason, .. } => {
+            // Envoy's body; a CUSTOM policy's denial also says which provider is missing, since
+            // the client can do nothing else about it.
+            let custom = policy.as_ref().is_some_and(|key| {
+                policies.iter().any(|p| p.key() == *key && matches!(p.action, authz::Action::Custom { .. }))
+            });
+            let body = if custom {
+                format!("{}: {reason}", authz::DENIED_BODY)
+            } else {
+                authz::DENIED_BODY.to_owned()
+            };
+            Err(Refused { status: StatusCode::FORBIDDEN, body, reason, policy })
+        }
     }
 }

@@ -345,7 +345,7 @@ fn envoy_texts_and_statuses() {
         (Status::JwtExpired, 401, "Jwt is expired"),
         (Status::JwtNotYetValid, 401, "Jwt not yet valid"),
         (Status::JwtUnknownIssuer, 401, "Jwt issuer is not configured"),
-        (Status::JwtAudienceNotAllowed, 403, "Audiences in Jwt are not allowed"),
+        (Status::JwtAudienceNotAllowed, 401, "Audiences in Jwt are not allowed"),
         (Status::JwksKidAlgMismatch, 401, "Jwks doesn't have key to match kid or alg from Jwt"),
         (Status::JwtVerificationFail, 401, "Jwt verification fails"),
         (Status::JwtHeaderBadJson, 401, "Jwt header is an invalid JSON"),
