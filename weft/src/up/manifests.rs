@@ -87,7 +87,11 @@ impl Manifests {
                 match Value::deserialize(de) {
                     Ok(Value::Null) => {}
                     Ok(value) => expand_list(value, &mut docs),
-                    Err(e) => errors.push(format!("{shown}: {e}")),
+                    Err(e) => {
+                        // After a syntax error the stream yields the same error forever: stop.
+                        errors.push(format!("{shown}: {e}"));
+                        break;
+                    }
                 }
             }
             let relative = path.strip_prefix(dir).unwrap_or(path).to_path_buf();
@@ -363,6 +367,20 @@ mod tests {
         assert_eq!(pod.status.phase.as_deref(), Some("Running"));
         assert_eq!(pod.ips(), ["10.10.2.2"]);
         assert_eq!(docs.len(), 3);
+    }
+
+    /// A syntax error is reported once, with its line, and reading stops (serde_yaml's document
+    /// stream repeats a syntax error forever: collecting them exhausted the memory).
+    #[test]
+    fn invalid_yaml_is_one_error_not_an_endless_list() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("bad.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\nspec:\n  x: [{key: a[b], values: [\"1\"]}]\n",
+        )
+        .unwrap();
+        let e = Manifests::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("bad.yaml") && e.lines().count() <= 3, "{e}");
     }
 
     #[test]
