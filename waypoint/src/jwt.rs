@@ -35,7 +35,7 @@
 //! would have refused the oversized header at its codec). A token in a cookie is removed from the
 //! `Cookie` header too (Envoy leaves cookies as they are).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::alphabet;
@@ -111,6 +111,43 @@ pub struct RequestAuthentication {
 #[derive(Clone, Default)]
 pub struct KeySet {
     keys: Vec<Key>,
+    /// Tokens whose signature these keys have verified (see [`VerifiedTokens`]).
+    verified: Arc<Mutex<VerifiedTokens>>,
+}
+
+/// Tokens a key set has verified, so a token seen again costs a lookup instead of a signature
+/// check (Envoy's jwt_authn keeps a cache of verified tokens too). Entries are whole tokens,
+/// compared exactly (no hash is trusted), at most [`VERIFIED_TOKENS`] of them, none longer than
+/// [`VERIFIED_TOKEN_BYTES`]; the oldest goes first. Only the signature is cached: time,
+/// issuer and audience are checked on every request. A refetched key set starts empty, so a
+/// rotated-out key's tokens are checked again, and fail.
+#[derive(Default)]
+struct VerifiedTokens {
+    tokens: std::collections::HashSet<Box<str>>,
+    order: std::collections::VecDeque<Box<str>>,
+}
+
+/// How many verified tokens a key set remembers, and the longest it remembers.
+const VERIFIED_TOKENS: usize = 256;
+const VERIFIED_TOKEN_BYTES: usize = 8 * 1024;
+
+impl VerifiedTokens {
+    fn contains(&self, token: &str) -> bool {
+        self.tokens.contains(token)
+    }
+
+    fn insert(&mut self, token: &str) {
+        if token.len() > VERIFIED_TOKEN_BYTES || self.tokens.contains(token) {
+            return;
+        }
+        if self.order.len() >= VERIFIED_TOKENS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.tokens.remove(&oldest);
+            }
+        }
+        self.order.push_back(token.into());
+        self.tokens.insert(token.into());
+    }
 }
 
 #[derive(Clone)]
@@ -302,7 +339,7 @@ impl KeySet {
         if keys.is_empty() {
             return Err("Jwks doesn't have any valid public key".into());
         }
-        Ok(KeySet { keys })
+        Ok(KeySet { keys, verified: Arc::default() })
     }
 
     pub fn len(&self) -> usize {
@@ -702,12 +739,18 @@ impl Token<'_> {
         let TokenAlg::Verifiable(alg) = self.alg else {
             return Err(Status::JwksKidAlgMismatch);
         };
+        let whole = format!("{}.{}", self.signed, self.signature_b64);
+        let verified = || keys.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified().contains(&whole) {
+            return Ok(());
+        }
         let mut fitting = false;
         for key in keys.keys.iter().filter(|k| k.fits(self.kid.as_deref(), alg)) {
             fitting = true;
             let ok =
                 jsonwebtoken::crypto::verify(self.signature_b64, self.signed.as_bytes(), &key.decoding, alg);
             if matches!(ok, Ok(true)) {
+                verified().insert(&whole);
                 return Ok(());
             }
         }

@@ -727,3 +727,38 @@ fn key_sets_parse_leniently() {
     }
     let _ = Arc::new(set);
 }
+
+/// A verified token is remembered by its key set: seen again it passes without a signature
+/// check, but only the very same token (a changed signature is checked, and fails), only while
+/// its time and audience still hold, and only for that key set (a refetched set checks again).
+#[test]
+fn verified_tokens_are_remembered_exactly_and_per_key_set() {
+    let a = rule_a();
+    let rules = [&a];
+    let good = sign(Algorithm::RS256, RSA1_PRIVATE, Some("r1"), &claims(ISS_A));
+    let KeySource::Inline(set) = &a.keys else { panic!("inline keys") };
+    assert!(run(&rules, bearer(&good)).0.is_ok());
+    assert!(set.verified.lock().unwrap().contains(&good), "remembered");
+    assert!(run(&rules, bearer(&good)).0.is_ok(), "passes again");
+    // The same header and payload with another signature is not the remembered token.
+    let (head, _) = good.rsplit_once('.').unwrap();
+    let forged = format!("{head}.{}", b64("not the signature"));
+    let refused = run(&rules, bearer(&forged)).0.unwrap_err();
+    assert_eq!(refused.code, Status::JwtVerificationFail);
+    // Time is checked on every request, remembered or not.
+    let old = sign(Algorithm::RS256, RSA1_PRIVATE, Some("r1"), &with(claims(ISS_A), "exp", json!(NOW - 61)));
+    set.verified.lock().unwrap().insert(&old);
+    assert_eq!(run(&rules, bearer(&old)).0.unwrap_err().code, Status::JwtExpired);
+    // A key set parsed again (a refetch) remembers nothing.
+    let fresh = KeySet::parse(&jwks(&[jwk(RSA1_JWK, "r1", None)])).unwrap();
+    assert!(!fresh.verified.lock().unwrap().contains(&good));
+    // Bounded: the oldest goes first.
+    let mut cache = VerifiedTokens::default();
+    for i in 0..VERIFIED_TOKENS + 10 {
+        cache.insert(&format!("token-{i}"));
+    }
+    assert_eq!(cache.order.len(), VERIFIED_TOKENS);
+    assert!(!cache.contains("token-0") && cache.contains(&format!("token-{}", VERIFIED_TOKENS + 9)));
+    cache.insert(&"x".repeat(VERIFIED_TOKEN_BYTES + 1));
+    assert!(!cache.contains(&"x".repeat(VERIFIED_TOKEN_BYTES + 1)), "too long to keep");
+}
