@@ -34,17 +34,6 @@ const DENIED: &str = "RBAC: access denied";
 /// The backend's service address in the tests with made-up services.
 const BACKEND_VIP: &str = "10.96.0.120";
 
-/// Namespace `ns` in the ambient mesh with its waypoint (an `istio-waypoint` Gateway named
-/// `waypoint`, `istio.io/use-waypoint` on the namespace).
-fn waypoint_namespace(ns: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    istio.io/dataplane-mode: ambient\n    \
-         istio.io/use-waypoint: waypoint\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  \
-         name: waypoint\n  namespace: {ns}\n  labels:\n    istio.io/waypoint-for: service\nspec:\n  \
-         gatewayClassName: istio-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n---\n"
-    )
-}
-
 /// A weft-app pod `name` (label `app`, service account `sa`) serving HTTP on `port`.
 fn workload(ns: &str, name: &str, node: &str, app: &str, sa: &str, port: u16) -> String {
     format!(

@@ -21,17 +21,6 @@ use e2e_support::*;
 /// The namespace of the tests with made-up services (the Istio examples use `default`).
 const NS: &str = "res";
 
-/// Namespace `ns` in the ambient mesh with its waypoint (an `istio-waypoint` Gateway): the HTTP
-/// traffic to its services goes client → ztunnel → waypoint → ztunnel → pod.
-fn waypoint_namespace(ns: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    istio.io/dataplane-mode: ambient\n    \
-         istio.io/use-waypoint: waypoint\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  \
-         name: waypoint\n  namespace: {ns}\n  labels:\n    istio.io/waypoint-for: service\nspec:\n  \
-         gatewayClassName: istio-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n---\n"
-    )
-}
-
 /// A weft-app pod `name` (labels `app`, `version`; service account `app`) serving HTTP on `port`
 /// and misbehaving as `flags` say (`--fail-percent 50`, `--delay 1s`).
 fn app(ns: &str, name: &str, node: &str, app: &str, version: &str, port: u16, flags: &[&str]) -> String {

@@ -669,3 +669,15 @@ impl Drop for FileServer {
         let _ = self.child.wait();
     }
 }
+
+/// Namespace `ns` in the ambient mesh with its waypoint (an `istio-waypoint` Gateway named
+/// `waypoint`, `istio.io/use-waypoint` on the namespace): the HTTP traffic to its services goes
+/// client → ztunnel → waypoint → ztunnel → pod.
+pub fn waypoint_namespace(ns: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    istio.io/dataplane-mode: ambient\n    \
+         istio.io/use-waypoint: waypoint\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  \
+         name: waypoint\n  namespace: {ns}\n  labels:\n    istio.io/waypoint-for: service\nspec:\n  \
+         gatewayClassName: istio-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n---\n"
+    )
+}
