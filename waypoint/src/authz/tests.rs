@@ -1,3 +1,8 @@
+//! Table tests of the L7 authorization decisions: policies converted from the proto (and the
+//! errors that name a bad field), each source, operation and `when` match, Istio's path
+//! normalization cases, the CUSTOM → DENY → ALLOW order and AUDIT, and random paths that must
+//! never panic the normaliser. Pure: no I/O, no listener; requests are built in memory.
+
 use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderValue};
