@@ -104,9 +104,14 @@ async fn run() -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, xds.clone(), Routes::default(), async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(serve(
+        controller::grpc::Listener::plaintext(listener),
+        xds.clone(),
+        Routes::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let connecting = Instant::now();
     let mut clients = Vec::new();

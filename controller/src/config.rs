@@ -11,6 +11,7 @@ use weft_core::identity::IdentityError;
 use weft_core::Identity;
 
 use crate::ca::{ServiceAccountRef, StaticAuthorizer, DEFAULT_MAX_CERT_LIFETIME, MAX_CERT_LIFETIME_CEILING};
+use crate::tls::{ServingNames, DEFAULT_DNS_NAMES};
 use crate::waypoints::WaypointOptions;
 
 pub const FLAG_CA_DIR: &str = "ca-dir";
@@ -55,7 +56,17 @@ pub const DEFAULT_WAYPOINT_IMAGE: &str = "weft/waypoint:latest";
 
 pub const FLAG_WAYPOINT_CONTROLLER_ADDRESS: &str = "waypoint-controller-address";
 pub const ENV_WAYPOINT_CONTROLLER_ADDRESS: &str = "WEFT_WAYPOINT_CONTROLLER_ADDRESS";
-pub const DEFAULT_WAYPOINT_CONTROLLER_ADDRESS: &str = "http://weft-controller.weft-system.svc:15012";
+pub const DEFAULT_WAYPOINT_CONTROLLER_ADDRESS: &str = "https://weft-controller.weft-system.svc:15012";
+
+pub const FLAG_WAYPOINT_CONTROLLER_SERVER_NAME: &str = "waypoint-controller-server-name";
+pub const ENV_WAYPOINT_CONTROLLER_SERVER_NAME: &str = "WEFT_WAYPOINT_CONTROLLER_SERVER_NAME";
+
+pub const FLAG_PLAINTEXT: &str = "plaintext";
+pub const ENV_PLAINTEXT: &str = "WEFT_PLAINTEXT";
+pub const FLAG_TLS_DNS_NAME: &str = "tls-dns-name";
+pub const ENV_TLS_DNS_NAMES: &str = "WEFT_TLS_DNS_NAMES";
+pub const FLAG_TLS_IP: &str = "tls-ip";
+pub const ENV_TLS_IPS: &str = "WEFT_TLS_IPS";
 
 pub const FLAG_CONFIG_DIR: &str = "config-dir";
 pub const ENV_CONFIG_DIR: &str = "WEFT_CONFIG_DIR";
@@ -134,6 +145,21 @@ pub struct Args {
         default_value = DEFAULT_WAYPOINT_CONTROLLER_ADDRESS
     )]
     pub waypoint_controller_address: String,
+    /// The name the waypoints expect in the controller's certificate when the address's host is
+    /// not it (an IP, as without cluster DNS): passed to them as ALT_XDS_HOSTNAME.
+    #[arg(long = FLAG_WAYPOINT_CONTROLLER_SERVER_NAME, env = ENV_WAYPOINT_CONTROLLER_SERVER_NAME, value_name = "NAME")]
+    pub waypoint_controller_server_name: Option<String>,
+    /// Serve gRPC without TLS. Local only: refused unless --listen is a loopback address.
+    #[arg(long = FLAG_PLAINTEXT, env = ENV_PLAINTEXT)]
+    pub plaintext: bool,
+    /// A DNS name of the TLS serving certificate (the names proxies dial); repeatable. By
+    /// default weft-controller.weft-system.svc and istiod.istio-system.svc (Istio's ztunnel's
+    /// default address).
+    #[arg(long = FLAG_TLS_DNS_NAME, env = ENV_TLS_DNS_NAMES, value_name = "NAME", value_delimiter = ',')]
+    pub tls_dns_names: Vec<String>,
+    /// An IP address of the TLS serving certificate; repeatable.
+    #[arg(long = FLAG_TLS_IP, env = ENV_TLS_IPS, value_name = "IP", value_delimiter = ',')]
+    pub tls_ips: Vec<String>,
 }
 
 /// Where the Kubernetes source finds its API server.
@@ -167,6 +193,8 @@ pub struct Config {
     pub ztunnel_service_account: ServiceAccountRef,
     /// How waypoints are deployed for `istio-waypoint` Gateways (with `kubernetes` only).
     pub waypoints: WaypointOptions,
+    /// The names of the TLS serving certificate; `None`: plaintext (loopback only).
+    pub tls: Option<ServingNames>,
 }
 
 /// One thing wrong with the command line or environment.
@@ -199,6 +227,14 @@ pub enum ConfigError {
          http://weft-controller.weft-system.svc:15012 (the waypoint, like ztunnel, wants the scheme)"
     )]
     ControllerAddress { value: String },
+    #[error("--{FLAG_PLAINTEXT} serves only on loopback, but --{FLAG_LISTEN} is {listen}: drop --{FLAG_PLAINTEXT} (proxies reach the controller over TLS)")]
+    PlaintextNotLocal { listen: SocketAddr },
+    #[error("--{FLAG_PLAINTEXT} and --{flag}: a plaintext port has no certificate")]
+    PlaintextWithTls { flag: &'static str },
+    #[error("--{FLAG_TLS_DNS_NAME} {value:?} is not a DNS name")]
+    TlsDnsName { value: String },
+    #[error("--{FLAG_TLS_IP} {value:?} is not an IP address")]
+    TlsIp { value: String },
 }
 
 /// Everything wrong with the command line, reported together.
@@ -320,7 +356,28 @@ impl Config {
         let waypoints = WaypointOptions {
             image: args.waypoint_image.trim().to_owned(),
             controller_address: args.waypoint_controller_address.trim().to_owned(),
+            controller_server_name: args
+                .waypoint_controller_server_name
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty()),
             ..WaypointOptions::default()
+        };
+        let tls = serving_names(&args.tls_dns_names, &args.tls_ips, &mut errors);
+        let tls = match (args.plaintext, listen) {
+            (false, _) => Some(tls),
+            (true, _) if !args.tls_dns_names.is_empty() => {
+                errors.push(ConfigError::PlaintextWithTls { flag: FLAG_TLS_DNS_NAME });
+                None
+            }
+            (true, _) if !args.tls_ips.is_empty() => {
+                errors.push(ConfigError::PlaintextWithTls { flag: FLAG_TLS_IP });
+                None
+            }
+            (true, Some(listen)) if !listen.ip().is_loopback() => {
+                errors.push(ConfigError::PlaintextNotLocal { listen });
+                None
+            }
+            (true, _) => None,
         };
 
         match (listen, max_cert_lifetime, ztunnel_service_account) {
@@ -337,6 +394,7 @@ impl Config {
                     kubernetes,
                     ztunnel_service_account,
                     waypoints,
+                    tls,
                 })
             }
             _ => Err(ConfigErrors(errors)),
@@ -358,6 +416,8 @@ impl Config {
     }
 }
 
+/// What the command line gives without flags, except plaintext (on loopback): what tests running
+/// the controller in-process start from.
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -375,6 +435,7 @@ impl Default for Config {
                 name: "ztunnel".to_owned(),
             },
             waypoints: WaypointOptions::default(),
+            tls: None,
         }
     }
 }
@@ -398,6 +459,7 @@ impl fmt::Debug for Config {
             .field("kubernetes", &self.kubernetes)
             .field("ztunnel_service_account", &self.ztunnel_service_account)
             .field("waypoints", &self.waypoints)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -413,6 +475,27 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+/// The serving certificate's names: those given, else [`DEFAULT_DNS_NAMES`]; bad ones recorded.
+fn serving_names(dns: &[String], ips: &[String], errors: &mut Vec<ConfigError>) -> ServingNames {
+    let mut names = ServingNames { dns: Vec::new(), ips: Vec::new() };
+    for name in dns.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        match rustls_pki_types::DnsName::try_from(name) {
+            Ok(_) => names.dns.push(name.to_owned()),
+            Err(_) => errors.push(ConfigError::TlsDnsName { value: name.to_owned() }),
+        }
+    }
+    for ip in ips.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        match ip.parse() {
+            Ok(ip) => names.ips.push(ip),
+            Err(_) => errors.push(ConfigError::TlsIp { value: ip.to_owned() }),
+        }
+    }
+    if names.dns.is_empty() && dns.iter().all(|n| n.trim().is_empty()) {
+        names.dns = DEFAULT_DNS_NAMES.iter().map(|n| (*n).to_owned()).collect();
+    }
+    names
+}
 
 /// `NODE=VALUE` with both sides non-empty.
 fn split_pair(pair: &str) -> Option<(&str, &str)> {
@@ -472,7 +555,9 @@ mod tests {
     #[test]
     fn defaults() {
         let config = parse(&[]).unwrap();
-        assert_eq!(config, Config::default());
+        // The command line serves TLS; `Config::default()` (in-process tests) plaintext on loopback.
+        let names = ServingNames { dns: DEFAULT_DNS_NAMES.map(str::to_owned).to_vec(), ips: Vec::new() };
+        assert_eq!(config, Config { tls: Some(names), ..Config::default() });
         assert_eq!(config.max_cert_lifetime, Duration::from_secs(90 * 24 * 3600));
     }
 

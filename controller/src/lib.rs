@@ -9,6 +9,7 @@ pub mod config;
 pub mod grpc;
 pub mod model;
 pub mod sources;
+pub mod tls;
 pub mod translate;
 pub mod unenforced;
 pub mod waypoints;
@@ -46,13 +47,17 @@ pub enum ControllerError {
         "cannot reach the Kubernetes API server: {0} (check --kubeconfig or the in-cluster service account)"
     )]
     Kube(String),
+    #[error(transparent)]
+    Serving(#[from] tls::ServingError),
 }
 
 /// A controller whose root is loaded and whose port is bound, ready to [`run`](Self::run).
 pub struct Controller {
-    listener: TcpListener,
+    listener: grpc::Listener,
     local_addr: SocketAddr,
     mode: Mode,
+    /// The TLS serving certificate, renewed while the controller runs; `None`: plaintext.
+    serving: Option<Arc<tls::ServingCert>>,
 }
 
 /// What the controller serves.
@@ -188,12 +193,24 @@ impl Controller {
                 }))
             }
         };
+        let serving = match &config.tls {
+            Some(names) => {
+                let ca = match &mode {
+                    Mode::Ca(service) => service.ca(),
+                    Mode::Mesh(mesh) => mesh.ca.ca(),
+                };
+                Some(tls::ServingCert::issue(ca, names.clone())?)
+            }
+            None => None,
+        };
         let bind_err = |source| CaError::Bind { addr: config.listen, source };
-        let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
-        let local_addr = listener.local_addr().map_err(bind_err)?;
+        let tcp = TcpListener::bind(config.listen).await.map_err(bind_err)?;
+        let local_addr = tcp.local_addr().map_err(bind_err)?;
         let serves = if matches!(mode, Mode::Ca(_)) { "CA" } else { "CA and xDS" };
-        tracing::info!(%local_addr, trust_domain = %config.trust_domain, serves, "listening");
-        Ok(Controller { listener, local_addr, mode })
+        let transport = if serving.is_some() { "TLS" } else { "plaintext (loopback only)" };
+        tracing::info!(%local_addr, trust_domain = %config.trust_domain, serves, transport, tls = ?config.tls, "listening");
+        let listener = grpc::Listener { tcp, tls: serving.as_ref().map(|cert| cert.server_config()) };
+        Ok(Controller { listener, local_addr, mode, serving })
     }
 
     /// The address the CA (and xDS) listens on (the real port when the config asked for port 0).
@@ -220,6 +237,14 @@ impl Controller {
     /// Serves until `shutdown` completes, then drains. With a config directory, every model
     /// change is translated into a new xDS snapshot meanwhile.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
+        let renewal = self.serving.map(|cert| {
+            let ca = match &self.mode {
+                Mode::Ca(service) => service.shared_ca(),
+                Mode::Mesh(mesh) => mesh.ca.shared_ca(),
+            };
+            AbortOnDrop(tokio::spawn(cert.renew_periodically(ca)))
+        });
+        let _renewal = renewal;
         match self.mode {
             Mode::Ca(service) => Ok(ca::serve(self.listener, service, shutdown).await?),
             Mode::Mesh(mesh) => {
@@ -252,5 +277,14 @@ async fn publish_snapshots(mut model: watch::Receiver<Arc<Model>>, xds: XdsServe
         if model.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Aborts a background task when dropped (when [`Controller::run`] returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -66,7 +66,7 @@ impl Running {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (shutdown, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, service, async {
+        let task = tokio::spawn(serve(controller::grpc::Listener::plaintext(listener), service, async {
             let _ = rx.await;
         }));
         Ok(Running { addr, shutdown, task })

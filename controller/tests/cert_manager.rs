@@ -8,6 +8,7 @@ use controller::config::Config;
 use controller::Controller;
 use tokio::sync::oneshot;
 use weft_core::cert_manager::{CaClient, CertManager, CertificateSource, FetchError, Token};
+use weft_core::control::ControlPlane;
 use weft_core::Identity;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -41,7 +42,11 @@ async fn a_node_gets_its_pods_certificates_and_nothing_else() -> anyhow::Result<
     // The token is read from a file, as a projected service-account token would be.
     let token_file = tmp.path().join("token");
     std::fs::write(&token_file, "token-a\n")?;
-    let client = CaClient::new(&endpoint, Token::File(token_file), Duration::from_secs(3600))?;
+    let client = CaClient::new(
+        &ControlPlane::plaintext(&endpoint).unwrap(),
+        Token::File(token_file),
+        Duration::from_secs(3600),
+    );
     let manager = CertManager::new(client.clone());
     let cert = manager.get(&web).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     assert_eq!(cert.identity(), &web);
@@ -61,7 +66,8 @@ async fn a_node_gets_its_pods_certificates_and_nothing_else() -> anyhow::Result<
     assert!(err.to_string().contains("PermissionDenied"), "{err}");
 
     // No token at all.
-    let anonymous = CaClient::new(&endpoint, Token::None, Duration::from_secs(3600))?;
+    let anonymous =
+        CaClient::new(&ControlPlane::plaintext(&endpoint).unwrap(), Token::None, Duration::from_secs(3600));
     match anonymous.fetch(&web).await {
         Err(FetchError::Refused { code, .. }) => assert_eq!(code, tonic::Code::Unauthenticated),
         other => anyhow::bail!("expected Unauthenticated, got {:?}", other.map(|c| c.identity().to_string())),
@@ -107,11 +113,15 @@ async fn the_model_decides_which_node_may_hold_which_identity() -> anyhow::Resul
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(ca::serve(listener, service, async {
+    let task = tokio::spawn(ca::serve(controller::grpc::Listener::plaintext(listener), service, async {
         let _ = stopped.await;
     }));
 
-    let node_a = CaClient::new(&endpoint, Token::Static("token-a".into()), Duration::from_secs(3600))?;
+    let node_a = CaClient::new(
+        &ControlPlane::plaintext(&endpoint).unwrap(),
+        Token::Static("token-a".into()),
+        Duration::from_secs(3600),
+    );
     let web: Identity = WEB.parse()?;
     let db: Identity = DB.parse()?;
     assert_eq!(node_a.fetch(&web).await.map_err(|e| anyhow::anyhow!("{e}"))?.identity(), &web);

@@ -18,6 +18,7 @@ use kube::api::DeleteParams;
 use kube::{Api, Client};
 use tokio::sync::oneshot;
 use weft_core::cert_manager::{CaClient, CertificateSource, FetchError, Token};
+use weft_core::control::ControlPlane;
 use weft_core::Identity;
 
 use controller::config::{Config, KubeAccess};
@@ -66,7 +67,7 @@ impl Running {
 
     fn client(&self, token: Option<&str>) -> anyhow::Result<CaClient> {
         let token = token.map_or(Token::None, |t| Token::Static(t.to_owned()));
-        Ok(CaClient::new(&self.endpoint, token, Duration::from_secs(3600))?)
+        Ok(CaClient::new(&ControlPlane::plaintext(&self.endpoint).unwrap(), token, Duration::from_secs(3600)))
     }
 
     async fn stop(self) -> anyhow::Result<()> {

@@ -25,6 +25,7 @@ use serde::Deserialize as _;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use weft_core::cert_manager::{CaClient, CertificateSource, Token};
+use weft_core::control::ControlPlane;
 use weft_core::proto::istio::workload::{address, Address, TunnelProtocol};
 use weft_core::Identity;
 
@@ -401,7 +402,11 @@ async fn the_controller_with_its_own_service_account_serves_a_node_and_manages_w
 
     // A ztunnel of that node gets its pods' certificates through TokenReview done with the
     // controller's own credentials.
-    let ca = CaClient::new(&endpoint, Token::Static(zt_token), Duration::from_secs(3600))?;
+    let ca = CaClient::new(
+        &ControlPlane::plaintext(&endpoint).unwrap(),
+        Token::Static(zt_token),
+        Duration::from_secs(3600),
+    );
     let web = Identity::new("cluster.local", &ns, "web")?;
     let cert =
         eventually("the ztunnel's certificate for web", WAIT, || async { Ok(ca.fetch(&web).await.ok()) })

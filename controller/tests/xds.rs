@@ -72,9 +72,10 @@ impl Running {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (shutdown, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, xds.clone(), also, async {
-            let _ = rx.await;
-        }));
+        let task =
+            tokio::spawn(serve(controller::grpc::Listener::plaintext(listener), xds.clone(), also, async {
+                let _ = rx.await;
+            }));
         Ok(Running { addr, xds, shutdown, task })
     }
 

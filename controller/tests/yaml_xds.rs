@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::Parser;
 use prost::Message;
 use tokio::sync::oneshot;
+use weft_core::control::ControlPlane;
 use weft_core::proto::envoy::service::discovery::v3::Resource;
 use weft_core::proto::istio::workload::{address, Address, TunnelProtocol, Workload};
 use weft_core::proto::weft::waypoint::v1::Waypoint;
@@ -169,8 +170,8 @@ async fn a_waypoint_subscribes_to_its_own_waypoint_resource_and_a_ztunnel_gets_n
     std::fs::create_dir(&config_dir)?;
     write(&config_dir, "shop.yaml", SHOP_WITH_WAYPOINT)?;
     // Started as `controller --config-dir DIR` is: the binary's flags, its defaults (no
-    // --node-token: xDS unauthenticated) and its code path, so the xDS options are the defaults.
-    let args: [OsString; 7] = [
+    // --node-token: xDS unauthenticated; plaintext on loopback) and its code path, so the xDS options are the defaults.
+    let args: [OsString; 8] = [
         "controller".into(),
         "--config-dir".into(),
         config_dir.clone().into(),
@@ -178,6 +179,7 @@ async fn a_waypoint_subscribes_to_its_own_waypoint_resource_and_a_ztunnel_gets_n
         tmp.path().join("ca").into(),
         "--listen".into(),
         "127.0.0.1:0".into(),
+        "--plaintext".into(),
     ];
     let config = Config::from_args(Args::try_parse_from(args)?)?;
     let controller = Controller::bind(&config).await?;
@@ -278,7 +280,7 @@ async fn a_waypoint_token_gets_only_its_own_identity_and_resource() -> anyhow::R
     write(&config_dir, "shop.yaml", &format!("{SHOP_WITH_WAYPOINT}---\n{POD}---\n{SHOP_WITH_WAYPOINT_POD}"))?;
     let tokens_dir = tmp.path().join("waypoint-tokens");
     // Through the binary's flags and environment, as `weft up` starts it.
-    let args: [OsString; 9] = [
+    let args: [OsString; 10] = [
         "controller".into(),
         "--config-dir".into(),
         config_dir.clone().into(),
@@ -286,6 +288,7 @@ async fn a_waypoint_token_gets_only_its_own_identity_and_resource() -> anyhow::R
         tmp.path().join("ca").into(),
         "--listen".into(),
         "127.0.0.1:0".into(),
+        "--plaintext".into(),
         "--waypoint-tokens-dir".into(),
         tokens_dir.clone().into(),
     ];
@@ -300,10 +303,15 @@ async fn a_waypoint_token_gets_only_its_own_identity_and_resource() -> anyhow::R
 
     let own = Identity::new("cluster.local", "shop", "waypoint")?;
     let web = Identity::new("cluster.local", "shop", "web")?;
-    let ca =
-        |token: &str| CaClient::new(&endpoint, Token::Static(token.to_owned()), Duration::from_secs(3600));
-    let wp_ca = ca("wp-secret")?;
-    let node_ca = ca("t0ken-a")?;
+    let ca = |token: &str| {
+        CaClient::new(
+            &ControlPlane::plaintext(&endpoint).unwrap(),
+            Token::Static(token.to_owned()),
+            Duration::from_secs(3600),
+        )
+    };
+    let wp_ca = ca("wp-secret");
+    let node_ca = ca("t0ken-a");
 
     // The ztunnel of node-a gets web's identity (once the model has the pod), never the
     // waypoint's, although the waypoint pod runs on node-a.

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use weft::cluster;
 use weft::up::{self, Mesh, UpOptions};
 use weft_core::cert_manager::{CaClient, CertManager, Token};
+use weft_core::control::ControlPlane;
 use weft_core::hbone::{ClientError, ClientSettings, ConnectRequest, Forwarded, Pool};
 use weft_core::identity::Identity;
 use weft_core::tls::WorkloadCertificate;
@@ -463,10 +464,15 @@ pub fn try_certificate(
     sa: &str,
 ) -> Result<Arc<WorkloadCertificate>, String> {
     let token = cluster::state_dir(t.mesh.name()).join("tokens").join(node);
-    let endpoint = format!("http://{}", t.mesh.controller_addr().unwrap());
+    let endpoint = ControlPlane::parse(
+        &format!("https://{}", t.mesh.controller_addr().unwrap()),
+        &t.mesh.root_cert_path(),
+        None,
+    )
+    .unwrap();
     let identity = Identity::new(up::TRUST_DOMAIN, ns, sa).unwrap();
     in_runtime(&t.node_netns(node), async move {
-        let ca = CaClient::new(&endpoint, Token::File(token), Duration::from_secs(3600)).unwrap();
+        let ca = CaClient::new(&endpoint, Token::File(token), Duration::from_secs(3600));
         CertManager::new(ca).get(&identity).await.map_err(|e| e.to_string())
     })
 }

@@ -34,8 +34,6 @@ const CERTIFICATE_RETRY: Duration = Duration::from_secs(1);
 /// Why the waypoint could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("CA client for {address}: {reason}")]
-    Ca { address: String, reason: String },
     #[error("HBONE listener: {0}")]
     Listener(std::io::Error),
     #[error("admin endpoints: {0}")]
@@ -68,8 +66,7 @@ struct Dump<'a> {
 impl App {
     /// Starts everything `config` asks for. Must be called inside a tokio runtime.
     pub async fn start(config: Config, log: LogLevel) -> Result<App, StartError> {
-        let ca = CaClient::new(&config.ca_address, config.token.clone(), DEFAULT_CERT_LIFETIME)
-            .map_err(|e| StartError::Ca { address: config.ca_address.clone(), reason: e.to_string() })?;
+        let ca = CaClient::new(&config.ca, config.token.clone(), DEFAULT_CERT_LIFETIME);
         App::start_with(config, log, CertManager::new(ca)).await
     }
 
@@ -116,7 +113,7 @@ impl App {
             metadata.insert(NODE_NAME_METADATA.to_owned(), node.clone());
         }
         let xds_config = XdsConfig {
-            endpoint: config.xds_address.clone(),
+            endpoint: config.xds.clone(),
             node_id: config.node_id(),
             metadata,
             token: config.token.clone(),
@@ -155,7 +152,7 @@ impl App {
 
         let (drain, drain_watch) = drain::channel();
         let proxy = tokio::spawn(proxy.run(drain_watch));
-        tracing::info!(waypoint = config.resource_name(), identity = %config.identity, xds = config.xds_address, "waypoint started");
+        tracing::info!(waypoint = config.resource_name(), identity = %config.identity, xds = config.xds.url(), "waypoint started");
         Ok(App { hbone, admin: admin.addresses, quit, drain, proxy, tasks, _admin: admin })
     }
 

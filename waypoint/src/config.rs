@@ -12,7 +12,8 @@ use clap::Parser;
 use serde::Serialize;
 use weft_core::admin::AdminAddresses;
 use weft_core::cert_manager::Token;
-use weft_core::flags::{endpoint, log_format, socket_addr, token_kind, value};
+use weft_core::control::ControlPlane;
+use weft_core::flags::{log_format, socket_addr, token_kind, value, ControlArgs};
 use weft_core::identity::Identity;
 use weft_core::names::{DEFAULT_DOMAIN_SUFFIX, DEFAULT_TRUST_DOMAIN, HBONE_PORT};
 use weft_core::telemetry::LogFormat;
@@ -28,8 +29,6 @@ pub mod env {
     pub const SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
     pub const NODE_NAME: &str = "NODE_NAME";
     pub const TRUST_DOMAIN: &str = "TRUST_DOMAIN";
-    pub const XDS_ADDRESS: &str = "XDS_ADDRESS";
-    pub const CA_ADDRESS: &str = "CA_ADDRESS";
     pub const TOKEN: &str = "WEFT_TOKEN";
     pub const TOKEN_FILE: &str = "WEFT_TOKEN_FILE";
     pub const WORKER_THREADS: &str = "WAYPOINT_WORKER_THREADS";
@@ -70,12 +69,8 @@ pub struct Args {
     node_name: Option<String>,
     #[arg(long, env = env::TRUST_DOMAIN, default_value = DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
-    /// The controller's xDS address, e.g. http://10.0.0.1:15012.
-    #[arg(long, env = env::XDS_ADDRESS)]
-    xds_address: String,
-    /// The CA address; the xDS address by default.
-    #[arg(long, env = env::CA_ADDRESS)]
-    ca_address: Option<String>,
+    #[command(flatten)]
+    control: ControlArgs,
     /// The bearer token presented to the controller.
     #[arg(long, env = env::TOKEN, hide_env_values = true)]
     token: Option<String>,
@@ -119,8 +114,8 @@ pub struct Config {
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     #[serde(serialize_with = "display")]
     pub identity: Identity,
-    pub xds_address: String,
-    pub ca_address: String,
+    pub xds: ControlPlane,
+    pub ca: ControlPlane,
     #[serde(serialize_with = "token_kind")]
     pub token: Token,
     pub hbone: SocketAddr,
@@ -169,10 +164,7 @@ impl Config {
             &args.jwks_refresh_interval,
             duration(&args.jwks_refresh_interval),
         );
-        let xds_address =
-            value(e, "--xds-address/XDS_ADDRESS", &args.xds_address, endpoint(&args.xds_address));
-        let ca_given = args.ca_address.clone().unwrap_or_else(|| args.xds_address.clone());
-        let ca_address = value(e, "--ca-address/CA_ADDRESS", &ca_given, endpoint(&ca_given));
+        let control = args.control.parse(e);
         let service_account = args.service_account.clone().unwrap_or_else(|| args.name.clone());
         let identity = value(
             e,
@@ -192,8 +184,7 @@ impl Config {
             metrics,
             readiness,
             log_format,
-            xds_address,
-            ca_address,
+            control,
             identity,
             token,
             jwks_refresh,
@@ -206,8 +197,7 @@ impl Config {
                 Some(metrics),
                 Some(readiness),
                 Some(log_format),
-                Some(xds_address),
-                Some(ca_address),
+                Some((xds, ca)),
                 Some(identity),
                 Some(token),
                 Some(jwks_refresh),
@@ -218,8 +208,8 @@ impl Config {
                 pod_ip,
                 node_name: args.node_name.filter(|n| !n.is_empty()),
                 identity,
-                xds_address,
-                ca_address,
+                xds,
+                ca,
                 token,
                 hbone: SocketAddr::new(bind, args.hbone_port),
                 worker_threads,
@@ -289,14 +279,14 @@ mod tests {
             "--namespace=shop",
             "--pod-name=wp-5d9",
             "--pod-ip=10.0.1.9",
-            "--xds-address=http://10.0.0.1:15012",
+            "--xds-address=http://127.0.0.1:15012",
             "--token-file=/var/run/secrets/tokens/istio-token",
         ])
         .unwrap();
         assert_eq!(config.identity.to_string(), "spiffe://cluster.local/ns/shop/sa/wp");
         assert_eq!(config.node_id(), "waypoint~10.0.1.9~wp-5d9.shop~shop.svc.cluster.local");
         assert_eq!(config.resource_name(), "shop/wp");
-        assert_eq!(config.ca_address, "http://10.0.0.1:15012");
+        assert_eq!(config.ca.url(), "http://127.0.0.1:15012");
         assert_eq!(config.hbone.port(), 15008);
     }
 

@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::control::ControlPlane;
 use tracing::{debug, info, warn};
 
 use crate::identity::Identity;
@@ -34,8 +36,6 @@ pub enum FetchError {
     Csr(#[from] IssueError),
     #[error("CA at {endpoint} refused ({code:?}): {message}")]
     Refused { endpoint: String, code: tonic::Code, message: String },
-    #[error("CA at {endpoint} is not a valid endpoint: {reason}")]
-    Endpoint { endpoint: String, reason: String },
     #[error("cannot read the service-account token {path}: {source}")]
     Token { path: PathBuf, source: std::io::Error },
     #[error("CA answered with an unusable certificate: {0}")]
@@ -76,21 +76,17 @@ pub struct CaClient {
 }
 
 impl CaClient {
-    /// A client for the CA at `endpoint` (e.g. `http://127.0.0.1:15010`). Connects lazily.
-    pub fn new(endpoint: &str, token: Token, lifetime: Duration) -> Result<Self, FetchError> {
-        let channel = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| FetchError::Endpoint { endpoint: endpoint.to_owned(), reason: e.to_string() })?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .connect_lazy();
-        Ok(CaClient {
-            endpoint: endpoint.to_owned(),
+    /// A client for the CA at `endpoint`. Connects lazily.
+    pub fn new(endpoint: &ControlPlane, token: Token, lifetime: Duration) -> Self {
+        let channel = endpoint.lazy_channel(Duration::from_secs(5), Some(Duration::from_secs(30)));
+        CaClient {
+            endpoint: endpoint.url().to_owned(),
             client: IstioCertificateServiceClient::new(channel),
             token,
             lifetime,
             extra_roots: RootBundle::default(),
             impersonate: true,
-        })
+        }
     }
 
     /// Roots trusted besides the one the CA returns (e.g. the next root during a rotation).
@@ -145,7 +141,7 @@ impl CertificateSource for CaClient {
             self.client.clone().create_certificate(request).await.map_err(|status| FetchError::Refused {
                 endpoint: self.endpoint.clone(),
                 code: status.code(),
-                message: status.message().to_owned(),
+                message: status_text(&status),
             })?;
         let cert =
             WorkloadCertificate::from_pem(&key_pem, &response.into_inner().cert_chain, &self.extra_roots)?;
@@ -263,4 +259,19 @@ async fn refresh<S: CertificateSource>(source: Arc<S>, identity: Identity, state
             }
         }
     }
+}
+
+/// A status's message and, for a failure to connect, why (tonic's message alone says only
+/// "transport error").
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        source = e.source();
+    }
+    text
 }

@@ -1,11 +1,12 @@
 //! What every binary's `config.rs` parses the same way: collecting value errors so all are
-//! reported at once, the controller's address, the bearer token (given or in a file), the log
+//! reported at once, how to reach the controller, the bearer token (given or in a file), the log
 //! format and the admin addresses. Owns the parsing only; each binary names its own flags.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::cert_manager::Token;
+use crate::control::{self, ControlPlane};
 use crate::telemetry::LogFormat;
 
 /// Everything wrong with a command line, one line each.
@@ -24,16 +25,54 @@ pub fn value<T>(errors: &mut Vec<String>, what: &str, given: &str, parsed: Resul
     }
 }
 
-/// A controller address: `http://host:port` or `https://host:port`.
-pub fn endpoint(given: &str) -> Result<String, String> {
-    let rest = given
-        .strip_prefix("http://")
-        .or_else(|| given.strip_prefix("https://"))
-        .ok_or("must start with http:// or https://")?;
-    if rest.is_empty() || !rest.contains(':') {
-        return Err("must name a host and a port".into());
+/// How a proxy reaches the controller: Istio's ztunnel's variables for the xDS and CA addresses,
+/// the roots their certificates must chain to, and the names expected in them.
+#[derive(clap::Args, Debug)]
+pub struct ControlArgs {
+    /// The controller's xDS address: https://host:15012 (http:// only to a loopback address).
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: String,
+    /// The CA address; the xDS address by default (the controller serves both on one port).
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// PEM roots the controller's xDS certificate must chain to (the istio-ca-root-cert ConfigMap).
+    #[arg(long, env = "XDS_ROOT_CA", default_value = control::DEFAULT_ROOT_CERT)]
+    pub xds_root_ca: PathBuf,
+    /// PEM roots for the CA's certificate; the xDS roots by default.
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root_ca: Option<PathBuf>,
+    /// The name the xDS certificate must carry when it is not the address's host (e.g. the
+    /// address is a Service's IP): `weft-controller.weft-system.svc`.
+    #[arg(long, env = "ALT_XDS_HOSTNAME")]
+    pub alt_xds_hostname: Option<String>,
+    /// The same for the CA; the xDS one by default.
+    #[arg(long, env = "ALT_CA_HOSTNAME")]
+    pub alt_ca_hostname: Option<String>,
+}
+
+impl ControlArgs {
+    /// The xDS and CA channels, or `None` with every error recorded.
+    pub fn parse(&self, errors: &mut Vec<String>) -> Option<(ControlPlane, ControlPlane)> {
+        let xds = value(
+            errors,
+            "--xds-address/XDS_ADDRESS",
+            &self.xds_address,
+            ControlPlane::parse(&self.xds_address, &self.xds_root_ca, self.alt_xds_hostname.as_deref()),
+        );
+        let ca_address = self.ca_address.as_deref().unwrap_or(&self.xds_address);
+        let ca_roots = self.ca_root_ca.as_deref().unwrap_or(&self.xds_root_ca);
+        let ca_name = self.alt_ca_hostname.as_deref().or(self.alt_xds_hostname.as_deref());
+        let ca = match &self.ca_address {
+            None if self.ca_root_ca.is_none() && self.alt_ca_hostname.is_none() => xds.clone(),
+            _ => value(
+                errors,
+                "--ca-address/CA_ADDRESS",
+                ca_address,
+                ControlPlane::parse(ca_address, ca_roots, ca_name),
+            ),
+        };
+        Some((xds?, ca?))
     }
-    Ok(given.to_owned())
 }
 
 /// An `ip:port`.

@@ -10,6 +10,7 @@ pub mod accept;
 pub mod admin;
 pub mod authz;
 pub mod cert_manager;
+pub mod control;
 pub mod drain;
 pub mod flags;
 pub mod hbone;

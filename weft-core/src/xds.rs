@@ -28,7 +28,6 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
 use crate::authz::Policy;
 use crate::cert_manager::Token;
@@ -56,8 +55,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Who this proxy is, as the controller should see it.
 #[derive(Clone, Debug)]
 pub struct XdsConfig {
-    /// `http://host:port` of the controller's xDS port.
-    pub endpoint: String,
+    /// The controller's xDS port and how to reach it.
+    pub endpoint: crate::control::ControlPlane,
     /// `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local` (or `waypoint~...`).
     pub node_id: String,
     /// String metadata of the node (`NODE_NAME`, `WAYPOINT_NAME`, ...).
@@ -179,7 +178,7 @@ pub async fn run<H: Handler>(config: XdsConfig, handler: Arc<H>, synced: watch::
     let held: HashMap<&'static str, BTreeMap<String, String>> = HashMap::new();
     let held = Arc::new(tokio::sync::Mutex::new(held));
     let endpoint = config.endpoint.clone();
-    reconnect(Backoff::default(), &endpoint, || {
+    reconnect(Backoff::default(), endpoint.url(), || {
         let (config, handler, synced, held) = (&config, &handler, &synced, held.clone());
         async move {
             let mut held = held.lock().await;
@@ -234,12 +233,9 @@ async fn open_and_serve<H: Handler>(
     held: &mut HashMap<&'static str, BTreeMap<String, String>>,
     delivered: &mut bool,
 ) -> Result<(), tonic::Status> {
-    let channel = Channel::from_shared(config.endpoint.clone())
-        .map_err(|e| tonic::Status::invalid_argument(format!("xDS endpoint {:?}: {e}", config.endpoint)))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {}: {e}", config.endpoint)))?;
+    let channel = config.endpoint.connect(CONNECT_TIMEOUT).await.map_err(|e| {
+        tonic::Status::unavailable(format!("cannot connect to {}: {}", config.endpoint, error_chain(&e)))
+    })?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -262,7 +258,7 @@ async fn open_and_serve<H: Handler>(
         request.metadata_mut().insert("authorization", value);
     }
     let mut responses = client.delta_aggregated_resources(request).await?.into_inner();
-    tracing::info!(endpoint = config.endpoint, "xDS stream open");
+    tracing::info!(endpoint = config.endpoint.url(), "xDS stream open");
     while let Some(response) = responses.message().await? {
         *delivered = true;
         let type_url = response.type_url.clone();
@@ -401,6 +397,21 @@ pub fn apply_mesh(
         }
     }
     errors
+}
+
+/// An error and its sources, `: `-separated (tonic's transport error alone says only "transport
+/// error").
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        source = e.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -27,8 +27,6 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("CA client for {address}: {reason}")]
-    Ca { address: String, reason: String },
     #[error("eBPF capture: {0}")]
     Capture(String),
     #[error("binding the capture listeners (needs CAP_NET_ADMIN for IP_TRANSPARENT): {0}")]
@@ -70,8 +68,7 @@ struct CertificateDump {
 impl App {
     /// Starts everything `config` asks for. Must be called inside a tokio runtime.
     pub async fn start(config: Config, log: LogLevel) -> Result<App, StartError> {
-        let ca = CaClient::new(&config.ca_address, config.token.clone(), DEFAULT_CERT_LIFETIME)
-            .map_err(|e| StartError::Ca { address: config.ca_address.clone(), reason: e.to_string() })?;
+        let ca = CaClient::new(&config.ca, config.token.clone(), DEFAULT_CERT_LIFETIME);
         let certs = Arc::new(CertManager::new(ca));
         let state = Arc::new(Shared::new(ProxyState::new("")));
         let (metrics, registry) = Metrics::new();
@@ -97,7 +94,7 @@ impl App {
         let (synced_tx, synced) = watch::channel(Synced::new(&xds::Handler::type_urls(handler.as_ref())));
         let (local_tx, local) = watch::channel(LocalPods::default());
         let xds_config = XdsConfig {
-            endpoint: config.xds_address.clone(),
+            endpoint: config.xds.clone(),
             node_id: config.node_id(),
             metadata: [(NODE_NAME_METADATA.to_owned(), config.node_name.clone())].into(),
             token: config.token.clone(),
@@ -152,7 +149,7 @@ impl App {
 
         let (drain, drain_watch) = drain::channel();
         let proxy = tokio::spawn(proxy.run(drain_watch));
-        tracing::info!(node = config.node_name, xds = config.xds_address, "ztunnel started");
+        tracing::info!(node = config.node_name, xds = config.xds.url(), "ztunnel started");
         Ok(App { listen, admin: admin.addresses, quit, drain, proxy, tasks, _admin: admin })
     }
 

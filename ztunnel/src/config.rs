@@ -10,7 +10,8 @@ use clap::Parser;
 use serde::Serialize;
 use weft_core::admin::AdminAddresses;
 use weft_core::cert_manager::Token;
-use weft_core::flags::{endpoint, log_format, socket_addr, token_kind, value};
+use weft_core::control::ControlPlane;
+use weft_core::flags::{log_format, socket_addr, token_kind, value, ControlArgs};
 use weft_core::telemetry::LogFormat;
 
 use crate::proxy::Ports;
@@ -19,8 +20,6 @@ use crate::proxy::Ports;
 pub mod env {
     pub const NODE_NAME: &str = "NODE_NAME";
     pub const INSTANCE_IP: &str = "INSTANCE_IP";
-    pub const XDS_ADDRESS: &str = "XDS_ADDRESS";
-    pub const CA_ADDRESS: &str = "CA_ADDRESS";
     pub const TOKEN: &str = "WEFT_TOKEN";
     pub const TOKEN_FILE: &str = "WEFT_TOKEN_FILE";
     pub const BPF_PIN_DIR: &str = "WEFT_BPF_PIN_DIR";
@@ -40,12 +39,8 @@ pub struct Args {
     /// This proxy's own IP (the node's), sent in its xDS node id.
     #[arg(long, env = env::INSTANCE_IP)]
     node_ip: String,
-    /// The controller's xDS address, e.g. http://10.0.0.1:15012.
-    #[arg(long, env = env::XDS_ADDRESS)]
-    xds_address: String,
-    /// The CA address; the xDS address by default (the controller serves both on one port).
-    #[arg(long, env = env::CA_ADDRESS)]
-    ca_address: Option<String>,
+    #[command(flatten)]
+    control: ControlArgs,
     /// The bearer token presented to the controller.
     #[arg(long, env = env::TOKEN, hide_env_values = true)]
     token: Option<String>,
@@ -86,8 +81,8 @@ pub struct Args {
 pub struct Config {
     pub node_name: String,
     pub node_ip: IpAddr,
-    pub xds_address: String,
-    pub ca_address: String,
+    pub xds: ControlPlane,
+    pub ca: ControlPlane,
     /// How the controller is authenticated to (the token itself is never dumped).
     #[serde(serialize_with = "token_kind")]
     pub token: Token,
@@ -146,10 +141,7 @@ impl Config {
         let readiness =
             value(e, "--readiness-address", &args.readiness_address, socket_addr(&args.readiness_address));
         let log_format = value(e, "--log-format/LOG_FORMAT", &args.log_format, log_format(&args.log_format));
-        let xds_address =
-            value(e, "--xds-address/XDS_ADDRESS", &args.xds_address, endpoint(&args.xds_address));
-        let ca_given = args.ca_address.clone().unwrap_or_else(|| args.xds_address.clone());
-        let ca_address = value(e, "--ca-address/CA_ADDRESS", &ca_given, endpoint(&ca_given));
+        let control = args.control.parse(e);
         if args.node_name.is_empty() {
             errors.push("--node-name/NODE_NAME is empty: name the Kubernetes node this proxy serves".into());
         }
@@ -163,19 +155,8 @@ impl Config {
             (false, true) => Some(Capture::LoadOnly { pin_dir: args.pin_dir }),
             (false, false) => Some(Capture::On { pin_dir: args.pin_dir, uplinks: args.uplinks }),
         };
-        match (
-            node_ip,
-            bind,
-            worker_threads,
-            admin,
-            metrics,
-            readiness,
-            log_format,
-            xds_address,
-            ca_address,
-            token,
-            capture,
-        ) {
+        match (node_ip, bind, worker_threads, admin, metrics, readiness, log_format, control, token, capture)
+        {
             (
                 Some(node_ip),
                 Some(bind),
@@ -184,15 +165,14 @@ impl Config {
                 Some(metrics),
                 Some(readiness),
                 Some(log_format),
-                Some(xds_address),
-                Some(ca_address),
+                Some((xds, ca)),
                 Some(token),
                 Some(capture),
             ) if errors.is_empty() => Ok(Config {
                 node_name: args.node_name,
                 node_ip,
-                xds_address,
-                ca_address,
+                xds,
+                ca,
                 token,
                 capture,
                 bind,
@@ -219,13 +199,13 @@ impl Config {
 
     /// A configuration for tests that run the proxy in-process: no capture, every port on
     /// loopback chosen by the kernel.
-    pub fn local(node_name: &str, xds_address: &str) -> Config {
+    pub fn local(node_name: &str, control: &ControlPlane) -> Config {
         let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         Config {
             node_name: node_name.to_owned(),
             node_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            xds_address: xds_address.to_owned(),
-            ca_address: xds_address.to_owned(),
+            xds: control.clone(),
+            ca: control.clone(),
             token: Token::None,
             capture: Capture::Off,
             bind: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
@@ -273,7 +253,7 @@ mod tests {
         {
             assert!(text.contains(part), "{part} missing from: {text}");
         }
-        assert_eq!(err.0.len(), 7, "{text}"); // the CA address defaults to the bad xDS address
+        assert_eq!(err.0.len(), 6, "{text}");
     }
 
     #[test]
@@ -284,14 +264,14 @@ mod tests {
             "--node-ip",
             "10.0.0.1",
             "--xds-address",
-            "http://10.0.0.1:15012",
+            "http://127.0.0.1:15012",
             "--token",
             "secret",
             "--uplink",
             "eth0,eth1",
         ])
         .unwrap();
-        assert_eq!(config.ca_address, "http://10.0.0.1:15012");
+        assert_eq!(config.ca.url(), "http://127.0.0.1:15012");
         assert_eq!(config.worker_threads.get(), 2);
         assert_eq!(
             config.capture,

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use weft_core::cert_manager::Token;
+use weft_core::control::ControlPlane;
 use weft_core::proto::istio::security::Authorization;
 use weft_core::proto::istio::workload::{address, Address};
 use weft_core::proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
@@ -32,8 +33,8 @@ fn http(addr: SocketAddr, method: &str, path: &str) -> String {
 async fn runs_in_process_becomes_ready_and_quits() {
     let mut ads = FakeAds::start().await;
     let ca = FakeCa::start().await;
-    let mut config = Config::local("node-a", &ads.endpoint());
-    config.ca_address = ca.endpoint();
+    let mut config = Config::local("node-a", &ControlPlane::plaintext(&ads.endpoint()).unwrap());
+    config.ca = ControlPlane::plaintext(&ca.endpoint()).unwrap();
     config.token = Token::Static("s3cret".into());
     let log = weft_core::telemetry::init_tracing(weft_core::telemetry::LogFormat::Plain, "info");
     let app = App::start(config, log).await.unwrap();

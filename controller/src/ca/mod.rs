@@ -13,7 +13,6 @@ use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 
-use tokio::net::TcpListener;
 use weft_core::identity::IdentityError;
 use weft_core::proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use weft_core::tls::IssueError;
@@ -91,7 +90,7 @@ impl Authorizer for NodeAuthorizer {
 /// Serves `service` on `listener` until `shutdown` completes, then lets in-flight requests finish
 /// for at most [`DRAIN_DEADLINE`].
 pub async fn serve<A: Authorizer>(
-    listener: TcpListener,
+    listener: crate::grpc::Listener,
     service: CaService<A>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CaError> {

@@ -174,6 +174,11 @@ impl<A: Authorizer> CaService<A> {
         &self.ca
     }
 
+    /// The CA, shared (the serving certificate is renewed from it).
+    pub fn shared_ca(&self) -> Arc<CertificateAuthority> {
+        self.ca.clone()
+    }
+
     pub fn max_lifetime(&self) -> Duration {
         self.max_lifetime
     }

@@ -44,8 +44,11 @@ pub struct WaypointOptions {
     /// The waypoint container's image.
     pub image: String,
     /// Where the waypoint reaches the controller (xDS and CA), a URL such as
-    /// `http://weft-controller.weft-system.svc:15012`.
+    /// `https://weft-controller.weft-system.svc:15012`.
     pub controller_address: String,
+    /// The name the controller's certificate carries when the address's host is not it (the
+    /// waypoint's ALT_XDS_HOSTNAME).
+    pub controller_server_name: Option<String>,
     /// Every Gateway is reconciled (and strays swept) this often, besides on its events.
     pub resync: Duration,
 }
@@ -55,6 +58,7 @@ impl Default for WaypointOptions {
         WaypointOptions {
             image: crate::config::DEFAULT_WAYPOINT_IMAGE.to_owned(),
             controller_address: crate::config::DEFAULT_WAYPOINT_CONTROLLER_ADDRESS.to_owned(),
+            controller_server_name: None,
             resync: Duration::from_secs(60),
         }
     }

@@ -29,6 +29,10 @@ pub const READINESS_PORT: u16 = 15021;
 /// Where the projected token (audience istio-ca) is mounted in the waypoint container.
 const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 const TOKEN_FILE: &str = "istio-token";
+/// Where the mesh root is mounted (the waypoint's default XDS_ROOT_CA is its root-cert.pem), from
+/// the ConfigMap the controller publishes in every namespace, as istiod does.
+const ROOT_CERT_DIR: &str = "/var/run/secrets/istio";
+pub const ROOT_CERT_CONFIGMAP: &str = "istio-ca-root-cert";
 /// The Gateway status conditions Weft writes.
 const CONDITION_TYPES: [&str; 2] = ["Accepted", "Programmed"];
 
@@ -117,7 +121,9 @@ pub fn service_account(gateway: &GatewayInfo) -> Value {
 
 /// The waypoint Deployment, running Weft's `waypoint` binary (image [`WaypointOptions::image`])
 /// much as Istio's waypoint template runs its proxy: the flags mirror ztunnel's (`--xds-address`
-/// and `--ca-address`, both the controller's URL, `--token-file` the projected istio-ca token);
+/// and `--ca-address`, both the controller's URL, `ALT_XDS_HOSTNAME` when its host is not the
+/// certificate's name, `--token-file` the projected istio-ca token, the mesh root from the
+/// `istio-ca-root-cert` ConfigMap);
 /// the pod's identity in the environment (`WAYPOINT_NAME`, `POD_NAME`, `POD_NAMESPACE`,
 /// `INSTANCE_IP`, `SERVICE_ACCOUNT`, `NODE_NAME`); Istio's ports, probes (a fast startup probe,
 /// then readiness every 15 s), resources and Prometheus annotations (the path is Weft's
@@ -128,6 +134,17 @@ pub fn deployment(gateway: &GatewayInfo, options: &WaypointOptions) -> Value {
         |name: &str, path: &str| json!({ "name": name, "valueFrom": { "fieldRef": { "fieldPath": path } } });
     let value = |name: &str, value: &str| json!({ "name": name, "value": value });
     let token_path = format!("{TOKEN_DIR}/{TOKEN_FILE}");
+    let mut env = vec![
+        value("WAYPOINT_NAME", &gateway.name),
+        field("POD_NAME", "metadata.name"),
+        field("POD_NAMESPACE", "metadata.namespace"),
+        field("INSTANCE_IP", "status.podIP"),
+        field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        field("NODE_NAME", "spec.nodeName"),
+    ];
+    if let Some(name) = &options.controller_server_name {
+        env.push(value("ALT_XDS_HOSTNAME", name));
+    }
     json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -159,14 +176,7 @@ pub fn deployment(gateway: &GatewayInfo, options: &WaypointOptions) -> Value {
                             "--ca-address", options.controller_address,
                             "--token-file", token_path,
                         ],
-                        "env": [
-                            value("WAYPOINT_NAME", &gateway.name),
-                            field("POD_NAME", "metadata.name"),
-                            field("POD_NAMESPACE", "metadata.namespace"),
-                            field("INSTANCE_IP", "status.podIP"),
-                            field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-                            field("NODE_NAME", "spec.nodeName"),
-                        ],
+                        "env": env,
                         "ports": [
                             { "name": "hbone", "containerPort": HBONE_PORT, "protocol": "TCP" },
                             { "name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP" },
@@ -198,9 +208,15 @@ pub fn deployment(gateway: &GatewayInfo, options: &WaypointOptions) -> Value {
                             "runAsGroup": 1337,
                             "capabilities": { "drop": ["ALL"] },
                         },
-                        "volumeMounts": [{ "name": "istio-token", "mountPath": TOKEN_DIR, "readOnly": true }],
+                        "volumeMounts": [
+                            { "name": "istio-token", "mountPath": TOKEN_DIR, "readOnly": true },
+                            { "name": "istiod-ca-cert", "mountPath": ROOT_CERT_DIR, "readOnly": true },
+                        ],
                     }],
                     "volumes": [{
+                        "name": "istiod-ca-cert",
+                        "configMap": { "name": ROOT_CERT_CONFIGMAP },
+                    }, {
                         "name": "istio-token",
                         "projected": {
                             "sources": [{

@@ -88,9 +88,9 @@ fn deployment_and_service_are_owned_labelled_and_typed() {
         args,
         [
             "--xds-address",
-            "http://weft-controller.weft-system.svc:15012",
+            "https://weft-controller.weft-system.svc:15012",
             "--ca-address",
-            "http://weft-controller.weft-system.svc:15012",
+            "https://weft-controller.weft-system.svc:15012",
             "--token-file",
             "/var/run/secrets/tokens/istio-token",
         ]
@@ -136,9 +136,15 @@ fn deployment_and_service_are_owned_labelled_and_typed() {
         ],
         ["100m", "128Mi", "2", "1Gi"]
     );
-    let projected = pod.volumes.unwrap()[0].projected.clone().unwrap();
+    let volumes = pod.volumes.unwrap();
+    let volume = |name: &str| volumes.iter().find(|v| v.name == name).unwrap().clone();
+    let projected = volume("istio-token").projected.unwrap();
     let token = projected.sources.unwrap()[0].service_account_token.clone().unwrap();
     assert_eq!(token.audience.as_deref(), Some("istio-ca"));
+    // The mesh root the waypoint verifies the controller with, from the ConfigMap in its namespace.
+    assert_eq!(volume("istiod-ca-cert").config_map.unwrap().name, "istio-ca-root-cert");
+    let mounts = container.volume_mounts.clone().unwrap();
+    assert!(mounts.iter().any(|m| m.name == "istiod-ca-cert" && m.mount_path == "/var/run/secrets/istio"));
 
     let service_spec = service.spec.unwrap();
     assert_eq!(service_spec.selector, Some(selector));

@@ -31,7 +31,6 @@ mod subscription;
 
 use std::future::Future;
 
-use tokio::net::TcpListener;
 use tonic::service::Routes;
 
 pub use node::{NodeError, NodeInfo, Principal, NODE_NAME_KEY, WAYPOINT_NAME_KEY};
@@ -58,7 +57,7 @@ pub enum XdsError {
 /// xDS streams (UNAVAILABLE, so proxies reconnect) and lets in-flight requests finish for at most
 /// [`DRAIN_DEADLINE`].
 pub async fn serve(
-    listener: TcpListener,
+    listener: crate::grpc::Listener,
     xds: XdsServer,
     also: Routes,
     shutdown: impl Future<Output = ()>,

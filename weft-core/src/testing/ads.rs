@@ -101,7 +101,8 @@ impl FakeAds {
         let state = Arc::new(Shared::new(ProxyState::new("")));
         let handler = Arc::new(MeshHandler { state: Arc::clone(&state) });
         let (tx, synced) = watch::channel(Synced::new(&handler.type_urls()));
-        let config = XdsConfig { endpoint: self.endpoint(), node_id: node_id.to_owned(), metadata, token };
+        let endpoint = crate::control::ControlPlane::plaintext(&self.endpoint()).expect("a loopback address");
+        let config = XdsConfig { endpoint, node_id: node_id.to_owned(), metadata, token };
         MeshClient { state, synced, task: tokio::spawn(xds::run(config, handler, tx)) }
     }
 

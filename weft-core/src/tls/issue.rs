@@ -239,6 +239,58 @@ impl CertificateAuthority {
     }
 }
 
+/// A server certificate for a control-plane endpoint (the controller's gRPC port): what
+/// [`CertificateAuthority::issue_serving`] returns.
+pub struct ServingCertificate {
+    /// Leaf first, root last.
+    pub chain_pem: Vec<String>,
+    /// PKCS#8.
+    pub key_pem: String,
+}
+
+impl CertificateAuthority {
+    /// A key and a TLS server certificate for `dns_names` and `ips` (no SPIFFE identity: the
+    /// proxies check the controller as any TLS client checks a server), valid for `lifetime`.
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        lifetime: Duration,
+    ) -> Result<ServingCertificate, IssueError> {
+        if dns_names.is_empty() && ips.is_empty() {
+            return Err(IssueError::Validity("a serving certificate needs a DNS name or an IP".into()));
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, self.trust_domain.as_str());
+        params.distinguished_name = dn;
+        let mut sans = Vec::new();
+        for name in dns_names {
+            let name = name
+                .clone()
+                .try_into()
+                .map_err(|e: rcgen::Error| IssueError::Validity(format!("DNS name {name:?}: {e}")))?;
+            sans.push(SanType::DnsName(name));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = SystemTime::now();
+        params.not_before = (now - backdate(lifetime)).into();
+        params.not_after = (now + lifetime).into();
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        Ok(ServingCertificate {
+            chain_pem: vec![leaf.pem(), self.root_pem.clone()],
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
 /// A new P-256 key and a CSR for `identity` (empty subject, one URI SAN), both PEM; what a
 /// certificate client sends to the CA.
 pub fn generate_csr(identity: &Identity) -> Result<(String, String), IssueError> {

@@ -18,7 +18,9 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::identity::{Identity, IdentityError};
 
-pub use issue::{generate_csr, CertificateAuthority, CsrError, IssueError, SignedRequest};
+pub use issue::{
+    generate_csr, CertificateAuthority, CsrError, IssueError, ServingCertificate, SignedRequest,
+};
 pub use verify::{ClientIdentityVerifier, PeerError, ServerIdentityVerifier, Timestamp};
 
 /// ALPN protocol HBONE speaks.

@@ -217,6 +217,12 @@ impl Mesh {
         self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
     }
 
+    /// The mesh root the proxies verify the controller's certificate against (the controller
+    /// writes it on its first start).
+    pub fn root_cert_path(&self) -> PathBuf {
+        cluster::state_dir(self.name()).join("ca").join("root-cert.pem")
+    }
+
     /// The node hosting the controller and its address.
     pub fn controller_addr(&self) -> Result<SocketAddr, UpError> {
         let node = &self.cluster.plan().nodes[CONTROLLER_NODE_INDEX].name;

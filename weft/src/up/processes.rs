@@ -36,6 +36,9 @@ impl Mesh {
             .arg("--ca-dir")
             .arg(state.join("ca"))
             .args(["--trust-domain", TRUST_DOMAIN])
+            // TLS as on Kubernetes: a serving certificate for the address the proxies dial.
+            .arg("--tls-ip")
+            .arg(self.controller_addr()?.ip().to_string())
             // Each waypoint's token is a file there, written when its pod is made.
             .arg("--waypoint-tokens-dir")
             .arg(self.waypoint_tokens_dir())
@@ -75,7 +78,9 @@ impl Mesh {
             .arg("--node-ip")
             .arg(node_ip.to_string())
             .arg("--xds-address")
-            .arg(format!("http://{}", self.controller_addr()?))
+            .arg(format!("https://{}", self.controller_addr()?))
+            .arg("--xds-root-ca")
+            .arg(self.root_cert_path())
             .arg("--token-file")
             .arg(self.token_path(node))
             // No --trust-domain: the ztunnel binary takes none (it serves the identities the
@@ -149,7 +154,8 @@ impl Mesh {
             cmd.env("WAYPOINT_NAME", gateway)
                 .env("SERVICE_ACCOUNT", &pod.service_account)
                 .env("NODE_NAME", &pod.node)
-                .env("XDS_ADDRESS", format!("http://{}", self.controller_addr()?))
+                .env("XDS_ADDRESS", format!("https://{}", self.controller_addr()?))
+                .env("XDS_ROOT_CA", self.root_cert_path())
                 .env("WEFT_TOKEN_FILE", self.waypoint_token_path(&pod.namespace, gateway))
                 // A node's share of the cores, as each ztunnel gets: more threads than cores
                 // only adds cross-thread wake-ups (measured in BENCHMARKS.md, Waypoint).
