@@ -498,7 +498,7 @@ mod tests {
     fn an_intermediate_signs_leaf_intermediate_root() {
         let plug = crate::testing::PlugInCa::new("cluster.local", "plug");
         let ca = plug.authority();
-        assert_eq!(ca.chain_pem(), [plug.ca_cert.clone()]);
+        assert_eq!(ca.chain_pem(), std::slice::from_ref(&plug.ca_cert));
         assert_eq!(ca.root_pem(), RootBundle::from_pem(&plug.root_cert).unwrap().to_pem());
         let who = id("spiffe://cluster.local/ns/a/sa/b");
         let (key, csr) = generate_csr(&who).unwrap();
@@ -528,7 +528,7 @@ mod tests {
                 &plug.root_cert,
             )
             .unwrap();
-            assert_eq!(ca.chain_pem(), [plug.ca_cert.clone()], "cert-chain.pem {chain_pem:?}");
+            assert_eq!(ca.chain_pem(), std::slice::from_ref(&plug.ca_cert), "cert-chain.pem {chain_pem:?}");
         }
         // A second level: root -> mid -> ca; cert-chain.pem must hold mid.
         let mid = crate::testing::PlugInCa::new("cluster.local", "mid");
