@@ -10,13 +10,21 @@ use std::time::Duration;
 use weft_core::identity::IdentityError;
 use weft_core::Identity;
 
-use crate::ca::{ServiceAccountRef, StaticAuthorizer, DEFAULT_MAX_CERT_LIFETIME, MAX_CERT_LIFETIME_CEILING};
+use crate::ca::{
+    SecretOptions, ServiceAccountRef, StaticAuthorizer, DEFAULT_MAX_CERT_LIFETIME, MAX_CERT_LIFETIME_CEILING,
+};
 use crate::tls::{ServingNames, DEFAULT_DNS_NAMES};
 use crate::waypoints::WaypointOptions;
 
 pub const FLAG_CA_DIR: &str = "ca-dir";
 pub const ENV_CA_DIR: &str = "WEFT_CA_DIR";
 pub const DEFAULT_CA_DIR: &str = "./var/ca";
+
+pub const FLAG_CA_SECRET_NAMESPACE: &str = "ca-secret-namespace";
+pub const ENV_CA_SECRET_NAMESPACE: &str = "POD_NAMESPACE";
+/// Where a pod finds its own namespace (the default of --ca-secret-namespace in a cluster).
+pub const SERVICE_ACCOUNT_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+pub const DEFAULT_CA_SECRET_NAMESPACE: &str = "weft-system";
 
 pub const FLAG_TRUST_DOMAIN: &str = "trust-domain";
 pub const ENV_TRUST_DOMAIN: &str = "WEFT_TRUST_DOMAIN";
@@ -79,9 +87,15 @@ pub const ENV_CONFIG_DIR: &str = "WEFT_CONFIG_DIR";
              directory, the xDS server of Istio's workload API."
 )]
 pub struct Args {
-    /// Directory holding root-cert.pem and root-key.pem (created with a new root on first start).
-    #[arg(long = FLAG_CA_DIR, env = ENV_CA_DIR, default_value = DEFAULT_CA_DIR)]
-    pub ca_dir: PathBuf,
+    /// Without Kubernetes: the directory holding root-cert.pem and root-key.pem (created with a new
+    /// root on first start) [default: ./var/ca].
+    #[arg(long = FLAG_CA_DIR, env = ENV_CA_DIR, value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// With Kubernetes: the namespace of the CA's Secrets, istiod's `cacerts` (a plug-in
+    /// intermediate, used when present) or else `istio-ca-secret` (self-signed, created on first
+    /// start) [default: the pod's namespace, else weft-system].
+    #[arg(long = FLAG_CA_SECRET_NAMESPACE, env = ENV_CA_SECRET_NAMESPACE, value_name = "NAMESPACE")]
+    pub ca_secret_namespace: Option<String>,
     /// The SPIFFE trust domain this CA signs identities for.
     #[arg(long = FLAG_TRUST_DOMAIN, env = ENV_TRUST_DOMAIN, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -174,7 +188,10 @@ pub enum KubeAccess {
 /// The controller's effective configuration.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Config {
+    /// Without `kubernetes`: where the root is kept.
     pub ca_dir: PathBuf,
+    /// With `kubernetes`: where the CA's Secrets are (instead of `ca_dir`).
+    pub ca_secret: SecretOptions,
     pub trust_domain: String,
     pub listen: SocketAddr,
     pub max_cert_lifetime: Duration,
@@ -218,6 +235,13 @@ pub enum ConfigError {
     NodeWithoutToken { node: String },
     #[error("--{FLAG_CONFIG_DIR} and --{FLAG_KUBERNETES} are two sources; give one")]
     TwoSources,
+    #[error(
+        "--{FLAG_CA_DIR} is for running without Kubernetes; with --{FLAG_KUBERNETES} the CA is kept \
+         in the Secret cacerts or istio-ca-secret of --{FLAG_CA_SECRET_NAMESPACE}"
+    )]
+    CaDirOnKubernetes,
+    #[error("--{FLAG_CA_SECRET_NAMESPACE} {value:?} is not a namespace name (a DNS label)")]
+    CaSecretNamespace { value: String },
     #[error("--{FLAG_ZTUNNEL_SERVICE_ACCOUNT} {value:?}: {reason}")]
     ServiceAccount { value: String, reason: String },
     #[error("--{flag} must not be empty")]
@@ -329,6 +353,30 @@ impl Config {
         if kubernetes.is_some() && args.config_dir.is_some() {
             errors.push(ConfigError::TwoSources);
         }
+        if kubernetes.is_some() && args.ca_dir.is_some() {
+            errors.push(ConfigError::CaDirOnKubernetes);
+        }
+        let ca_secret_namespace = match args.ca_secret_namespace {
+            Some(value) => value.trim().to_owned(),
+            None if kubernetes.is_some() => std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE_FILE)
+                .map(|ns| ns.trim().to_owned())
+                .unwrap_or_else(|_| DEFAULT_CA_SECRET_NAMESPACE.to_owned()),
+            None => DEFAULT_CA_SECRET_NAMESPACE.to_owned(),
+        };
+        let is_label = |s: &str| {
+            (1..=63).contains(&s.len())
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !s.starts_with('-')
+                && !s.ends_with('-')
+        };
+        if !is_label(&ca_secret_namespace) {
+            errors.push(ConfigError::CaSecretNamespace { value: ca_secret_namespace.clone() });
+        }
+        let ca_secret = SecretOptions {
+            namespace: ca_secret_namespace,
+            overlap: max_cert_lifetime.unwrap_or(DEFAULT_MAX_CERT_LIFETIME),
+            ..SecretOptions::default()
+        };
         let ztunnel_service_account = args
             .ztunnel_service_account
             .parse::<ServiceAccountRef>()
@@ -383,7 +431,8 @@ impl Config {
         match (listen, max_cert_lifetime, ztunnel_service_account) {
             (Some(listen), Some(max_cert_lifetime), Some(ztunnel_service_account)) if errors.is_empty() => {
                 Ok(Config {
-                    ca_dir: args.ca_dir,
+                    ca_dir: args.ca_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_CA_DIR)),
+                    ca_secret,
                     trust_domain: args.trust_domain,
                     listen,
                     max_cert_lifetime,
@@ -422,6 +471,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             ca_dir: PathBuf::from(DEFAULT_CA_DIR),
+            ca_secret: SecretOptions::default(),
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             listen: SocketAddr::from(([127, 0, 0, 1], 15010)),
             max_cert_lifetime: DEFAULT_MAX_CERT_LIFETIME,
@@ -449,6 +499,8 @@ impl fmt::Debug for Config {
             });
         f.debug_struct("Config")
             .field("ca_dir", &self.ca_dir)
+            // Not "ca_secret": the test below checks that no token ("secret...") is shown.
+            .field("kubernetes_ca", &self.ca_secret)
             .field("trust_domain", &self.trust_domain)
             .field("listen", &self.listen)
             .field("max_cert_lifetime", &self.max_cert_lifetime)
@@ -590,6 +642,19 @@ mod tests {
             Some(KubeAccess::File(PathBuf::from("/k")))
         );
         assert_eq!(parse(&["--kubernetes", "--config-dir=/d"]).unwrap_err().0, vec![ConfigError::TwoSources]);
+        assert_eq!(
+            parse(&["--kubernetes", "--ca-dir=/d"]).unwrap_err().0,
+            vec![ConfigError::CaDirOnKubernetes]
+        );
+        assert_eq!(parse(&["--ca-dir=/d"]).unwrap().ca_dir, PathBuf::from("/d"));
+        let in_ns =
+            parse(&["--kubernetes", "--ca-secret-namespace=istio-system", "--max-cert-lifetime=2d"]).unwrap();
+        assert_eq!(in_ns.ca_secret.namespace, "istio-system");
+        assert_eq!(in_ns.ca_secret.overlap, Duration::from_secs(2 * 86400), "old roots outlive their leaves");
+        assert_eq!(
+            parse(&["--ca-secret-namespace=Istio_System"]).unwrap_err().0,
+            vec![ConfigError::CaSecretNamespace { value: "Istio_System".into() }]
+        );
         let kube = parse(&[
             "--kubernetes",
             "--ztunnel-service-account=istio-system/ztunnel",

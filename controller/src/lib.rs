@@ -75,6 +75,9 @@ struct Mesh {
     trust_domain: String,
     /// With Kubernetes: the client and options of the waypoint manager.
     waypoints: Option<(kube::Client, waypoints::WaypointOptions)>,
+    /// With Kubernetes: the CA's Secrets, followed for rotation, and the client that publishes
+    /// the roots to every namespace.
+    ca_secret: Option<(kube::Client, ca::SecretCa)>,
 }
 
 /// xDS clients authenticated as the CA authenticates them: the token names a node agent or a
@@ -112,13 +115,24 @@ async fn kube_client(access: &KubeAccess) -> Result<kube::Client, ControllerErro
 }
 
 impl Controller {
-    /// Loads (or on first start creates) the root, starts watching the config directory if
-    /// there is one, then binds the port.
+    /// Loads (or on first start creates) the root, in its directory or on Kubernetes in its
+    /// Secret, starts watching the config directory if there is one, then binds the port.
     pub async fn bind(config: &Config) -> Result<Controller, ControllerError> {
-        let ca = ca::load_or_create_root(&config.ca_dir, &config.trust_domain)?;
         let client = match (&config.config_dir, &config.kubernetes) {
             (None, Some(access)) => Some(kube_client(access).await?),
             _ => None,
+        };
+        let ca_secret = match &client {
+            Some(client) => Some(
+                ca::SecretCa::load(client.clone(), &config.trust_domain, config.ca_secret.clone()).await?,
+            ),
+            None => None,
+        };
+        let ca = match &ca_secret {
+            Some(secret) => secret.authority(),
+            None => {
+                watch::channel(Arc::new(ca::load_or_create_root(&config.ca_dir, &config.trust_domain)?)).1
+            }
         };
         let model = match (&config.config_dir, &client) {
             (Some(dir), _) => Some(
@@ -131,7 +145,7 @@ impl Controller {
         let mode = match model {
             None => {
                 let service =
-                    CaService::new(ca, config.authorizer()).with_max_lifetime(config.max_cert_lifetime);
+                    CaService::following(ca, config.authorizer()).with_max_lifetime(config.max_cert_lifetime);
                 Mode::Ca(service)
             }
             Some(model) => {
@@ -176,7 +190,8 @@ impl Controller {
                     } else {
                         Some(Box::new(CallerTokens(authorizer.clone())))
                     };
-                let service = CaService::new(ca, authorizer).with_max_lifetime(config.max_cert_lifetime);
+                let service =
+                    CaService::following(ca, authorizer).with_max_lifetime(config.max_cert_lifetime);
                 let xds =
                     XdsServer::with_authentication(translate::view(), XdsOptions::default(), authenticate);
                 xds.update(translate::snapshot(
@@ -189,7 +204,8 @@ impl Controller {
                     xds,
                     model,
                     trust_domain: config.trust_domain.clone(),
-                    waypoints: client.map(|client| (client, config.waypoints.clone())),
+                    waypoints: client.clone().map(|client| (client, config.waypoints.clone())),
+                    ca_secret: client.zip(ca_secret),
                 }))
             }
         };
@@ -199,7 +215,7 @@ impl Controller {
                     Mode::Ca(service) => service.ca(),
                     Mode::Mesh(mesh) => mesh.ca.ca(),
                 };
-                Some(tls::ServingCert::issue(ca, names.clone())?)
+                Some(tls::ServingCert::issue(&ca, names.clone())?)
             }
             None => None,
         };
@@ -218,11 +234,11 @@ impl Controller {
         self.local_addr
     }
 
-    /// The root certificate workloads must trust, PEM.
-    pub fn root_pem(&self) -> &str {
+    /// The root certificates workloads must trust now, PEM.
+    pub fn root_pem(&self) -> String {
         match &self.mode {
-            Mode::Ca(service) => service.ca().root_pem(),
-            Mode::Mesh(mesh) => mesh.ca.ca().root_pem(),
+            Mode::Ca(service) => service.ca().root_pem().to_owned(),
+            Mode::Mesh(mesh) => mesh.ca.ca().root_pem().to_owned(),
         }
     }
 
@@ -239,8 +255,8 @@ impl Controller {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
         let renewal = self.serving.map(|cert| {
             let ca = match &self.mode {
-                Mode::Ca(service) => service.shared_ca(),
-                Mode::Mesh(mesh) => mesh.ca.shared_ca(),
+                Mode::Ca(service) => service.signer(),
+                Mode::Mesh(mesh) => mesh.ca.signer(),
             };
             AbortOnDrop(tokio::spawn(cert.renew_periodically(ca)))
         });
@@ -248,15 +264,23 @@ impl Controller {
         match self.mode {
             Mode::Ca(service) => Ok(ca::serve(self.listener, service, shutdown).await?),
             Mode::Mesh(mesh) => {
-                let Mesh { ca, xds, model, trust_domain, waypoints } = *mesh;
+                let Mesh { ca, xds, model, trust_domain, waypoints, ca_secret } = *mesh;
                 let updater = tokio::spawn(publish_snapshots(model, xds.clone(), trust_domain));
                 let waypoints =
                     waypoints.map(|(client, options)| tokio::spawn(waypoints::run(client, options)));
+                let ca_tasks = ca_secret.map(|(client, secret)| {
+                    let roots = tokio::spawn(ca::root_configmap::run(client, secret.authority()));
+                    (tokio::spawn(secret.run()), roots)
+                });
                 let routes = Routes::new(IstioCertificateServiceServer::new(ca));
                 let result = xds::serve(self.listener, xds, routes, shutdown).await;
                 updater.abort();
                 if let Some(waypoints) = waypoints {
                     waypoints.abort();
+                }
+                if let Some((secret, roots)) = ca_tasks {
+                    secret.abort();
+                    roots.abort();
                 }
                 Ok(result?)
             }

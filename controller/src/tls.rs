@@ -15,6 +15,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivateKeyDer;
 use serde::Serialize;
+use tokio::sync::watch;
 use weft_core::tls::{parse_pem_certs, provider, CertificateAuthority, IssueError, ALPN_H2};
 
 /// How long a serving certificate is valid; it is renewed at half that.
@@ -77,10 +78,22 @@ impl ServingCert {
         Arc::new(config)
     }
 
-    /// Renews at half life, for as long as the process runs.
-    pub async fn renew_periodically(self: Arc<Self>, ca: Arc<CertificateAuthority>) {
+    /// Renews at half life, and at once when the signer changes (a new root or intermediate),
+    /// for as long as the process runs.
+    pub async fn renew_periodically(self: Arc<Self>, mut signer: watch::Receiver<Arc<CertificateAuthority>>) {
+        let mut signer_open = true;
         loop {
-            tokio::time::sleep(SERVING_CERT_LIFETIME / 2).await;
+            tokio::select! {
+                () = tokio::time::sleep(SERVING_CERT_LIFETIME / 2) => {}
+                changed = signer.changed(), if signer_open => {
+                    if changed.is_err() {
+                        // The signer's source stopped: renew on the timer from the last one.
+                        signer_open = false;
+                        continue;
+                    }
+                }
+            }
+            let ca = signer.borrow_and_update().clone();
             match self.renew(&ca) {
                 Ok(()) => tracing::info!(names = ?self.names, "renewed the serving certificate"),
                 Err(e) => tracing::error!(error = %e, "keeping the current serving certificate"),

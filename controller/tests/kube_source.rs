@@ -403,9 +403,9 @@ async fn the_controller_serves_workloads_from_the_api_server() -> anyhow::Result
     let Some(client) = kube_client().await else { return Ok(()) };
     let Some(kubeconfig) = std::env::var_os(support::KUBECONFIG_ENV) else { return Ok(()) };
     let ns = ambient_namespace(&client, "ctl").await?;
-    let tmp = tempfile::tempdir()?;
     let config = controller::config::Config {
-        ca_dir: tmp.path().join("ca"),
+        // The CA's Secret in the test's namespace: the apiserver may have no weft-system yet.
+        ca_secret: controller::ca::SecretOptions { namespace: ns.clone(), ..Default::default() },
         listen: "127.0.0.1:0".parse()?,
         kubernetes: Some(controller::config::KubeAccess::File(kubeconfig.into())),
         ..controller::config::Config::default()

@@ -1,9 +1,12 @@
-//! The controller's certificate authority: the root kept on disk ([`load_or_create_root`]), who
-//! may hold which identity ([`Authorizer`]), and Istio's certificate-signing gRPC API
-//! ([`CaService`], [`serve`]). What a well-formed CSR and certificate are is weft-core's business,
+//! The controller's certificate authority: the root kept on disk ([`load_or_create_root`]) or, on
+//! Kubernetes, in istiod's Secrets ([`SecretCa`]) with the trust bundle published to every
+//! namespace ([`root_configmap`]), who may hold which identity ([`Authorizer`]), and Istio's
+//! certificate-signing gRPC API ([`CaService`], [`serve`]). What a well-formed CSR and certificate are is weft-core's business,
 //! not this module's.
 
 mod authz;
+pub mod root_configmap;
+pub mod secret;
 mod service;
 mod store;
 mod tokenreview;
@@ -18,6 +21,7 @@ use weft_core::proto::ca::istio_certificate_service_server::IstioCertificateServ
 use weft_core::tls::IssueError;
 
 pub use authz::{AuthError, Authorizer, Caller, ModelAuthorizer, StaticAuthorizer};
+pub use secret::{SecretCa, SecretOptions};
 pub use service::{
     bearer_token, cert_lifetime, impersonated_identity, CaService, Issued, LifetimeError, Refusal,
     DEFAULT_MAX_CERT_LIFETIME, IMPERSONATED_IDENTITY_KEY, MAX_CERT_LIFETIME_CEILING,
@@ -52,6 +56,13 @@ pub enum CaError {
     Unparsable { path: PathBuf, reason: String },
     #[error("{} and {} do not form a usable root: {reason}", .cert.display(), .key.display())]
     Mismatch { cert: PathBuf, key: PathBuf, reason: String },
+    #[error("Secret {namespace}/{name}, key {key}: {reason}")]
+    SecretKey { namespace: String, name: String, key: &'static str, reason: String },
+    #[error(
+        "cannot {action} Secret {namespace}/{name}: {reason} (may the controller's service account \
+         get and create secrets in {namespace}?)"
+    )]
+    SecretApi { action: &'static str, namespace: String, name: &'static str, reason: String },
     #[error("cannot generate a new root: {0}")]
     Generate(#[source] IssueError),
     #[error("cannot listen on {addr}: {source} (is another process using the port?)")]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prost_types::value::Kind;
+use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 use weft_core::identity::IdentityError;
@@ -129,9 +130,10 @@ pub fn bearer_token(value: Option<&str>) -> Result<Option<&str>, AuthError> {
     Ok((!token.is_empty()).then_some(token))
 }
 
-/// The CA's gRPC service: signs CSRs for identities the [`Authorizer`] allows.
+/// The CA's gRPC service: signs CSRs for identities the [`Authorizer`] allows, with the signer
+/// current when each request arrives.
 pub struct CaService<A> {
-    ca: Arc<CertificateAuthority>,
+    ca: watch::Receiver<Arc<CertificateAuthority>>,
     authorizer: Arc<A>,
     max_lifetime: Duration,
 }
@@ -150,11 +152,12 @@ pub struct Issued {
 impl<A: Authorizer> CaService<A> {
     /// A service signing with `ca`, with the default maximum lifetime (90 days).
     pub fn new(ca: CertificateAuthority, authorizer: A) -> Self {
-        CaService {
-            ca: Arc::new(ca),
-            authorizer: Arc::new(authorizer),
-            max_lifetime: DEFAULT_MAX_CERT_LIFETIME,
-        }
+        Self::following(watch::channel(Arc::new(ca)).1, authorizer)
+    }
+
+    /// A service signing with whatever `ca` holds at each request (a signer that can rotate).
+    pub fn following(ca: watch::Receiver<Arc<CertificateAuthority>>, authorizer: A) -> Self {
+        CaService { ca, authorizer: Arc::new(authorizer), max_lifetime: DEFAULT_MAX_CERT_LIFETIME }
     }
 
     /// Refuse requests for longer than `max` (clamped to [`MAX_CERT_LIFETIME_CEILING`]).
@@ -170,12 +173,13 @@ impl<A: Authorizer> CaService<A> {
         self
     }
 
-    pub fn ca(&self) -> &CertificateAuthority {
-        &self.ca
+    /// The signer now.
+    pub fn ca(&self) -> Arc<CertificateAuthority> {
+        self.ca.borrow().clone()
     }
 
-    /// The CA, shared (the serving certificate is renewed from it).
-    pub fn shared_ca(&self) -> Arc<CertificateAuthority> {
+    /// The signer as it changes (the serving certificate is renewed from it).
+    pub fn signer(&self) -> watch::Receiver<Arc<CertificateAuthority>> {
         self.ca.clone()
     }
 
@@ -202,7 +206,8 @@ impl<A: Authorizer> CaService<A> {
         caller: &Caller,
         request: &IstioCertificateRequest,
     ) -> Result<Issued, Refusal> {
-        let csr = self.ca.check_csr(&request.csr)?;
+        let ca = self.ca();
+        let csr = ca.check_csr(&request.csr)?;
         if let Some(impersonated) = impersonated_identity(request.metadata.as_ref())? {
             if impersonated != csr.identity {
                 return Err(Refusal::ImpersonationMismatch {
@@ -217,7 +222,7 @@ impl<A: Authorizer> CaService<A> {
         if SystemTime::now().checked_add(lifetime).is_none() {
             return Err(Refusal::Issue(IssueError::Validity("lifetime overflows the clock".into())));
         }
-        let chain = self.ca.sign(&csr, lifetime)?;
+        let chain = ca.sign(&csr, lifetime)?;
         Ok(Issued { caller: caller.clone(), identity: csr.identity, lifetime, chain })
     }
 

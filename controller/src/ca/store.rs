@@ -106,7 +106,7 @@ fn create(
     let ca = CertificateAuthority::generate(trust_domain).map_err(CaError::Generate)?;
     // The key goes first: the certificate's presence marks a complete root.
     write_new(key_path, ca.key_pem())?;
-    write_new(cert_path, ca.root_pem())?;
+    write_new(cert_path, ca.cert_pem())?;
     sync_dir(dir)?;
     tracing::info!(dir = %dir.display(), trust_domain, "created a new CA root");
     Ok(ca)

@@ -194,3 +194,63 @@ pub fn prerequisites(test: &str, problem: Option<String>) -> bool {
 pub fn netns_usable(test: &str) -> bool {
     prerequisites(test, crate::netns::unavailable())
 }
+
+/// The PEM files of an Istio plug-in CA (the `cacerts` Secret): a root, and an intermediate it
+/// signed that signs workload certificates.
+#[derive(Clone, Debug)]
+pub struct PlugInCa {
+    /// `root-cert.pem`.
+    pub root_cert: String,
+    /// The root's key (not part of `cacerts`; for making more intermediates).
+    pub root_key: String,
+    /// `ca-cert.pem`: the intermediate.
+    pub ca_cert: String,
+    /// `ca-key.pem`: the intermediate's key.
+    pub ca_key: String,
+    /// `cert-chain.pem`: the intermediate then the root, as Istio's tools/certs writes it.
+    pub cert_chain: String,
+}
+
+impl PlugInCa {
+    /// A new root (O=`trust_domain`, CN=`name` Root CA) and an intermediate it signed.
+    pub fn new(trust_domain: &str, name: &str) -> PlugInCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        let ca_params = |cn: String| {
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::OrganizationName, trust_domain);
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            params
+        };
+        let root_key = KeyPair::generate().expect("key generation works");
+        let root = ca_params(format!("{name} Root CA")).self_signed(&root_key).expect("self-signing works");
+        let ca_key = KeyPair::generate().expect("key generation works");
+        let issuer = Issuer::from_ca_cert_der(root.der(), &root_key).expect("the root is a CA");
+        let ca =
+            ca_params(format!("{name} Intermediate CA")).signed_by(&ca_key, &issuer).expect("signing works");
+        PlugInCa {
+            root_cert: root.pem(),
+            root_key: root_key.serialize_pem(),
+            ca_cert: ca.pem(),
+            ca_key: ca_key.serialize_pem(),
+            cert_chain: format!("{}{}", ca.pem(), root.pem()),
+        }
+    }
+
+    /// The CA these files make.
+    pub fn authority(&self) -> CertificateAuthority {
+        CertificateAuthority::from_intermediate_pem(
+            TRUST_DOMAIN,
+            &self.ca_cert,
+            &self.ca_key,
+            &self.cert_chain,
+            &self.root_cert,
+        )
+        .expect("a well-formed plug-in CA")
+    }
+}

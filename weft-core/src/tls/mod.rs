@@ -108,22 +108,23 @@ pub struct WorkloadCertificate {
 }
 
 impl WorkloadCertificate {
-    /// Builds a workload certificate from a CA's answer: `chain` is leaf first; a last element
-    /// that is self-signed is taken as a root and added to `extra_roots`.
+    /// Builds a workload certificate from a CA's answer: `chain` is leaf first; the self-signed
+    /// certificates at its end are taken as roots (Istio's CA sends every root of its bundle
+    /// last, several during a rotation) and added to `extra_roots`.
     pub fn from_pem(key_pem: &str, chain_pem: &[String], extra_roots: &RootBundle) -> Result<Self, TlsError> {
         let mut chain = Vec::new();
         for pem in chain_pem {
             chain.extend(parse_pem_certs(pem)?);
         }
-        let mut roots = extra_roots.clone();
-        if chain.len() > 1 {
-            if let Some(last) = chain.last() {
-                if is_self_signed(last)? {
-                    roots = roots.merged(&RootBundle::new(vec![last.clone()]));
-                    chain.pop();
-                }
+        let mut trailing_roots = Vec::new();
+        while chain.len() > 1 {
+            match chain.last() {
+                Some(last) if is_self_signed(last)? => trailing_roots.extend(chain.pop()),
+                _ => break,
             }
         }
+        trailing_roots.reverse();
+        let roots = extra_roots.merged(&RootBundle::new(trailing_roots));
         let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
             .map_err(|e| TlsError::Pem(e.to_string()))?
             .ok_or(TlsError::NoPem("PRIVATE KEY"))?;
@@ -310,9 +311,10 @@ pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsErr
         .map_err(|e| TlsError::Pem(e.to_string()))
 }
 
-/// PEM-encodes one DER object.
+/// PEM-encodes one DER object (LF line endings, as rcgen and openssl write PEM).
 pub fn der_to_pem(label: &str, der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new(label, der.to_vec()))
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(label, der.to_vec()), config)
 }
 
 /// Always presents the one certificate it holds (client and server side).
