@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource};
 use prost::Message;
@@ -57,12 +57,18 @@ const TEST_MANAGER: &str = "weft-tests";
 /// The controller's rules as the chart grants them (the ClusterRole `weft-controller` of
 /// daemonset/manifests/weft.yaml): what this file proves is what users install.
 fn controller_rules() -> Value {
+    chart_rules("ClusterRole")
+}
+
+/// The rules of the chart's `kind` (ClusterRole, or the Role of the controller's namespace) named
+/// `weft-controller`.
+fn chart_rules(kind: &str) -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../daemonset/manifests/weft.yaml");
     let text = std::fs::read_to_string(path).expect("the rendered chart");
     let role = serde_yaml::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).expect("a YAML document"))
-        .find(|doc| doc["kind"] == "ClusterRole" && doc["metadata"]["name"] == "weft-controller")
-        .expect("ClusterRole weft-controller in daemonset/manifests/weft.yaml");
+        .find(|doc| doc["kind"] == kind && doc["metadata"]["name"] == "weft-controller")
+        .unwrap_or_else(|| panic!("{kind} weft-controller in daemonset/manifests/weft.yaml"));
     role["rules"].clone()
 }
 
@@ -87,6 +93,26 @@ async fn apply_controller_rbac(client: &Client) -> anyhow::Result<()> {
         "subjects": [{ "kind": "ServiceAccount", "name": CONTROLLER_SA, "namespace": CONTROLLER_NS }],
     });
     Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(CONTROLLER_ROLE, &params, &Patch::Apply(&binding))
+        .await?;
+    // The Role of its own namespace: the CA's Secrets.
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": { "name": CONTROLLER_ROLE, "namespace": CONTROLLER_NS },
+        "rules": chart_rules("Role"),
+    });
+    Api::<Role>::namespaced(client.clone(), CONTROLLER_NS)
+        .patch(CONTROLLER_ROLE, &params, &Patch::Apply(&role))
+        .await?;
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": { "name": CONTROLLER_ROLE, "namespace": CONTROLLER_NS },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": CONTROLLER_ROLE },
+        "subjects": [{ "kind": "ServiceAccount", "name": CONTROLLER_SA, "namespace": CONTROLLER_NS }],
+    });
+    Api::<RoleBinding>::namespaced(client.clone(), CONTROLLER_NS)
         .patch(CONTROLLER_ROLE, &params, &Patch::Apply(&binding))
         .await?;
     Ok(())
@@ -506,7 +532,10 @@ async fn rbac_allows_the_controller_exactly_what_it_needs_and_ztunnel_nothing() 
         (&controller, "patch", "serviceaccounts", true),
         (&controller, "delete", "serviceaccounts", true),
         (&controller, "list", "serviceaccounts", true),
-        // Not needed, so not granted.
+        // The mesh roots, published in every namespace by server-side apply.
+        (&controller, "create", "configmaps", true),
+        (&controller, "patch", "configmaps", true),
+        // Not needed, so not granted (Secrets: only in its own namespace, by the Role).
         (&controller, "get", "secrets", false),
         (&controller, "list", "secrets", false),
         (&controller, "create", "pods", false),

@@ -75,6 +75,8 @@ def test_controller_rights_are_exactly_these(manifests):
     expected |= {("", "serviceaccounts", v) for v in ["get", "list"] + writes}
     # Waypoint Deployments are watched too: a Gateway is Programmed once one of its pods is ready.
     expected |= {("apps", "deployments", v) for v in READ + writes}
+    # The mesh roots, published as istio-ca-root-cert in every namespace (server-side apply).
+    expected |= {("", "configmaps", v) for v in ["create", "patch"]}
     assert granted == expected
     for rule in rules(manifests):
         assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"]
@@ -84,8 +86,12 @@ def test_controller_rights_are_exactly_these(manifests):
 def test_only_the_controller_is_bound_and_ztunnel_has_no_api_token(manifests):
     bindings = [o for o in manifests if o["kind"] in ("ClusterRoleBinding", "RoleBinding")]
     subjects = [s for b in bindings for s in b["subjects"]]
-    assert subjects == [{"kind": "ServiceAccount", "name": "weft-controller", "namespace": "weft-system"}]
-    assert not [o for o in manifests if o["kind"] == "Role"]
+    controller = {"kind": "ServiceAccount", "name": "weft-controller", "namespace": "weft-system"}
+    assert subjects == [controller, controller]
+    # The one Role: the CA's Secrets in the controller's own namespace, read and created once.
+    (role,) = [o for o in manifests if o["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "weft-system"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]}]
     assert find(manifests, "ServiceAccount", "ztunnel")["automountServiceAccountToken"] is False
 
 
@@ -136,7 +142,8 @@ def test_ztunnel_daemonset(manifests):
     assert token["serviceAccountToken"]["audience"] == "istio-ca"
     token_file = f"{mounts['istio-token']}/{token['serviceAccountToken']['path']}"
     assert f"--token-file={token_file}" in container["args"]
-    assert "--xds-address=http://weft-controller.weft-system.svc:15012" in container["args"]
+    assert "--xds-address=https://$(WEFT_CONTROLLER_SERVICE_HOST):15012" in container["args"]
+    assert {"name": "ALT_XDS_HOSTNAME", "value": "weft-controller.weft-system.svc"} in container["env"]
     # Nothing else from the node.
     assert [v for v in volumes.values() if "hostPath" in v] == [volumes["bpffs"]]
 
@@ -152,7 +159,7 @@ def test_controller_deployment_and_service(manifests):
     assert container["args"][:2] == ["--kubernetes", "--listen=0.0.0.0:15012"]
     # Waypoints run the chart's waypoint image and reach the controller as ztunnel does.
     assert "--waypoint-image=localhost:5000/weft/waypoint:0.1.0" in container["args"]
-    assert "--waypoint-controller-address=http://weft-controller.weft-system.svc:15012" in container["args"]
+    assert "--waypoint-controller-address=https://$(WEFT_CONTROLLER_SERVICE_HOST):15012" in container["args"]
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["tcpSocket"] == {"port": "grpc-xds"}
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}

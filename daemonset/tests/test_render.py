@@ -35,7 +35,7 @@ def test_chart_lints_strictly():
         ("controller.resources.limits.memory=lots", "/controller/resources/limits/memory"),
         ("controller.replcas=2", "replcas"),
         ("controller.replicas=0", "/controller/replicas"),
-        ("controller.replicas=2", "controller.caSecret"),
+        ("controller.caSecret=weft-ca", "caSecret"),
     ],
 )
 def test_bad_values_are_refused(setting, complaint):
@@ -81,7 +81,6 @@ def test_values_reach_the_objects():
         "--set", "ztunnel.image.tag=9.9.9",
         "--set", "ztunnel.uplinks={ens5,ens6}",
         "--set", "ztunnel.resources.limits.memory=3Gi",
-        "--set", "controller.caSecret=weft-ca",
         "--set", "controller.replicas=2",
         "--set", "waypoint.image.repository=registry.example/weft/waypoint",
         "--namespace", "mesh-system",
@@ -93,10 +92,14 @@ def test_values_reach_the_objects():
     assert container["imagePullPolicy"] == "Always"
     assert "--trust-domain=example.org" in container["args"]
     assert "--waypoint-image=registry.example/weft/waypoint:1.2.3" in container["args"]
-    assert "--waypoint-controller-address=http://weft-controller.mesh-system.svc:15012" in container["args"]
+    # TLS for the Service's name in the release namespace; waypoints dial its cluster IP.
+    assert "--tls-dns-name=weft-controller.mesh-system.svc" in container["args"]
+    assert "--waypoint-controller-address=https://$(WEFT_CONTROLLER_SERVICE_HOST):15012" in container["args"]
+    assert "--waypoint-controller-server-name=weft-controller.mesh-system.svc" in container["args"]
     assert {"name": "RUST_LOG", "value": "debug"} in container["env"]
-    assert container["volumeMounts"][0]["readOnly"] is True
-    assert controller["template"]["spec"]["volumes"][0]["secret"]["secretName"] == "weft-ca"
+    # The CA root is in the namespace's Secrets, not in a volume.
+    assert "volumes" not in controller["template"]["spec"]
+    assert not any(a.startswith("--ca-dir") for a in container["args"])
 
     ztunnel = find(objects, "DaemonSet", "ztunnel")["spec"]["template"]["spec"]["containers"][0]
     assert ztunnel["image"] == "registry.example/weft/ztunnel:9.9.9"
