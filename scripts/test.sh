@@ -21,10 +21,10 @@ stop_kube_apiserver() {
 trap stop_kube_apiserver EXIT
 kube_apiserver_missing() {
   if [[ ${CI:-} == true ]]; then
-    echo "test: ERROR: $1; CI requires the real kube-apiserver" >&2
+    echo "test: ERROR: $1; CI requires the real Kubernetes binaries" >&2
     exit 1
   fi
-  echo "test: WARNING: $1; the tests against a real kube-apiserver will be SKIPPED" >&2
+  echo "test: WARNING: $1; the tests against a real kube-apiserver or cluster will be SKIPPED" >&2
 }
 
 echo "== kube-apiserver build (cached)"
@@ -33,6 +33,12 @@ if scripts/kube-apiserver/build.sh >/dev/null; then
   kube_built=1
 else
   kube_apiserver_missing "scripts/kube-apiserver/build.sh failed"
+fi
+echo "== Kubernetes node binaries build (cached)"
+# kubelet, kube-controller-manager, kube-scheduler, kube-proxy and pause, from the same source
+# package (scripts/kube-cluster/build.sh); tests/kubernetes.rs runs a two-node cluster of them.
+if ! scripts/kube-cluster/build.sh >/dev/null; then
+  kube_apiserver_missing "scripts/kube-cluster/build.sh failed"
 fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -52,6 +58,12 @@ fi
 # The committed manifests equal `helm template` of the chart, pass kubernetes-validate --strict and
 # a server-side dry-run on a private kube-apiserver the tests start and stop themselves (from
 # scripts/kube-apiserver); CI=true fails on a missing tool or apiserver instead of skipping.
+# The release binaries the images are built from (daemonset/tests, tests/kubernetes.rs), in the
+# release target directory the benchmarks use too.
+echo "== cargo build --release (the images' binaries)"
+CARGO_TARGET_DIR="$HOME/.cache/weft/target-release" \
+  cargo build --release --locked -p ztunnel -p controller -p waypoint -p weft --bins
+export WEFT_BIN_DIR="$HOME/.cache/weft/target-release/release"
 echo "== daemonset tests (chart, manifests, Containerfiles)"
 daemonset/tests/run.sh
 echo "== cargo nextest"

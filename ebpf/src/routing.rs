@@ -1,8 +1,13 @@
 //! The routing half of the capture, in the current network namespace: packets the programs
 //! marked are routed locally (`ip rule add fwmark <mark> lookup <table>` and
 //! `ip route add local default dev lo table <table>`, for IPv4 and IPv6), so the kernel hands
-//! them to the socket the program assigned. Driven through iproute2's `ip`; knows nothing of
-//! the programs.
+//! them to the socket the program assigned. Marked packets are also exempt from connection
+//! tracking (`iptables -t raw -I PREROUTING -m mark --mark <mark> -j CT --notrack`, ip6tables
+//! likewise): kube-proxy's DNAT of Service addresses in PREROUTING would otherwise rewrite a
+//! captured SYN to a Service's cluster IP after the program assigned it to ztunnel's listener,
+//! and the kernel would answer the rewritten SYN with a reset (found on a real kubelet; ztunnel
+//! resolves Service addresses itself, as Istio's does). Driven through iproute2's `ip` and
+//! iptables; knows nothing of the programs.
 
 use std::{path::Path, process::Command};
 
@@ -24,8 +29,43 @@ pub(crate) fn ensure(mark: u32, table: u32) -> Result<(), Error> {
             ip(&[&[family, "rule", "add"], &rule[..]].concat())?;
         }
         ip(&[family, "route", "replace", "local", default, "dev", "lo", "table", &table])?;
+        if !notrack(family, &mark, "-C")? {
+            notrack(family, &mark, "-I")?;
+        }
     }
     Ok(())
+}
+
+/// Runs `iptables|ip6tables -w -t raw <action> PREROUTING -m mark --mark <mark> -j CT --notrack`;
+/// whether it succeeded (`-C`: whether the rule is there). Without the binary: a warning and
+/// `true` (no kube-proxy is likely either; Service addresses then need no exemption).
+fn notrack(family: &str, mark: &str, action: &str) -> Result<bool, Error> {
+    let program = if family == "-6" { "ip6tables" } else { "iptables" };
+    let mut args = vec!["-w", "-t", "raw", action, "PREROUTING"];
+    if action == "-I" {
+        args.push("1");
+    }
+    args.extend(["-m", "mark", "--mark", mark, "-j", "CT", "--notrack"]);
+    let out = match Command::new(program).args(&args).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(
+                program,
+                "not found: captured connections to Service addresses stay subject to kube-proxy's DNAT"
+            );
+            return Ok(true);
+        }
+        Err(source) => return Err(Error::IpCommand { source }),
+    };
+    match (action, out.status.code()) {
+        (_, Some(0)) => Ok(true),
+        // `-C` and `-D`: no such rule.
+        ("-C" | "-D", Some(1)) => Ok(false),
+        _ => Err(Error::Routing {
+            command: format!("{program} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        }),
+    }
 }
 
 /// Deletes every copy of the rule and the local route; absent entries are fine.
@@ -43,6 +83,11 @@ pub(crate) fn remove(mark: u32, table: u32) -> Result<(), Error> {
                 break;
             }
             ip(&[&[family, "rule", "del"], &rule[..]].concat())?;
+        }
+        for _ in 0..16 {
+            if !notrack(family, &mark, "-D")? {
+                break;
+            }
         }
         match ip(&[family, "route", "del", "local", default, "dev", "lo", "table", &table]) {
             // Absent: IPv4 says ESRCH, IPv6 ENOENT.

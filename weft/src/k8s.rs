@@ -171,24 +171,24 @@ fn bpffs(mounts: &str) -> Result<String, (String, String)> {
     }
 }
 
-/// CAP_NET_ADMIN (12), CAP_NET_RAW (13), CAP_BPF (39) in the effective set.
+/// CAP_NET_ADMIN (12), CAP_NET_RAW (13), CAP_PERFMON (38), CAP_BPF (39) in the effective set.
 fn capabilities(status: &str) -> Result<String, (String, String)> {
     let effective = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap_or(0);
-    let missing: Vec<&str> = [(12, "CAP_NET_ADMIN"), (13, "CAP_NET_RAW"), (39, "CAP_BPF")]
+    let missing: Vec<&str> = [(12, "CAP_NET_ADMIN"), (13, "CAP_NET_RAW"), (38, "CAP_PERFMON"), (39, "CAP_BPF")]
         .into_iter()
         .filter(|(bit, _)| effective & (1 << bit) == 0)
         .map(|(_, name)| name)
         .collect();
     if missing.is_empty() {
-        Ok("CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW held".into())
+        Ok("CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_RAW held".into())
     } else {
         Err((
             format!("missing {}", missing.join(", ")),
-            "run as root, or grant them (the chart's ztunnel DaemonSet adds BPF, NET_ADMIN and NET_RAW)"
+            "run as root, or grant them (the chart's ztunnel DaemonSet adds BPF, PERFMON, NET_ADMIN and NET_RAW)"
                 .into(),
         ))
     }
@@ -288,9 +288,9 @@ mod tests {
         assert!(bpffs("bpf /sys/fs/bpf bpf rw,nosuid 0 0\n").is_ok());
         assert!(bpffs("sysfs /sys sysfs rw 0 0\n").unwrap_err().1.contains("mount -t bpf"));
         assert!(capabilities("CapEff:\t000001ffffffffff\n").is_ok());
-        // CAP_NET_ADMIN and CAP_NET_RAW but not CAP_BPF.
+        // CAP_NET_ADMIN and CAP_NET_RAW but neither CAP_PERFMON nor CAP_BPF.
         let (detail, _) = capabilities("CapEff:\t0000000000003000\n").unwrap_err();
-        assert_eq!(detail, "missing CAP_BPF");
+        assert_eq!(detail, "missing CAP_PERFMON, CAP_BPF");
     }
 
     #[test]
