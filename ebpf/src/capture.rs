@@ -1,6 +1,6 @@
 //! The loader: loads the embedded programs (or takes over pinned ones), attaches them to
-//! interfaces with pinned TCX links, and edits the enrolled-address map. Operates in the network
-//! namespace of the calling thread.
+//! interfaces (pinned TCX links or clsact tc filters, see [`crate::attach`]), and edits the
+//! enrolled-address map. Operates in the network namespace of the calling thread.
 
 use std::{
     fmt, fs, io,
@@ -11,16 +11,14 @@ use std::{
 use aya::{
     include_bytes_aligned,
     maps::{Array, HashMap, Map, MapData, MapError},
-    programs::{
-        links::{FdLink, PinnedLink},
-        tc::TcAttachOptions,
-        LinkOrder, SchedClassifier, TcAttachType,
-    },
-    util::KernelVersion,
+    programs::{SchedClassifier, TcAttachType},
     Ebpf,
 };
 
-use crate::{bpffs, routing, Error};
+use crate::{
+    attach::{self, AttachMode, Slot},
+    bpffs, routing, Error,
+};
 
 /// The object `build.rs` compiled from `src/bpf/capture.c`.
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture.o"));
@@ -70,6 +68,9 @@ pub struct CaptureConfig {
     pub inbound_hbone_port: u16,
     /// ztunnel's plaintext inbound listener, for traffic to any other pod port (Istio: 15006).
     pub inbound_plain_port: u16,
+    /// How programs are attached to interfaces; `None` (the default) lets the kernel decide
+    /// ([`AttachMode::detect`]: TCX on Linux 6.6+, tc filters before).
+    pub attach: Option<AttachMode>,
 }
 
 impl Default for CaptureConfig {
@@ -81,6 +82,7 @@ impl Default for CaptureConfig {
             outbound_port: 15001,
             inbound_hbone_port: 15008,
             inbound_plain_port: 15006,
+            attach: None,
         }
     }
 }
@@ -124,6 +126,7 @@ impl CaptureConfig {
 /// Dropping it keeps everything in place; [`remove`] takes it away.
 pub struct Capture {
     cfg: CaptureConfig,
+    mode: AttachMode,
     pod: SchedClassifier,
     pod_out: SchedClassifier,
     uplink: SchedClassifier,
@@ -161,7 +164,10 @@ impl Capture {
     /// current network namespace (idempotent).
     pub fn open(cfg: CaptureConfig) -> Result<Self, Error> {
         cfg.validate()?;
-        check_kernel()?;
+        let mode = match cfg.attach {
+            Some(mode) => mode,
+            None => AttachMode::detect()?,
+        };
         bpffs::ensure(&cfg.pin_dir)?;
         if !cfg.pin_dir.exists() {
             load_and_pin(&cfg.pin_dir)?;
@@ -190,21 +196,22 @@ impl Capture {
         ];
         config.set(0, value, 0).map_err(|source| Error::Map { map: MAP_CONFIG, source })?;
         routing::ensure(cfg.mark, cfg.table)?;
-        tracing::info!(pin_dir = %dir.display(), "capture open");
-        Ok(Self { cfg, pod, pod_out, uplink, enrolled })
+        tracing::info!(pin_dir = %dir.display(), attach = %mode, "capture open");
+        Ok(Self { cfg, mode, pod, pod_out, uplink, enrolled })
     }
 
     /// Attaches the pod programs to a pod's host-side veth (ingress and egress), pinning the
-    /// links, and sets the veth's `accept_local` (the node's own packets to the pod come back in
-    /// on it). Idempotent; a stale pinned link (the veth was recreated) is replaced.
+    /// links or recording the tc filters, and sets the veth's `accept_local` (the node's own
+    /// packets to the pod come back in on it). Idempotent; a stale pinned link (the veth was
+    /// recreated) is replaced, as is an attachment of the other mode (made by an older loader).
     pub fn attach_pod(&mut self, host_ifname: &str) -> Result<(), Error> {
         self.attach(Kind::Pod, host_ifname)?;
         self.attach(Kind::PodOut, host_ifname)?;
         routing::accept_local(host_ifname)
     }
 
-    /// Detaches the pod programs from a veth and unpins the links. Idempotent; the interface
-    /// may already be gone.
+    /// Detaches the pod programs from a veth (whichever mode attached them) and unpins the
+    /// links. Idempotent; the interface may already be gone.
     pub fn detach_pod(&mut self, host_ifname: &str) -> Result<(), Error> {
         self.detach(Kind::Pod, host_ifname)?;
         self.detach(Kind::PodOut, host_ifname)
@@ -255,8 +262,9 @@ impl Capture {
         &self.cfg
     }
 
-    fn link_pin(&self, kind: Kind, ifname: &str) -> PathBuf {
-        self.cfg.pin_dir.join(PIN_LINKS).join(format!("{}_{ifname}", kind.pin_prefix()))
+    /// How this capture attaches programs.
+    pub fn attach_mode(&self) -> AttachMode {
+        self.mode
     }
 
     fn attach(&mut self, kind: Kind, ifname: &str) -> Result<(), Error> {
@@ -264,74 +272,29 @@ impl Capture {
         if nix::net::if_::if_nametoindex(ifname).is_err() {
             return Err(Error::InterfaceNotFound { ifname: ifname.into() });
         }
-        let pin = self.link_pin(kind, ifname);
+        let links = self.cfg.pin_dir.join(PIN_LINKS);
+        let slot = Slot { links: &links, prefix: kind.pin_prefix(), ifname, direction: kind.direction() };
         let prog = match kind {
             Kind::Pod => &mut self.pod,
             Kind::PodOut => &mut self.pod_out,
             Kind::Uplink => &mut self.uplink,
         };
-        let attach_err = |what: &'static str| {
-            move |source: aya::programs::ProgramError| {
-                Error::classify(format!("{what} on {ifname}"), source, |source| Error::Attach {
-                    what,
-                    ifname: ifname.into(),
-                    source: Box::new(source),
-                })
-            }
-        };
-        if pin.exists() {
-            let id = prog.info().map_err(attach_err("reading the program id"))?.id();
-            let (_, attached) = SchedClassifier::query_tcx(ifname, kind.direction())
-                .map_err(attach_err("querying tcx programs"))?;
-            if attached.iter().any(|p| p.id() == id) {
-                return Ok(());
-            }
-            // The interface was recreated under the same name (e.g. the pod restarted): the
-            // pinned link points at the old one.
-            tracing::info!(ifname, "replacing a stale pinned link");
-            remove_file(&pin)?;
-        }
-        // First in the chain, so no program before ours can let an enrolled pod's packet pass.
-        let link_id = prog
-            .attach_with_options(ifname, kind.direction(), TcAttachOptions::TcxOrder(LinkOrder::first()))
-            .map_err(attach_err("attaching (tcx)"))?;
-        let link = prog.take_link(link_id).map_err(attach_err("taking the link"))?;
-        let link = FdLink::try_from(link).map_err(|source| Error::Attach {
-            what: "converting the tcx link",
-            ifname: ifname.into(),
-            source: Box::new(source),
-        })?;
-        link.pin(&pin).map_err(|source| {
-            Error::classify(format!("pinning {}", pin.display()), source, |source| Error::Pin {
-                what: "pinning link",
-                path: pin.clone(),
-                source: Box::new(source),
-            })
-        })?;
-        tracing::info!(ifname, kind = kind.pin_prefix(), "capture attached");
+        attach::attach(prog, self.mode, &slot)?;
+        tracing::info!(ifname, kind = kind.pin_prefix(), attach = %self.mode, "capture attached");
         Ok(())
     }
 
     fn detach(&mut self, kind: Kind, ifname: &str) -> Result<(), Error> {
         check_ifname(ifname)?;
-        let pin = self.link_pin(kind, ifname);
-        // Unpinning drops the last reference to the link, which detaches it.
-        match PinnedLink::from_pin(&pin) {
-            Ok(link) => {
-                let unpinned = link.unpin().map_err(|source| Error::Io {
-                    what: "unpinning",
-                    path: pin.clone(),
-                    source,
-                })?;
-                drop(unpinned);
-                tracing::info!(ifname, kind = kind.pin_prefix(), "capture detached");
-                Ok(())
-            }
-            Err(_) if !pin.exists() => Ok(()),
-            Err(source) => {
-                Err(Error::Pin { what: "opening pinned link", path: pin, source: Box::new(source) })
-            }
-        }
+        let links = self.cfg.pin_dir.join(PIN_LINKS);
+        attach::detach(&Slot {
+            links: &links,
+            prefix: kind.pin_prefix(),
+            ifname,
+            direction: kind.direction(),
+        })?;
+        tracing::info!(ifname, kind = kind.pin_prefix(), "capture detached");
+        Ok(())
     }
 }
 
@@ -341,11 +304,13 @@ impl fmt::Debug for Capture {
     }
 }
 
-/// Detaches everything pinned under `cfg.pin_dir`, unpins it (the programs and maps are
-/// unloaded once no process holds them: drop every [`Capture`] of this directory first), and
-/// removes the fwmark rule and local route from the current network namespace. Idempotent.
+/// Detaches everything pinned under `cfg.pin_dir` (the tc filters it records are deleted in the
+/// current network namespace), unpins it (the programs and maps are unloaded once no process
+/// holds them: drop every [`Capture`] of this directory first), and removes the fwmark rule and
+/// local route from the current network namespace. Idempotent.
 pub fn remove(cfg: &CaptureConfig) -> Result<(), Error> {
     cfg.validate()?;
+    attach::detach_all_tc(&cfg.pin_dir.join(PIN_LINKS))?;
     match fs::remove_dir_all(&cfg.pin_dir) {
         Ok(()) => tracing::info!(pin_dir = %cfg.pin_dir.display(), "capture unpinned"),
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -439,26 +404,6 @@ fn io_error(what: &'static str, path: &Path, source: io::Error) -> Error {
         return Error::NotPermitted { what: format!("{what} {}", path.display()) };
     }
     Error::Io { what, path: path.to_owned(), source }
-}
-
-fn remove_file(path: &Path) -> Result<(), Error> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(io_error("removing", path, source)),
-    }
-}
-
-/// The programs attach with TCX links, which Linux has since 6.6.
-fn check_kernel() -> Result<(), Error> {
-    match KernelVersion::current() {
-        Ok(v) if v >= KernelVersion::new(6, 6, 0) => Ok(()),
-        Ok(v) => Err(Error::Unsupported(format!(
-            "the capture attaches with TCX links, which need Linux 6.6 or later; this kernel is {v:?}"
-        ))),
-        // Unknown version: try, and let the attach say what is missing.
-        Err(_) => Ok(()),
-    }
 }
 
 /// Interface names are at most 15 bytes and become part of a pin path.

@@ -4,8 +4,8 @@
 //!
 //! # What the programs do
 //!
-//! Three tc programs (TCX links, Linux 6.6+), compiled from `src/bpf/capture.c` by
-//! `build.rs` with clang and embedded:
+//! Three tc programs, compiled from `src/bpf/capture.c` by `build.rs` with clang and embedded
+//! (how they are attached is [Attachment](#attachment)):
 //!
 //! - `weft_pod_in`, on every pod's host-side veth (attach it to all pods of the node; the
 //!   enrolled map decides what is captured). A TCP packet that belongs to an existing
@@ -57,23 +57,47 @@
 //!
 //! ```text
 //! <pin_dir>/prog_pod          the weft_pod_in program
+//! <pin_dir>/prog_pod_out      the weft_pod_out program
 //! <pin_dir>/prog_uplink       the weft_uplink_in program
 //! <pin_dir>/map_enrolled      hash: 16-byte address (IPv4 as ::ffff:a.b.c.d) -> u32 flags (1 = capture)
-//! <pin_dir>/map_config        array[1]: [mark, outbound port, HBONE port, plaintext port] (u32s)
-//! <pin_dir>/links/pod_<if>    TCX ingress link of weft_pod_in on pod veth <if>
-//! <pin_dir>/links/uplink_<if> TCX ingress link of weft_uplink_in on uplink <if>
+//! <pin_dir>/map_config        array[1]: [mark, outbound port, HBONE port, plaintext port, socket mark] (u32s)
+//! <pin_dir>/links/pod_<if>       TCX mode: ingress link of weft_pod_in on pod veth <if>
+//! <pin_dir>/links/podout_<if>    TCX mode: egress link of weft_pod_out on pod veth <if>
+//! <pin_dir>/links/uplink_<if>    TCX mode: ingress link of weft_uplink_in on uplink <if>
+//! <pin_dir>/links/tc_pod_<if>    tc mode: empty directory, weft_pod_in is a filter on <if>'s clsact ingress
+//! <pin_dir>/links/tc_podout_<if> tc mode: likewise for weft_pod_out on <if>'s clsact egress
+//! <pin_dir>/links/tc_uplink_<if> tc mode: likewise for weft_uplink_in on uplink <if>'s clsact ingress
 //! ```
 //!
-//! Links are TCX links (Linux 6.6+); on older kernels [`Capture::open`] fails with
-//! [`Error::Unsupported`] (no clsact fallback yet). A restarted loader keeps the pinned programs
-//! as they are; to install new programs, call
+//! A restarted loader keeps the pinned programs as they are; to install new programs, call
 //! [`remove`] and open again. [`remove`] undoes everything.
+//!
+//! # Attachment
+//!
+//! [`AttachMode`] says how the programs meet an interface; [`CaptureConfig::attach`] picks it,
+//! by default [`AttachMode::detect`] (TCX where the kernel has it, probed; tc before):
+//!
+//! - [`AttachMode::Tcx`] (Linux 6.6+): TCX links, first in the chain, pinned in bpffs.
+//! - [`AttachMode::Tc`] (Linux 5.10+; what 5.10 to 6.5 get, e.g. Debian 11 and 12, Ubuntu 22.04,
+//!   RHEL 9): a `clsact` qdisc (added when missing, never removed: other tools may use it) and a
+//!   direct-action `bpf` filter made over netlink at priority [`TC_PRIORITY`] (1, first) and
+//!   handle [`TC_HANDLE`] (`0x5745`), which are Weft's. A filter is no link and cannot be pinned;
+//!   it stays on the qdisc until deleted, so it outlives the loader as a pinned link does, and a
+//!   marker directory in `links/` records it. A restarted loader replaces the filter's program in
+//!   place (atomically); detaching deletes only the filter at Weft's priority and handle.
+//!
+//! Attaching in one mode where the other mode's attachment is recorded (a loader of the other
+//! mode made it) puts the new attachment in place, then removes the old one.
+//!
+//! Below Linux 5.10, [`Capture::open`] fails with [`Error::Unsupported`].
 
+mod attach;
 mod bpffs;
 mod capture;
 mod error;
 mod routing;
 
+pub use attach::{AttachMode, TC_HANDLE, TC_PRIORITY};
 pub use capture::{remove, Capture, CaptureConfig, PROBE_SOURCE_V4, PROBE_SOURCE_V6, SOCKET_MARK};
 pub use error::Error;
 

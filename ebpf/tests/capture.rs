@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used)]
 //! The capture on real kernel networking: each test builds its own network namespaces (a node,
 //! a pod on it, a remote node behind the node's uplink), loads the programs into the node's
-//! namespace and checks where TCP connections land. Needs root and `ip netns`; without them the
+//! namespace and checks where TCP connections land. Every test runs in both attach modes (the
+//! `tcx::` and `tc::` tests, see [`in_both_modes`]). Needs root and `ip netns`; without them the
 //! tests print why and pass, unless CI=true, where they fail.
 
 use std::{
@@ -15,7 +16,7 @@ use std::{
 };
 
 use aya::{maps::MapData, programs::SchedClassifier, programs::TcAttachType};
-use ebpf::{Capture, CaptureConfig};
+use ebpf::{AttachMode, Capture, CaptureConfig};
 
 use socket2::{Domain, Socket, Type};
 
@@ -37,8 +38,37 @@ const CONNECT: Duration = Duration::from_secs(2);
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// Every test below takes the attach mode; this makes a `tcx::<test>` and a `tc::<test>` of each.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod tcx {
+            $(#[test] fn $name() { super::$name(ebpf::AttachMode::Tcx) })*
+        }
+        mod tc {
+            $(#[test] fn $name() { super::$name(ebpf::AttachMode::Tc) })*
+        }
+    };
+}
+
+in_both_modes!(
+    outbound_connection_lands_on_the_transparent_listener,
+    same_node_pods_meet_through_ztunnel,
+    outbound_ipv6_lands_on_a_dual_stack_listener,
+    enrollment_decides_capture_at_runtime,
+    enrolled_pod_without_listener_fails_closed,
+    inbound_on_the_uplink_and_transparent_upstream,
+    pinned_capture_outlives_the_loader_and_is_taken_over,
+    capture_outlives_a_loader_process_that_exits,
+    remove_takes_everything_away,
+    errors_name_the_problem,
+    recreated_veth_gets_a_fresh_link,
+    a_loader_of_the_other_mode_takes_over_without_a_gap,
+    other_tc_filters_and_the_qdisc_are_left_alone,
+);
+
 /// Three namespaces and a pin directory, deleted on drop (also when the test panics).
 struct Topology {
+    mode: AttachMode,
     node: String,
     pod: String,
     pod2: String,
@@ -47,14 +77,16 @@ struct Topology {
 }
 
 impl Topology {
-    /// Builds the topology, or `None` when the test must be skipped.
-    fn new() -> Option<Self> {
+    /// Builds the topology for a capture attaching in `mode`, or `None` when the test must be
+    /// skipped.
+    fn new(mode: AttachMode) -> Option<Self> {
         if !weft_core::testing::netns_usable("eBPF capture test") {
             return None;
         }
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let base = format!("weft-ebpf-{}-{n}", std::process::id());
         let topo = Self {
+            mode,
             node: format!("{base}-node"),
             pod: format!("{base}-pod"),
             pod2: format!("{base}-pod2"),
@@ -114,13 +146,40 @@ ip -n {remote} -6 route add fd00:10::/64 via fd00:77::1
     }
 
     fn config(&self) -> CaptureConfig {
-        CaptureConfig { pin_dir: self.pin_dir.clone(), ..CaptureConfig::default() }
+        CaptureConfig { pin_dir: self.pin_dir.clone(), attach: Some(self.mode), ..CaptureConfig::default() }
     }
 
     /// Opens the capture in the node namespace.
     fn open(&self) -> Capture {
-        let cfg = self.config();
-        in_ns(&self.node, move || Capture::open(cfg)).unwrap()
+        self.open_as(self.mode)
+    }
+
+    /// Opens the capture in the node namespace, attaching in `mode`.
+    fn open_as(&self, mode: AttachMode) -> Capture {
+        let cfg = CaptureConfig { attach: Some(mode), ..self.config() };
+        let capture = in_ns(&self.node, move || Capture::open(cfg)).unwrap();
+        assert_eq!(capture.attach_mode(), mode);
+        capture
+    }
+
+    /// The programs attached to the node's interface `ifname` (ingress) in this topology's mode;
+    /// asserts that nothing is attached in the other mode.
+    fn attached(&self, ifname: &str) -> Vec<u32> {
+        self.attached_as(self.mode, ifname)
+    }
+
+    fn attached_as(&self, mode: AttachMode, ifname: &str) -> Vec<u32> {
+        let (tcx, tc) = attached_programs(&self.node, ifname, TcAttachType::Ingress);
+        match mode {
+            AttachMode::Tcx => {
+                assert!(tc.is_empty(), "tc filters on {ifname} in tcx mode: {tc:?}");
+                tcx
+            }
+            AttachMode::Tc => {
+                assert!(tcx.is_empty(), "tcx links on {ifname} in tc mode: {tcx:?}");
+                tc
+            }
+        }
     }
 }
 
@@ -236,12 +295,50 @@ fn our_programs(pin_dir: &std::path::Path, name: &str) -> Vec<u32> {
         .collect()
 }
 
-fn tcx_programs(ns: &str, ifname: &str) -> Vec<u32> {
-    let ifname = ifname.to_owned();
-    in_ns(ns, move || {
-        let (_, progs) = SchedClassifier::query_tcx(&ifname, TcAttachType::Ingress).unwrap();
+/// The ids of the programs attached to `ifname` in namespace `ns`: (TCX links, tc filters).
+fn attached_programs(ns: &str, ifname: &str, direction: TcAttachType) -> (Vec<u32>, Vec<u32>) {
+    let name = ifname.to_owned();
+    let tcx = in_ns(ns, move || {
+        let (_, progs) = SchedClassifier::query_tcx(&name, direction).unwrap();
         progs.iter().map(|p| p.id()).collect()
-    })
+    });
+    (tcx, tc_filters(ns, ifname, direction).into_iter().map(|f| f.prog_id).collect())
+}
+
+/// A tc filter as `tc -j filter show` lists it.
+#[derive(Debug)]
+struct TcFilter {
+    pref: u64,
+    handle: Option<String>,
+    prog_id: u32,
+}
+
+/// The eBPF filters on `ifname`'s clsact qdisc in namespace `ns` (none without the qdisc).
+fn tc_filters(ns: &str, ifname: &str, direction: TcAttachType) -> Vec<TcFilter> {
+    let parent = if direction == TcAttachType::Ingress { "ingress" } else { "egress" };
+    let out =
+        Command::new("tc").args(["-n", ns, "-j", "filter", "show", "dev", ifname, parent]).output().unwrap();
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["kind"] == "bpf" && f["options"]["prog"]["id"].is_u64())
+        .map(|f| TcFilter {
+            pref: f["pref"].as_u64().unwrap_or(0),
+            handle: f["options"]["handle"].as_str().map(str::to_owned),
+            prog_id: f["options"]["prog"]["id"].as_u64().unwrap_or(0) as u32,
+        })
+        .collect()
+}
+
+fn the_other(mode: AttachMode) -> AttachMode {
+    match mode {
+        AttachMode::Tcx => AttachMode::Tc,
+        AttachMode::Tc => AttachMode::Tcx,
+    }
 }
 
 fn sh(args: &[&str]) -> String {
@@ -250,9 +347,8 @@ fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
-fn outbound_connection_lands_on_the_transparent_listener() {
-    let Some(topo) = Topology::new() else { return };
+fn outbound_connection_lands_on_the_transparent_listener(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
     let mut capture = topo.open();
     in_ns(&topo.node, || capture.attach_pod(POD_VETH)).unwrap();
     capture.enroll(POD.into()).unwrap();
@@ -267,9 +363,8 @@ fn outbound_connection_lands_on_the_transparent_listener() {
     assert_captured(&topo, &outbound, sa(NOWHERE, 8443), POD.into());
 }
 
-#[test]
-fn same_node_pods_meet_through_ztunnel() {
-    let Some(topo) = Topology::new() else { return };
+fn same_node_pods_meet_through_ztunnel(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
     let mut capture = topo.open();
     in_ns(&topo.node, || {
         capture.attach_pod(POD_VETH)?;
@@ -314,9 +409,8 @@ fn same_node_pods_meet_through_ztunnel() {
     }
 }
 
-#[test]
-fn outbound_ipv6_lands_on_a_dual_stack_listener() {
-    let Some(topo) = Topology::new() else { return };
+fn outbound_ipv6_lands_on_a_dual_stack_listener(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
     let mut capture = topo.open();
     in_ns(&topo.node, || capture.attach_pod(POD_VETH)).unwrap();
     capture.enroll(POD.into()).unwrap();
@@ -333,9 +427,8 @@ fn outbound_ipv6_lands_on_a_dual_stack_listener() {
     exchange(&mut client, &mut accepted);
 }
 
-#[test]
-fn enrollment_decides_capture_at_runtime() {
-    let Some(topo) = Topology::new() else { return };
+fn enrollment_decides_capture_at_runtime(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
     let mut capture = topo.open();
     in_ns(&topo.node, || capture.attach_pod(POD_VETH)).unwrap();
     let outbound = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15001));
@@ -361,9 +454,8 @@ fn enrollment_decides_capture_at_runtime() {
     direct("unenrolled: direct again");
 }
 
-#[test]
-fn enrolled_pod_without_listener_fails_closed() {
-    let Some(topo) = Topology::new() else { return };
+fn enrolled_pod_without_listener_fails_closed(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
     let mut capture = topo.open();
     in_ns(&topo.node, || capture.attach_pod(POD_VETH)).unwrap();
     capture.enroll(POD.into()).unwrap();
@@ -375,9 +467,8 @@ fn enrolled_pod_without_listener_fails_closed() {
     assert!(accept(&server, SHORT).is_none(), "reached the server in plaintext");
 }
 
-#[test]
-fn inbound_on_the_uplink_and_transparent_upstream() {
-    let Some(topo) = Topology::new() else { return };
+fn inbound_on_the_uplink_and_transparent_upstream(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
     let mut capture = topo.open();
     in_ns(&topo.node, || {
         capture.attach_pod(POD_VETH)?;
@@ -428,9 +519,8 @@ fn inbound_on_the_uplink_and_transparent_upstream() {
     exchange(&mut client, &mut accepted);
 }
 
-#[test]
-fn pinned_capture_outlives_the_loader_and_is_taken_over() {
-    let Some(topo) = Topology::new() else { return };
+fn pinned_capture_outlives_the_loader_and_is_taken_over(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
     let mut capture = topo.open();
     in_ns(&topo.node, || capture.attach_pod(POD_VETH)).unwrap();
     capture.enroll(POD.into()).unwrap();
@@ -454,22 +544,73 @@ fn pinned_capture_outlives_the_loader_and_is_taken_over() {
     assert_eq!(our_programs(&topo.pin_dir, "weft_uplink_in").len(), 1);
     assert_eq!(capture.enrolled().unwrap(), vec![IpAddr::from(POD)]);
     in_ns(&topo.node, || capture.attach_pod(POD_VETH)).unwrap();
-    assert_eq!(tcx_programs(&topo.node, POD_VETH), first);
+    assert_eq!(topo.attached(POD_VETH), first);
     let outbound = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15001));
     assert_captured(&topo, &outbound, sa(NOWHERE, 80), POD.into());
 
     // Detach: the pod is no longer captured even though it is enrolled.
     in_ns(&topo.node, || capture.detach_pod(POD_VETH)).unwrap();
     in_ns(&topo.node, || capture.detach_pod(POD_VETH)).unwrap(); // idempotent
-    assert!(tcx_programs(&topo.node, POD_VETH).is_empty());
+    assert!(topo.attached(POD_VETH).is_empty());
     let mut client = connect(&topo.pod, server_addr, CONNECT).unwrap();
     let (mut accepted, _) = accept(&server, CONNECT).expect("direct after detach");
     exchange(&mut client, &mut accepted);
 }
 
+/// What [`loader_process`] reads: the node namespace, the pin directory and the attach mode.
+const LOADER_ENV: [&str; 3] =
+    ["WEFT_TEST_LOADER_NETNS", "WEFT_TEST_LOADER_PIN_DIR", "WEFT_TEST_LOADER_ATTACH"];
+
+/// The capture stays when the process that attached it ends without running any destructor
+/// (as a crashed or killed ztunnel does): the loader here is this test binary run again as
+/// [`loader_process`].
+fn capture_outlives_a_loader_process_that_exits(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["loader_process", "--exact", "--nocapture", "--test-threads", "1"])
+        .env(LOADER_ENV[0], &topo.node)
+        .env(LOADER_ENV[1], &topo.pin_dir)
+        .env(LOADER_ENV[2], mode.as_str())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the loader process failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(topo.attached(POD_VETH).len(), 1);
+    let outbound = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15001));
+    assert_captured(&topo, &outbound, sa(NOWHERE, 80), POD.into());
+    drop(outbound);
+    let server_addr = sa(REMOTE, 8080);
+    let server = listener(&topo.remote, server_addr);
+    assert!(connect(&topo.pod, server_addr, Duration::from_secs(1)).is_err(), "failed open");
+    assert!(accept(&server, SHORT).is_none());
+}
+
+/// Not a test of its own (it does nothing unless [`LOADER_ENV`] is set): the loader process of
+/// [`capture_outlives_a_loader_process_that_exits`]. Attaches and enrolls the pod, then exits
+/// the process at once, running no destructor.
 #[test]
-fn remove_takes_everything_away() {
-    let Some(topo) = Topology::new() else { return };
+fn loader_process() {
+    let [Ok(ns), Ok(pin_dir), Ok(mode)] = LOADER_ENV.map(std::env::var) else { return };
+    let cfg = CaptureConfig {
+        pin_dir: pin_dir.into(),
+        attach: Some(mode.parse().unwrap()),
+        ..CaptureConfig::default()
+    };
+    in_ns(&ns, move || -> Result<(), ebpf::Error> {
+        let mut capture = Capture::open(cfg)?;
+        capture.attach_pod(POD_VETH)?;
+        capture.enroll(POD.into())?;
+        std::process::exit(0)
+    })
+    .unwrap();
+}
+
+fn remove_takes_everything_away(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
     let cfg = topo.config();
     let mut capture = topo.open();
     in_ns(&topo.node, || {
@@ -504,7 +645,7 @@ fn remove_takes_everything_away() {
         thread::sleep(Duration::from_millis(20));
     }
     for ifname in [POD_VETH, UPLINK] {
-        assert!(tcx_programs(&topo.node, ifname).is_empty());
+        assert_eq!(attached_programs(&topo.node, ifname, TcAttachType::Ingress), (vec![], vec![]));
         let net = sh(&["ip", "netns", "exec", &topo.node, "bpftool", "net", "show", "dev", ifname]);
         assert!(!net.contains("weft_"), "{net}");
     }
@@ -522,9 +663,8 @@ fn remove_takes_everything_away() {
     exchange(&mut client, &mut accepted);
 }
 
-#[test]
-fn errors_name_the_problem() {
-    let Some(topo) = Topology::new() else { return };
+fn errors_name_the_problem(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
     let mut capture = topo.open();
     let err = in_ns(&topo.node, || capture.attach_pod("nosuchveth")).unwrap_err();
     assert!(matches!(err, ebpf::Error::InterfaceNotFound { .. }), "{err}");
@@ -534,18 +674,122 @@ fn errors_name_the_problem() {
     assert!(matches!(err, ebpf::Error::NotBpffs { .. }), "{err}");
 }
 
-#[test]
-fn recreated_veth_gets_a_fresh_link() {
-    let Some(topo) = Topology::new() else { return };
+fn recreated_veth_gets_a_fresh_link(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
     let mut capture = topo.open();
     in_ns(&topo.node, || capture.attach_pod(POD2_VETH)).unwrap();
-    let ours = tcx_programs(&topo.node, POD2_VETH);
+    let ours = topo.attached(POD2_VETH);
     assert_eq!(ours.len(), 1);
     // The pod restarts: its veth is deleted and made again under the same name.
     let node = topo.node.as_str();
     sh(&["ip", "-n", node, "link", "del", POD2_VETH]);
     sh(&["ip", "-n", node, "link", "add", POD2_VETH, "type", "veth", "peer", "name", "eth1"]);
-    assert!(tcx_programs(&topo.node, POD2_VETH).is_empty());
+    assert!(topo.attached(POD2_VETH).is_empty());
     in_ns(&topo.node, || capture.attach_pod(POD2_VETH)).unwrap();
-    assert_eq!(tcx_programs(&topo.node, POD2_VETH), ours);
+    assert_eq!(topo.attached(POD2_VETH), ours);
+}
+
+/// A node whose capture was attached in the other mode (an older ztunnel, or one before a kernel
+/// upgrade) is taken over: the new attachment is made before the old one goes, and the old one
+/// goes entirely.
+fn a_loader_of_the_other_mode_takes_over_without_a_gap(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
+    let mut old = topo.open_as(the_other(mode));
+    in_ns(&topo.node, || {
+        old.attach_pod(POD_VETH)?;
+        old.attach_uplink(UPLINK)
+    })
+    .unwrap();
+    old.enroll(POD.into()).unwrap();
+    let ours = topo.attached_as(the_other(mode), POD_VETH);
+    assert_eq!(ours.len(), 1);
+    drop(old);
+
+    let mut capture = topo.open();
+    in_ns(&topo.node, || {
+        capture.attach_pod(POD_VETH)?;
+        capture.attach_uplink(UPLINK)
+    })
+    .unwrap();
+    // Same pinned program, now attached only in this mode, both directions.
+    assert_eq!(topo.attached(POD_VETH), ours);
+    assert_eq!(topo.attached(UPLINK).len(), 1);
+    let (tcx, tc) = attached_programs(&topo.node, POD_VETH, TcAttachType::Egress);
+    assert_eq!(tcx.len() + tc.len(), 1, "egress: tcx {tcx:?}, tc {tc:?}");
+    let links: Vec<String> = std::fs::read_dir(topo.pin_dir.join("links"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(links.len(), 3, "one pin or marker per attachment: {links:?}");
+    let outbound = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15001));
+    assert_captured(&topo, &outbound, sa(NOWHERE, 80), POD.into());
+
+    in_ns(&topo.node, || {
+        capture.detach_pod(POD_VETH)?;
+        capture.detach_uplink(UPLINK)
+    })
+    .unwrap();
+    for (ifname, direction) in
+        [(POD_VETH, TcAttachType::Ingress), (POD_VETH, TcAttachType::Egress), (UPLINK, TcAttachType::Ingress)]
+    {
+        assert_eq!(attached_programs(&topo.node, ifname, direction), (vec![], vec![]), "{ifname}");
+    }
+    assert_eq!(std::fs::read_dir(topo.pin_dir.join("links")).unwrap().count(), 0);
+}
+
+/// Weft's filter runs first on a clsact qdisc other tools use too, and detaching takes only
+/// Weft's filter away.
+fn other_tc_filters_and_the_qdisc_are_left_alone(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
+    let node = topo.node.as_str();
+    sh(&["tc", "-n", node, "qdisc", "add", "dev", POD_VETH, "clsact"]);
+    // Another tool's filter: classic BPF that matches nothing (this kernel may have no other
+    // classifier or action modules).
+    sh(&[
+        "tc",
+        "-n",
+        node,
+        "filter",
+        "add",
+        "dev",
+        POD_VETH,
+        "ingress",
+        "pref",
+        "10",
+        "bpf",
+        "bytecode",
+        "1,6 0 0 0,",
+    ]);
+    let foreign = || sh(&["tc", "-n", node, "filter", "show", "dev", POD_VETH, "ingress"]);
+    assert!(foreign().contains("bytecode"));
+
+    let mut capture = topo.open();
+    in_ns(&topo.node, || capture.attach_pod(POD_VETH)).unwrap();
+    in_ns(&topo.node, || capture.attach_pod(POD_VETH)).unwrap(); // idempotent
+    assert_eq!(topo.attached(POD_VETH).len(), 1);
+    if mode == AttachMode::Tc {
+        let filters = tc_filters(node, POD_VETH, TcAttachType::Ingress);
+        assert_eq!(filters.len(), 1, "{filters:?}");
+        assert_eq!(filters[0].pref, u64::from(ebpf::TC_PRIORITY), "{filters:?}");
+        assert_eq!(filters[0].handle.as_deref(), Some("0x5745"), "{filters:?}");
+        assert_eq!(ebpf::TC_HANDLE, 0x5745);
+    }
+    capture.enroll(POD.into()).unwrap();
+    let outbound = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15001));
+    assert_captured(&topo, &outbound, sa(NOWHERE, 80), POD.into());
+
+    in_ns(&topo.node, || capture.detach_pod(POD_VETH)).unwrap();
+    assert!(topo.attached(POD_VETH).is_empty());
+    assert!(foreign().contains("pref 10 bpf chain 0 handle 0x1"), "the other filter went: {}", foreign());
+    let qdiscs = sh(&["tc", "-n", node, "qdisc", "show", "dev", POD_VETH]);
+    assert!(qdiscs.contains("clsact"), "{qdiscs}");
+}
+
+#[test]
+fn this_kernel_gets_the_mode_its_version_says() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap(), parts.next().unwrap());
+    let expected = AttachMode::for_kernel(major, minor);
+    assert_eq!(AttachMode::detect().ok(), expected, "Linux {release}");
 }

@@ -118,7 +118,13 @@ fn check(name: &'static str, result: Result<String, (String, String)>) -> Check 
 /// user ztunnel runs as).
 pub fn node_checks() -> Vec<Check> {
     vec![
-        check("kernel", kernel(&nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()))),
+        check(
+            "kernel",
+            kernel(
+                &nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()),
+                ebpf::AttachMode::detect().ok(),
+            ),
+        ),
         check("bpffs", bpffs(&std::fs::read_to_string("/proc/mounts").unwrap_or_default())),
         check("capabilities", capabilities(&std::fs::read_to_string("/proc/self/status").unwrap_or_default())),
         check(
@@ -139,19 +145,27 @@ pub fn node_checks() -> Vec<Check> {
     ]
 }
 
-/// ztunnel attaches TCX links: Linux 6.6 or later.
-fn kernel(release: &Result<String, nix::Error>) -> Result<String, (String, String)> {
+/// Which way ztunnel attaches its capture on this kernel: TCX links on Linux 6.6+, a clsact qdisc
+/// and tc filters (netlink) on 5.10 to 6.5; older kernels cannot run it. `detected` is what
+/// ztunnel's own choice ([`ebpf::AttachMode::detect`]) says here, when it could say.
+fn kernel(
+    release: &Result<String, nix::Error>,
+    detected: Option<ebpf::AttachMode>,
+) -> Result<String, (String, String)> {
     let release = release.as_ref().map_err(|e| (format!("uname failed: {e}"), String::new()))?;
     let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
-    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if version >= (6, 6) {
-        Ok(format!("Linux {release}"))
-    } else {
-        Err((
-            format!("Linux {release} is older than 6.6, which ztunnel's TCX capture links need"),
-            "run the nodes on a Linux 6.6+ kernel (e.g. Debian 13, Ubuntu 24.04 HWE, a current cloud image)"
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    match ebpf::AttachMode::for_kernel(major, minor) {
+        Some(by_version) => {
+            let mode = detected.unwrap_or(by_version);
+            Ok(format!("Linux {release}: ztunnel will attach the capture with {}", mode.describe()))
+        }
+        None => Err((
+            format!("Linux {release} is older than 5.10, the oldest kernel ztunnel's capture runs on"),
+            "run the nodes on Linux 5.10 or later (Debian 11+, Ubuntu 22.04+, RHEL 9+); 6.6+ (e.g. Debian 13, \
+             Ubuntu 24.04 HWE) attaches with TCX links"
                 .into(),
-        ))
+        )),
     }
 }
 
@@ -276,11 +290,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernel_versions() {
-        assert!(kernel(&Ok("6.6.0".into())).is_ok());
-        assert!(kernel(&Ok("6.18.44-fc-v669".into())).is_ok());
-        let (detail, fix) = kernel(&Ok("5.15.0-91-generic".into())).unwrap_err();
-        assert!(detail.contains("older than 6.6") && fix.contains("6.6+"), "{detail} / {fix}");
+    fn kernel_versions_say_the_attach_mode() {
+        for (release, says) in [
+            ("6.6.0", "TCX links"),
+            ("6.18.44-fc-v669", "TCX links"),
+            ("6.1.0-28-amd64", "clsact qdisc and tc filters"),
+            ("5.15.0-91-generic", "clsact qdisc and tc filters"),
+            ("5.14.0-427.el9.x86_64", "clsact qdisc and tc filters"),
+            ("5.10.0-33-amd64", "clsact qdisc and tc filters"),
+        ] {
+            let detail = kernel(&Ok(release.into()), None).unwrap();
+            assert!(detail.contains(release) && detail.contains(says), "{release}: {detail}");
+        }
+        // What the kernel answered wins over its version (e.g. TCX backported).
+        let detail = kernel(&Ok("5.14.0-503.el9".into()), Some(ebpf::AttachMode::Tcx)).unwrap();
+        assert!(detail.contains("TCX links"), "{detail}");
+        for old in ["5.4.0-150-generic", "4.19.0-27-amd64"] {
+            let (detail, fix) = kernel(&Ok(old.into()), None).unwrap_err();
+            assert!(detail.contains("older than 5.10") && fix.contains("5.10 or later"), "{detail} / {fix}");
+        }
     }
 
     #[test]

@@ -185,12 +185,12 @@ pub fn raise_open_files_limit() -> Result<u64, nix::Error> {
 
 /// Loads (or takes over) the capture `capture` asks for.
 fn open_capture(capture: &Capture) -> Result<Option<Arc<Mutex<ebpf::Capture>>>, StartError> {
-    let (pin_dir, uplinks) = match capture {
+    let (pin_dir, uplinks, attach) = match capture {
         Capture::Off => return Ok(None),
-        Capture::LoadOnly { pin_dir } => (pin_dir, &Vec::new()),
-        Capture::On { pin_dir, uplinks } => (pin_dir, uplinks),
+        Capture::LoadOnly { pin_dir } => (pin_dir, &Vec::new(), None),
+        Capture::On { pin_dir, uplinks, attach } => (pin_dir, uplinks, *attach),
     };
-    let config = ebpf::CaptureConfig { pin_dir: pin_dir.clone(), ..ebpf::CaptureConfig::default() };
+    let config = ebpf::CaptureConfig { pin_dir: pin_dir.clone(), attach, ..ebpf::CaptureConfig::default() };
     if matches!(capture, Capture::On { .. }) && !pin_dir.exists() {
         load_in_child()?;
     }

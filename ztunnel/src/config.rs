@@ -24,6 +24,7 @@ pub mod env {
     pub const TOKEN_FILE: &str = "WEFT_TOKEN_FILE";
     pub const BPF_PIN_DIR: &str = "WEFT_BPF_PIN_DIR";
     pub const UPLINKS: &str = "WEFT_UPLINKS";
+    pub const CAPTURE_ATTACH: &str = "WEFT_CAPTURE_ATTACH";
     pub const WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
 }
@@ -53,6 +54,11 @@ pub struct Args {
     /// The node's interfaces to other nodes: traffic for local pods arriving there is captured.
     #[arg(long = "uplink", env = env::UPLINKS, value_delimiter = ',')]
     uplinks: Vec<String>,
+    /// How the capture's programs are attached to interfaces: `tcx` (TCX links, Linux 6.6+),
+    /// `tc` (a clsact qdisc and tc filters, Linux 5.10+), or `auto` (TCX where the kernel has
+    /// it, else tc). `tc` on a 6.6+ kernel is for testing the older kernels' path.
+    #[arg(long, env = env::CAPTURE_ATTACH, default_value = "auto")]
+    capture_attach: String,
     /// Do not load the eBPF capture (traffic reaches the listeners only when sent to them).
     #[arg(long)]
     no_capture: bool,
@@ -103,13 +109,27 @@ pub struct Config {
 pub enum Capture {
     /// No capture: the listeners get only what is sent to them.
     Off,
-    /// Load (or take over) the pinned capture and attach it to the uplinks.
-    On { pin_dir: PathBuf, uplinks: Vec<String> },
+    /// Load (or take over) the pinned capture and attach it to the uplinks, in the attach mode
+    /// given (`None`: the kernel decides).
+    On {
+        pin_dir: PathBuf,
+        uplinks: Vec<String>,
+        #[serde(serialize_with = "attach_mode")]
+        attach: Option<ebpf::AttachMode>,
+    },
     /// Load and pin the capture, then exit.
     LoadOnly { pin_dir: PathBuf },
 }
 
 pub use weft_core::flags::ConfigError;
+
+/// Dumps the capture's attach mode as given: `tcx`, `tc` or `auto`.
+fn attach_mode<S: serde::Serializer>(
+    mode: &Option<ebpf::AttachMode>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(mode.map_or("auto", ebpf::AttachMode::as_str))
+}
 
 impl Config {
     /// The configuration from the process's arguments and environment. Exits with clap's help
@@ -146,6 +166,15 @@ impl Config {
             errors.push("--node-name/NODE_NAME is empty: name the Kubernetes node this proxy serves".into());
         }
         let token = weft_core::flags::token(&mut errors, args.token, args.token_file);
+        let attach = value(
+            &mut errors,
+            "--capture-attach/WEFT_CAPTURE_ATTACH",
+            &args.capture_attach,
+            match args.capture_attach.as_str() {
+                "auto" => Ok(None),
+                given => given.parse::<ebpf::AttachMode>().map(Some).map_err(|e| format!("{e}, or `auto`")),
+            },
+        );
         let capture = match (args.no_capture, args.load_capture_only) {
             (true, true) => {
                 errors.push("--no-capture and --load-capture-only contradict each other".into());
@@ -153,7 +182,9 @@ impl Config {
             }
             (true, false) => Some(Capture::Off),
             (false, true) => Some(Capture::LoadOnly { pin_dir: args.pin_dir }),
-            (false, false) => Some(Capture::On { pin_dir: args.pin_dir, uplinks: args.uplinks }),
+            (false, false) => {
+                attach.map(|attach| Capture::On { pin_dir: args.pin_dir, uplinks: args.uplinks, attach })
+            }
         };
         match (node_ip, bind, worker_threads, admin, metrics, readiness, log_format, control, token, capture)
         {
@@ -275,7 +306,11 @@ mod tests {
         assert_eq!(config.worker_threads.get(), 2);
         assert_eq!(
             config.capture,
-            Capture::On { pin_dir: "/sys/fs/bpf/weft".into(), uplinks: vec!["eth0".into(), "eth1".into()] }
+            Capture::On {
+                pin_dir: "/sys/fs/bpf/weft".into(),
+                uplinks: vec!["eth0".into(), "eth1".into()],
+                attach: None
+            }
         );
         assert_eq!(
             config.node_id(),
@@ -283,5 +318,23 @@ mod tests {
         );
         let dump = serde_json::to_string(&config).unwrap();
         assert!(!dump.contains("secret") && dump.contains("static (hidden)"), "{dump}");
+        assert!(dump.contains(r#""attach":"auto""#), "{dump}");
+    }
+
+    #[test]
+    fn the_capture_attach_mode_is_chosen_or_left_to_the_kernel() {
+        let base = ["--node-name", "n", "--node-ip", "10.0.0.1", "--xds-address", "http://10.0.0.1:15012"];
+        for (given, expected) in
+            [("auto", None), ("tcx", Some(ebpf::AttachMode::Tcx)), ("tc", Some(ebpf::AttachMode::Tc))]
+        {
+            let config = parse(&[&base[..], &["--capture-attach", given]].concat()).unwrap();
+            assert!(
+                matches!(&config.capture, Capture::On { attach, .. } if *attach == expected),
+                "{given}: {:?}",
+                config.capture
+            );
+        }
+        let err = parse(&[&base[..], &["--capture-attach", "clsact"]].concat()).unwrap_err();
+        assert!(err.to_string().contains("--capture-attach/WEFT_CAPTURE_ATTACH"), "{err}");
     }
 }

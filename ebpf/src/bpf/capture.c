@@ -10,7 +10,9 @@
 // weft_pod_out   on every pod's host-side veth (egress = traffic the node sends to the pod)
 // weft_uplink_in on the node's uplink (ingress = traffic from other nodes)
 //
-// Return codes: TC_ACT_UNSPEC ("not ours", the next tcx program or the default action runs,
+// Attached as TCX links (Linux 6.6+) or as direct-action filters on a clsact qdisc (older
+// kernels); the return codes mean the same in both.
+// Return codes: TC_ACT_UNSPEC ("not ours", the next tcx program or filter, or the default action runs,
 // i.e. the packet passes untouched), TC_ACT_OK (assigned, deliver), TC_ACT_SHOT (fail closed).
 
 #include <linux/bpf.h>
