@@ -83,7 +83,8 @@ impl Cluster {
 
     /// `curl` in the client pod; the body (or `-w` output) and curl's exit status.
     fn curl(&self, args: &[&str]) -> anyhow::Result<(String, Option<i32>)> {
-        let mut all = vec!["kubectl", "exec", "-n", NS, "deploy/client", "--", "curl", "-sS", "--max-time", "5"];
+        let mut all =
+            vec!["kubectl", "exec", "-n", NS, "deploy/client", "--", "curl", "-sS", "--max-time", "5"];
         all.extend_from_slice(args);
         let out = self.command(false, &all).output()?;
         Ok((String::from_utf8_lossy(&out.stdout).into_owned(), out.status.code()))
@@ -94,7 +95,15 @@ impl Cluster {
         for args in [
             vec!["kubectl", "get", "pods", "-A", "-o", "wide"],
             vec!["kubectl", "get", "events", "-A", "--sort-by=.lastTimestamp"],
-            vec!["kubectl", "logs", "-n", WEFT_NS, "-l", "app.kubernetes.io/name=weft-controller", "--tail=40"],
+            vec![
+                "kubectl",
+                "logs",
+                "-n",
+                WEFT_NS,
+                "-l",
+                "app.kubernetes.io/name=weft-controller",
+                "--tail=40",
+            ],
             vec!["kubectl", "logs", "-n", WEFT_NS, "-l", "app.kubernetes.io/name=ztunnel", "--tail=40"],
         ] {
             let out = self.command(false, &args).output();
@@ -112,7 +121,8 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let stop = Command::new(format!("{REPO}/scripts/kube-cluster/stop.sh")).arg(self.state.path()).output();
+        let stop =
+            Command::new(format!("{REPO}/scripts/kube-cluster/stop.sh")).arg(self.state.path()).output();
         match stop {
             Ok(out) if out.status.success() => {}
             Ok(out) => eprintln!("stop.sh failed: {}", String::from_utf8_lossy(&out.stderr)),
@@ -140,7 +150,11 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 /// Polls `f` until it returns `Some`, for at most `timeout`.
-fn wait<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+fn wait<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     loop {
@@ -161,18 +175,23 @@ fn prerequisites() -> Result<PathBuf, String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Err("not root".into());
     }
-    let bins = std::env::var_os("WEFT_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/weft/target-release/release"));
+    let bins = std::env::var_os("WEFT_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/weft/target-release/release")
+    });
     for bin in ["controller", "ztunnel", "waypoint", "weft", "weft-app"] {
         if !bins.join(bin).is_file() {
-            return Err(format!("no release binary {} (scripts/test.sh builds them)", bins.join(bin).display()));
+            return Err(format!(
+                "no release binary {} (scripts/test.sh builds them)",
+                bins.join(bin).display()
+            ));
         }
     }
     let built = Command::new(format!("{REPO}/scripts/kube-cluster/build.sh")).output();
     match built {
         Ok(out) if out.status.success() => Ok(bins),
-        Ok(out) => Err(format!("scripts/kube-cluster/build.sh failed: {}", String::from_utf8_lossy(&out.stderr))),
+        Ok(out) => {
+            Err(format!("scripts/kube-cluster/build.sh failed: {}", String::from_utf8_lossy(&out.stderr)))
+        }
         Err(e) => Err(format!("scripts/kube-cluster/build.sh: {e}")),
     }
 }
@@ -234,7 +253,11 @@ impl Capture {
     fn start(cluster: &Cluster, node_b: bool, interface: &str, file: PathBuf) -> anyhow::Result<Capture> {
         let path = file.to_string_lossy().into_owned();
         let child = cluster
-            .command(node_b, &["tcpdump", "-i", interface, "-nn", "-s", "0", "-U", "-w", &path])
+            // Not loopback: the test cluster's own etcd speaks plaintext there (not the pod network).
+            .command(
+                node_b,
+                &["tcpdump", "-i", interface, "-nn", "-s", "0", "-U", "-w", &path, "not net 127.0.0.0/8"],
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()?;
@@ -278,8 +301,10 @@ fn weft_on_a_real_two_node_cluster() -> anyhow::Result<()> {
     let images = work.path().join("images");
     run(Command::new(format!("{REPO}/scripts/images/build.sh")).arg("--bin-dir").arg(&bins).arg(&images))
         .context("building the images")?;
-    let tars: Vec<PathBuf> =
-        ["controller", "ztunnel", "waypoint", "app"].iter().map(|i| images.join(format!("{i}.tar"))).collect();
+    let tars: Vec<PathBuf> = ["controller", "ztunnel", "waypoint", "app"]
+        .iter()
+        .map(|i| images.join(format!("{i}.tar")))
+        .collect();
     let cluster = Cluster::start(&tars)?;
     let result = exercise(&cluster, &bins, work.path());
     if result.is_err() {
@@ -308,7 +333,14 @@ fn exercise(cluster: &Cluster, bins: &Path, work: &Path) -> anyhow::Result<()> {
         "240s",
     ])?;
     eprintln!("helm install --wait: {:?}", started.elapsed());
-    let ready = cluster.kubectl(&["get", "deploy/weft-controller", "-n", WEFT_NS, "-o", "jsonpath={.status.readyReplicas}"])?;
+    let ready = cluster.kubectl(&[
+        "get",
+        "deploy/weft-controller",
+        "-n",
+        WEFT_NS,
+        "-o",
+        "jsonpath={.status.readyReplicas}",
+    ])?;
     assert_eq!(ready, "1", "the controller Deployment is Ready");
     let ds = cluster.kubectl(&[
         "get",
@@ -319,6 +351,13 @@ fn exercise(cluster: &Cluster, bins: &Path, work: &Path) -> anyhow::Result<()> {
         "jsonpath={.status.numberReady}/{.status.desiredNumberScheduled} {.spec.template.spec.hostNetwork}",
     ])?;
     assert_eq!(ds, "2/2 true", "one Ready hostNetwork ztunnel per node");
+    // `weft check` on a node (its own bpffs: the node's mount namespace) against the cluster.
+    let weft = bins.join("weft").to_string_lossy().into_owned();
+    let mut check = Command::new(format!("{REPO}/scripts/kube-cluster/run.sh"));
+    check.args(["-m"]).arg(cluster.state.path()).args([&weft, "check"]);
+    let report = run(&mut check).context("weft check on node a")?;
+    eprintln!("weft check:\n{report}");
+    assert!(report.contains("TCX"), "weft check names the attach mode:\n{report}");
 
     // --- the sample workloads, with both node links captured from before they exist ---------------
     let link = Capture::start(cluster, false, "eth0", work.join("link.pcap"))?;
@@ -329,7 +368,16 @@ fn exercise(cluster: &Cluster, bins: &Path, work: &Path) -> anyhow::Result<()> {
         cluster.kubectl(&["rollout", "status", &format!("deploy/{app}"), "-n", NS, "--timeout=120s"])?;
     }
     let pod_ip = |app: &str| {
-        cluster.kubectl(&["get", "pod", "-n", NS, "-l", &format!("app={app}"), "-o", "jsonpath={.items[0].status.podIP}"])
+        cluster.kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            NS,
+            "-l",
+            &format!("app={app}"),
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
+        ])
     };
     let (client_ip, echo_ip) = (pod_ip("client")?, pod_ip("echo")?);
     let echo_svc = cluster.kubectl(&["get", "svc/echo", "-n", NS, "-o", "jsonpath={.spec.clusterIP}"])?;
@@ -377,13 +425,31 @@ spec:
 "#
     ))?;
     let url = format!("http://{echo_ip}:8080/get");
-    wait("the DENY to take effect", Duration::from_secs(30), || Ok((cluster.curl(&[&url])?.1 != Some(0)).then_some(())))?;
+    wait("the DENY to take effect", Duration::from_secs(30), || {
+        Ok((cluster.curl(&[&url])?.1 != Some(0)).then_some(()))
+    })?;
     cluster.kubectl(&["delete", "authorizationpolicy/deny-client", "-n", NS])?;
-    wait("the DENY to be lifted", Duration::from_secs(30), || Ok((cluster.curl(&[&url])?.1 == Some(0)).then_some(())))?;
+    wait("the DENY to be lifted", Duration::from_secs(30), || {
+        Ok((cluster.curl(&[&url])?.1 == Some(0)).then_some(()))
+    })?;
 
     // --- the control channel: TLS only, verified against the mesh root ----------------------------
-    let controller_ip = cluster.kubectl(&["get", "svc/weft-controller", "-n", WEFT_NS, "-o", "jsonpath={.spec.clusterIP}"])?;
-    let root = cluster.kubectl(&["get", "cm/istio-ca-root-cert", "-n", NS, "-o", "jsonpath={.data.root-cert\\.pem}"])?;
+    let controller_ip = cluster.kubectl(&[
+        "get",
+        "svc/weft-controller",
+        "-n",
+        WEFT_NS,
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    let root = cluster.kubectl(&[
+        "get",
+        "cm/istio-ca-root-cert",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.data.root-cert\\.pem}",
+    ])?;
     assert!(root.contains("BEGIN CERTIFICATE"), "istio-ca-root-cert is published in {NS}");
     let root_file = work.join("root-cert.pem");
     std::fs::write(&root_file, &root)?;
@@ -393,7 +459,21 @@ spec:
     let tls_url = format!("https://{name}:15012/");
     // A client trusting the mesh root completes the handshake (HTTP/2; the path is no gRPC method).
     let ok = cluster
-        .command(false, &["curl", "-sS", "--http2", "--cacert", &root_path, "--resolve", &resolve, "-o", "/dev/null", &tls_url])
+        .command(
+            false,
+            &[
+                "curl",
+                "-sS",
+                "--http2",
+                "--cacert",
+                &root_path,
+                "--resolve",
+                &resolve,
+                "-o",
+                "/dev/null",
+                &tls_url,
+            ],
+        )
         .output()?;
     assert!(ok.status.success(), "TLS with the mesh root: {}", String::from_utf8_lossy(&ok.stderr));
     // One trusting only the system roots refuses the controller (curl 60: unknown issuer).
@@ -403,7 +483,17 @@ spec:
     assert_eq!(other.status.code(), Some(60), "{}", String::from_utf8_lossy(&other.stderr));
     // A plaintext client (gRPC's h2c) gets nothing.
     let plain = cluster
-        .command(false, &["curl", "-sS", "--http2-prior-knowledge", "--max-time", "5", &format!("http://{controller_ip}:15012/")])
+        .command(
+            false,
+            &[
+                "curl",
+                "-sS",
+                "--http2-prior-knowledge",
+                "--max-time",
+                "5",
+                &format!("http://{controller_ip}:15012/"),
+            ],
+        )
         .output()?;
     assert!(!plain.status.success(), "plaintext answered: {}", String::from_utf8_lossy(&plain.stdout));
 
@@ -412,8 +502,23 @@ spec:
         let mut cmd = cluster.command(
             false,
             &[
-                "kubectl", "exec", "-n", NS, "deploy/client", "--", "curl", "-s", "-o", "/dev/null", "--max-time", "2",
-                "-w", "%{http_code}\\n", "--rate", "20/s", &format!("http://{echo_svc}/get?[1-900]"),
+                "kubectl",
+                "exec",
+                "-n",
+                NS,
+                "deploy/client",
+                "--",
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "2",
+                "-w",
+                "%{http_code}\\n",
+                "--rate",
+                "20/s",
+                &format!("http://{echo_svc}/get?[1-900]"),
             ],
         );
         cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?
@@ -429,9 +534,24 @@ spec:
     assert!(total >= 800, "the load ran through the rollout ({total} requests)");
 
     // --- the controller deleted and recreated keeps its root --------------------------------------
-    cluster.kubectl(&["delete", "pod", "-n", WEFT_NS, "-l", "app.kubernetes.io/name=weft-controller", "--wait=true"])?;
+    cluster.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        WEFT_NS,
+        "-l",
+        "app.kubernetes.io/name=weft-controller",
+        "--wait=true",
+    ])?;
     cluster.kubectl(&["rollout", "status", "deploy/weft-controller", "-n", WEFT_NS, "--timeout=120s"])?;
-    let root_after = cluster.kubectl(&["get", "cm/istio-ca-root-cert", "-n", NS, "-o", "jsonpath={.data.root-cert\\.pem}"])?;
+    let root_after = cluster.kubectl(&[
+        "get",
+        "cm/istio-ca-root-cert",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.data.root-cert\\.pem}",
+    ])?;
     assert_eq!(root_after, root, "the recreated controller kept the CA root");
     // Old leaves still verify: traffic flows with the certificates issued before.
     let url = format!("http://{echo_svc}/get");
@@ -440,28 +560,49 @@ spec:
     })?;
 
     // --- a waypoint, deployed by the controller from its image -------------------------------------
-    let weft = bins.join("weft").to_string_lossy().into_owned();
     cluster.sh(&[&weft, "waypoint", "apply", "-n", NS])?;
     // Programmed only once its pod is Ready.
     wait("the waypoint Gateway Programmed", Duration::from_secs(180), || {
         let programmed = cluster.kubectl(&[
-            "get", "gateway/waypoint", "-n", NS, "-o",
+            "get",
+            "gateway/waypoint",
+            "-n",
+            NS,
+            "-o",
             "jsonpath={.status.conditions[?(@.type==\"Programmed\")].status}",
         ])?;
         if programmed != "True" {
             return Ok(None);
         }
-        let ready = cluster.kubectl(&["get", "deploy/waypoint", "-n", NS, "-o", "jsonpath={.status.readyReplicas}"])?;
+        let ready = cluster.kubectl(&[
+            "get",
+            "deploy/waypoint",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.status.readyReplicas}",
+        ])?;
         assert_eq!(ready, "1", "the Gateway turned Programmed before its pod was Ready");
         Ok(Some(()))
     })?;
-    let waypoint_ip = cluster.kubectl(&["get", "pod", "-n", NS, "-l", "gateway.networking.k8s.io/gateway-name=waypoint", "-o", "jsonpath={.items[0].status.podIP}"])?;
+    let waypoint_ip = cluster.kubectl(&[
+        "get",
+        "pod",
+        "-n",
+        NS,
+        "-l",
+        "gateway.networking.k8s.io/gateway-name=waypoint",
+        "-o",
+        "jsonpath={.items[0].status.podIP}",
+    ])?;
     let metrics_url = format!("http://{waypoint_ip}:15020/metrics");
     let requests = || -> anyhow::Result<u64> {
         let text = cluster.sh(&["curl", "-sS", "--max-time", "5", &metrics_url])?;
         Ok(text
             .lines()
-            .filter(|l| l.starts_with("istio_requests_total{") && l.contains("destination_service_name=\"echo\""))
+            .filter(|l| {
+                l.starts_with("istio_requests_total{") && l.contains("destination_service_name=\"echo\"")
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64)
     };

@@ -192,11 +192,12 @@ fn capabilities(status: &str) -> Result<String, (String, String)> {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap_or(0);
-    let missing: Vec<&str> = [(12, "CAP_NET_ADMIN"), (13, "CAP_NET_RAW"), (38, "CAP_PERFMON"), (39, "CAP_BPF")]
-        .into_iter()
-        .filter(|(bit, _)| effective & (1 << bit) == 0)
-        .map(|(_, name)| name)
-        .collect();
+    let missing: Vec<&str> =
+        [(12, "CAP_NET_ADMIN"), (13, "CAP_NET_RAW"), (38, "CAP_PERFMON"), (39, "CAP_BPF")]
+            .into_iter()
+            .filter(|(bit, _)| effective & (1 << bit) == 0)
+            .map(|(_, name)| name)
+            .collect();
     if missing.is_empty() {
         Ok("CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_RAW held".into())
     } else {

@@ -77,7 +77,7 @@ pub enum Command {
         #[command(subcommand)]
         command: WaypointCommand,
     },
-    /// Pre-flight checks before installing Weft: this node's kernel (6.6+ for TCX), bpffs at
+    /// Pre-flight checks before installing Weft: this node's kernel (5.10+; which capture attach mode it gets), bpffs at
     /// /sys/fs/bpf, the capabilities ztunnel needs, BPF tc support; the API server and the CRDs
     /// Weft reads. Each failure says how to fix it; exits 1 when any check fails.
     Check {
