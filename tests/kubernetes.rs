@@ -611,5 +611,139 @@ spec:
         let (_, code) = cluster.curl(&[&url])?;
         Ok((code == Some(0) && requests()? > before).then_some(()))
     })?;
+
+    plug_in_ca(cluster, work, &node_b)
+}
+
+/// Istio's plug-in CA: a `cacerts` Secret with the user's root and intermediate. The controller
+/// picks it up, publishes its root, and leaves issued afterwards chain through the intermediate.
+fn plug_in_ca(cluster: &Cluster, work: &Path, node_b: &str) -> anyhow::Result<()> {
+    let dir = work.join("cacerts");
+    std::fs::create_dir_all(&dir)?;
+    let openssl = |args: &[&str]| run(Command::new("openssl").current_dir(&dir).args(args));
+    let key = |name: &str| {
+        openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", name])
+    };
+    key("root-key.pem")?;
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "root-key.pem",
+        "-days",
+        "30",
+        "-subj",
+        "/O=cluster.local/CN=Plug-in Root",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-out",
+        "root-cert.pem",
+    ])?;
+    key("ca-key.pem")?;
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        "ca-key.pem",
+        "-subj",
+        "/O=cluster.local/CN=Plug-in Intermediate",
+        "-out",
+        "ca.csr",
+    ])?;
+    std::fs::write(
+        dir.join("ca.ext"),
+        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "ca.csr",
+        "-CA",
+        "root-cert.pem",
+        "-CAkey",
+        "root-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        "ca.ext",
+        "-out",
+        "ca-cert.pem",
+    ])?;
+    let chain = std::fs::read_to_string(dir.join("ca-cert.pem"))?
+        + &std::fs::read_to_string(dir.join("root-cert.pem"))?;
+    std::fs::write(dir.join("cert-chain.pem"), chain)?;
+    let file = |name: &str| format!("--from-file={}", dir.join(name).display());
+    cluster.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "cacerts",
+        "-n",
+        WEFT_NS,
+        &file("ca-cert.pem"),
+        &file("ca-key.pem"),
+        &file("root-cert.pem"),
+        &file("cert-chain.pem"),
+    ])?;
+    let plug_in_root = std::fs::read_to_string(dir.join("root-cert.pem"))?;
+    let plug_in_root = plug_in_root.trim();
+    wait("the plug-in root published", Duration::from_secs(60), || {
+        let bundle = cluster.kubectl(&[
+            "get",
+            "cm/istio-ca-root-cert",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.data.root-cert\\.pem}",
+        ])?;
+        Ok(bundle.contains(plug_in_root).then_some(()))
+    })?;
+
+    // A workload of a new identity gets its first certificate now: ask its ztunnel for it over
+    // HBONE (the server's chain comes before the client must show one).
+    cluster.apply(&format!(
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: fresh, namespace: {NS}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: fresh, namespace: {NS}}}
+spec:
+  serviceAccountName: fresh
+  nodeSelector: {{kubernetes.io/hostname: {node_b}}}
+  containers: [{{name: app, image: "localhost:5000/weft/app:0.1.0", args: ["--http", "8080"]}}]
+"#
+    ))?;
+    cluster.kubectl(&["wait", "-n", NS, "--for=condition=Ready", "pod/fresh", "--timeout=120s"])?;
+    let ip = cluster.kubectl(&["get", "pod/fresh", "-n", NS, "-o", "jsonpath={.status.podIP}"])?;
+    let presented = wait("the new workload's chain", Duration::from_secs(60), || {
+        let out = cluster
+            .command(
+                false,
+                &["openssl", "s_client", "-connect", &format!("{ip}:15008"), "-alpn", "h2", "-showcerts"],
+            )
+            .stdin(Stdio::null())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(text.contains("BEGIN CERTIFICATE").then_some(text))
+    })?;
+    let pems: Vec<String> = presented
+        .split("-----BEGIN CERTIFICATE-----")
+        .skip(1)
+        .filter_map(|rest| rest.split("-----END CERTIFICATE-----").next())
+        .map(|body| format!("-----BEGIN CERTIFICATE-----{body}-----END CERTIFICATE-----\n"))
+        .collect();
+    assert!(pems.len() >= 2, "leaf and intermediate presented:\n{presented}");
+    std::fs::write(dir.join("leaf.pem"), &pems[0])?;
+    let issuer = openssl(&["x509", "-in", "leaf.pem", "-noout", "-issuer"])?;
+    assert!(issuer.contains("Plug-in Intermediate"), "the leaf's issuer: {issuer}");
+    let verified = openssl(&["verify", "-CAfile", "root-cert.pem", "-untrusted", "ca-cert.pem", "leaf.pem"])?;
+    assert!(verified.contains("OK"), "{verified}");
     Ok(())
 }
