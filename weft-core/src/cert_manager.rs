@@ -264,14 +264,5 @@ async fn refresh<S: CertificateSource>(source: Arc<S>, identity: Identity, state
 /// A status's message and, for a failure to connect, why (tonic's message alone says only
 /// "transport error").
 fn status_text(status: &tonic::Status) -> String {
-    let mut text = status.message().to_owned();
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text = format!("{text}: {part}");
-        }
-        source = e.source();
-    }
-    text
+    crate::xds::with_sources(status.message().to_owned(), std::error::Error::source(status))
 }

@@ -402,8 +402,11 @@ pub fn apply_mesh(
 /// An error and its sources, `: `-separated (tonic's transport error alone says only "transport
 /// error").
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
+    with_sources(err.to_string(), err.source())
+}
+
+/// `text`, then each of `source` and its sources that `text` does not already say.
+pub fn with_sources(mut text: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(e) = source {
         let part = e.to_string();
         if !text.contains(&part) {
