@@ -333,7 +333,9 @@ healthzBindAddress: 127.0.0.1
 serializeImagePulls: false
 makeIPTablesUtilChains: false
 volumePluginDir: $nd/volume-plugins
-evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
+# Absolute thresholds: the nodes share the machine's disk with build caches, and a percentage of a
+# large, mostly full volume tainted both nodes with disk-pressure in CI (no pod could schedule).
+evictionHard: {memory.available: "100Mi", nodefs.available: "512Mi", imagefs.available: "512Mi", nodefs.inodesFree: "1%"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 nodeStatusUpdateFrequency: 4s

@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn the_capture_attach_mode_is_chosen_or_left_to_the_kernel() {
-        let base = ["--node-name", "n", "--node-ip", "10.0.0.1", "--xds-address", "http://10.0.0.1:15012"];
+        let base = ["--node-name", "n", "--node-ip", "10.0.0.1", "--xds-address", "http://127.0.0.1:15012"];
         for (given, expected) in
             [("auto", None), ("tcx", Some(ebpf::AttachMode::Tcx)), ("tc", Some(ebpf::AttachMode::Tc))]
         {
