@@ -5,7 +5,7 @@ set -euo pipefail
 
 # clang, llvm and libbpf-dev build the eBPF programs; iproute2 and bpftool make and inspect the local
 # cluster; the rest are the real clients and the Prometheus server the end-to-end tests drive.
-APT_PACKAGES=(build-essential pkg-config ca-certificates git curl clang llvm libbpf-dev bpftool iproute2
+APT_PACKAGES=(build-essential pkg-config ca-certificates git curl clang llvm libbpf-dev bpftool iproute2 iptables openssl
   iperf3 tcpdump nghttp2-client wrk prometheus haproxy nginx-light)
 
 missing=()
