@@ -380,6 +380,16 @@ fn exercise(cluster: &Cluster, bins: &Path, work: &Path) -> anyhow::Result<()> {
         ])
     };
     let (client_ip, echo_ip) = (pod_ip("client")?, pod_ip("echo")?);
+    // Each pod's ztunnel enrolls it once xDS names it, a few seconds after the pod starts (until
+    // then the pod is reachable uncaptured: Istio's CNI enrolls at sandbox creation instead).
+    for (node_b, ip) in [(false, &client_ip), (true, &echo_ip)] {
+        wait(&format!("{ip} enrolled by its ztunnel"), Duration::from_secs(60), || {
+            let dump = run(&mut cluster
+                .command(node_b, &["curl", "-sS", "--max-time", "5", "http://127.0.0.1:15000/config_dump"]))?;
+            Ok(dump.contains(&format!("\"{ip}\"")).then_some(()))
+        })?;
+    }
+    std::thread::sleep(Duration::from_secs(1));
     let echo_svc = cluster.kubectl(&["get", "svc/echo", "-n", NS, "-o", "jsonpath={.spec.clusterIP}"])?;
 
     // pod → pod and pod → Service across nodes: the server sees the client pod's own address.
