@@ -124,7 +124,9 @@ impl ControlPlane {
         let endpoint = self.endpoint(connect_timeout, request_timeout);
         match &self.transport {
             Transport::Plaintext => endpoint.connect_lazy(),
-            Transport::Tls { .. } => endpoint.connect_with_connector_lazy(self.connector(connect_timeout)),
+            Transport::Tls { roots, server_name } => {
+                endpoint.connect_with_connector_lazy(TlsConnect::new(roots, server_name, connect_timeout))
+            }
         }
     }
 
@@ -133,7 +135,9 @@ impl ControlPlane {
         let endpoint = self.endpoint(connect_timeout, None);
         match &self.transport {
             Transport::Plaintext => endpoint.connect().await,
-            Transport::Tls { .. } => endpoint.connect_with_connector(self.connector(connect_timeout)).await,
+            Transport::Tls { roots, server_name } => {
+                endpoint.connect_with_connector(TlsConnect::new(roots, server_name, connect_timeout)).await
+            }
         }
     }
 
@@ -148,17 +152,6 @@ impl ControlPlane {
             None => endpoint,
         }
     }
-
-    /// TCP, then TLS with a client config built from the root file as it is now.
-    fn connector(&self, timeout: Duration) -> TlsConnect {
-        match &self.transport {
-            Transport::Tls { roots, server_name } => {
-                TlsConnect { roots: roots.clone(), server_name: server_name.clone(), timeout }
-            }
-            // Invariant: only called for TLS transports.
-            Transport::Plaintext => unreachable!("no TLS connector for a plaintext channel"),
-        }
-    }
 }
 
 /// tonic's connector for a TLS channel: TCP to the URI's authority, then the handshake, within
@@ -171,6 +164,13 @@ struct TlsConnect {
 }
 
 type TlsIo = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl TlsConnect {
+    /// TCP, then TLS with a client config built from the root file as it is at each connect.
+    fn new(roots: &Path, server_name: &str, timeout: Duration) -> TlsConnect {
+        TlsConnect { roots: roots.to_owned(), server_name: server_name.to_owned(), timeout }
+    }
+}
 
 impl Service<Uri> for TlsConnect {
     type Response = TlsIo;
