@@ -124,6 +124,67 @@ fn a_namespace_without_the_label_is_untouched_and_labeling_it_enrolls_within_two
 }
 
 #[test]
+fn open_connections_survive_enrollment_and_unenrollment() {
+    if !usable("keep") {
+        return;
+    }
+    let pods = pod("plain", "a", "node-a") + &pod("plain", "b", "node-b");
+    let t = TestMesh::up("keep", &[("ns.yaml", namespace("plain", false)), ("pods.yaml", pods)]);
+    let (a_ns, b_ip) = (t.netns("plain", "a"), t.ip("plain", "b"));
+    let url = format!("http://{b_ip}:8080/");
+    let echo = std::net::SocketAddr::new(b_ip, 9000);
+    let capture = Capture::start(&t.node_netns("node-a"), "eth0");
+    // Segments of the client's connection `port` on the link, and of HBONE, after `seen`.
+    let on_link = |seen: usize, port: u16| {
+        let segments = capture.segments();
+        let direct = segments[seen..].iter().filter(|s| s.sport == port && s.dport == 9000).count();
+        let hbone = segments[seen..].iter().filter(|s| s.dst == to_v4(b_ip) && s.dport == 15008).count();
+        (direct, hbone)
+    };
+
+    let mut before = EchoStream::open(&a_ns, echo);
+    before.keeps_flowing("before enrollment", 10_000);
+
+    let seen = capture.segments().len();
+    t.write_config("ns.yaml", &namespace("plain", true));
+    let enrolled = poll(Duration::from_secs(10), || {
+        let ok = curl(&a_ns, 1, &[&url]).is_ok();
+        (ok && on_link(seen, 0).1 > 0).then_some(())
+    });
+    enrolled.unwrap_or_else(|| panic!("labeling did not enroll the pods in 10 s\n{}", t.logs()));
+    let seen = capture.segments().len();
+    before.keeps_flowing("through enrollment", 50_000);
+    let (direct, _) = on_link(seen, before.local_port);
+    assert!(direct > 0, "the stream opened before enrollment left the direct path");
+    let mut during = EchoStream::open(&a_ns, echo);
+    during.keeps_flowing("opened while enrolled", 10_000);
+    let (direct, _) = on_link(seen, during.local_port);
+    assert_eq!(direct, 0, "a stream opened while enrolled went direct, not through HBONE");
+
+    let seen = capture.segments().len();
+    t.write_config("ns.yaml", &namespace("plain", false));
+    let left = poll(Duration::from_secs(10), || {
+        let ok = curl(&a_ns, 1, &[&url]).is_ok();
+        let direct = capture.segments()[seen..].iter().any(|s| s.dst == to_v4(b_ip) && s.dport == 8080);
+        (ok && direct).then_some(())
+    });
+    left.unwrap_or_else(|| panic!("removing the label did not unenroll the pods in 10 s\n{}", t.logs()));
+    let seen = capture.segments().len();
+    before.keeps_flowing("the first stream, through unenrollment", 50_000);
+    during.keeps_flowing("the stream opened while enrolled, through unenrollment", 50_000);
+    let (direct, hbone) = on_link(seen, during.local_port);
+    assert!(
+        direct == 0 && hbone > 0,
+        "the enrolled stream left HBONE: {direct} direct segments, {hbone} HBONE"
+    );
+    for (what, stream) in [("before", &mut before), ("during", &mut during)] {
+        let result = stream.finish();
+        assert!(result.is_ok(), "the stream opened {what} enrollment failed: {result:?}\n{}", t.logs());
+    }
+    eprintln!("echoed {} and {} bytes", before.echoed(), during.echoed());
+}
+
+#[test]
 fn strict_peer_authentication_refuses_plaintext_and_permissive_admits_it() {
     if !usable("mtls") {
         return;

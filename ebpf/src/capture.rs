@@ -228,16 +228,20 @@ impl Capture {
         self.detach(Kind::Uplink, ifname)
     }
 
-    /// Captures the TCP traffic of a pod address from now on. Connections already established
-    /// directly are reset when they next send.
+    /// Captures the TCP traffic of a pod address from now on: new connections. Connections the
+    /// pod already has (their SYN passed uncaptured) go on untouched until they end.
     pub fn enroll(&mut self, ip: IpAddr) -> Result<(), Error> {
-        self.enrolled
-            .insert(key(ip), ENROLLED_CAPTURE, 0)
-            .map_err(|source| Error::Map { map: MAP_ENROLLED, source })
+        self.set(ip, ENROLLED_CAPTURE)
     }
 
-    /// Stops capturing a pod address. Idempotent.
+    /// Stops capturing a pod address: new connections pass untouched, while the connections
+    /// ztunnel holds for it keep reaching ztunnel until they end. Idempotent.
     pub fn unenroll(&mut self, ip: IpAddr) -> Result<(), Error> {
+        self.set(ip, 0)
+    }
+
+    /// Forgets a pod address (the pod left the node). Idempotent.
+    pub fn forget(&mut self, ip: IpAddr) -> Result<(), Error> {
         match self.enrolled.remove(&key(ip)) {
             Ok(()) => Ok(()),
             Err(MapError::KeyNotFound) => Ok(()),
@@ -246,15 +250,25 @@ impl Capture {
         }
     }
 
-    /// The enrolled addresses, in no particular order.
+    /// The enrolled (captured) addresses, in no particular order.
     pub fn enrolled(&self) -> Result<Vec<IpAddr>, Error> {
+        Ok(self.pods()?.into_iter().filter(|(_, captured)| *captured).map(|(ip, _)| ip).collect())
+    }
+
+    /// Every pod address the capture knows, and whether it is captured, in no particular order.
+    pub fn pods(&self) -> Result<Vec<(IpAddr, bool)>, Error> {
         self.enrolled
-            .keys()
-            .map(|k| {
-                k.map(|k| Ipv6Addr::from(k).to_canonical())
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(k, flags)| (Ipv6Addr::from(k).to_canonical(), flags & ENROLLED_CAPTURE != 0))
                     .map_err(|source| Error::Map { map: MAP_ENROLLED, source })
             })
             .collect()
+    }
+
+    fn set(&mut self, ip: IpAddr, flags: u32) -> Result<(), Error> {
+        self.enrolled.insert(key(ip), flags, 0).map_err(|source| Error::Map { map: MAP_ENROLLED, source })
     }
 
     /// The configuration this capture was opened with.

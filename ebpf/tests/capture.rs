@@ -55,6 +55,7 @@ in_both_modes!(
     same_node_pods_meet_through_ztunnel,
     outbound_ipv6_lands_on_a_dual_stack_listener,
     enrollment_decides_capture_at_runtime,
+    open_connections_survive_enrollment_and_unenrollment,
     enrolled_pod_without_listener_fails_closed,
     inbound_on_the_uplink_and_transparent_upstream,
     pinned_capture_outlives_the_loader_and_is_taken_over,
@@ -452,6 +453,84 @@ fn enrollment_decides_capture_at_runtime(mode: AttachMode) {
     capture.unenroll(POD.into()).unwrap(); // idempotent
     assert!(capture.enrolled().unwrap().is_empty());
     direct("unenrolled: direct again");
+}
+
+/// Connections open when a pod is enrolled go on as they started (directly), and so do the
+/// connections ztunnel holds when it is unenrolled (through ztunnel); only new connections follow
+/// the new state. Every path: the pod calling out, a remote node calling in over the uplink, a
+/// pod of the same node calling in, and the node itself calling in.
+fn open_connections_survive_enrollment_and_unenrollment(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
+    let mut capture = topo.open();
+    in_ns(&topo.node, || {
+        capture.attach_pod(POD_VETH)?;
+        capture.attach_pod(POD2_VETH)?;
+        capture.attach_uplink(UPLINK)
+    })
+    .unwrap();
+    capture.unenroll(POD.into()).unwrap(); // known, not captured: what ztunnel writes
+    let outbound = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15001));
+    let plain = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15006));
+    let remote_server = listener(&topo.remote, sa(REMOTE, 8080));
+    let app = listener(&topo.pod, sa(Ipv4Addr::UNSPECIFIED, 8080));
+    let callers = [topo.remote.as_str(), topo.pod2.as_str(), topo.node.as_str()];
+
+    // Open before enrollment, all direct.
+    let mut open: Vec<(String, TcpStream, TcpStream)> = Vec::new();
+    let client = connect(&topo.pod, sa(REMOTE, 8080), CONNECT).unwrap();
+    let (server, _) = accept(&remote_server, CONNECT).expect("direct to the remote server");
+    open.push(("pod -> remote".into(), client, server));
+    for caller in callers {
+        let client = connect(caller, sa(POD, 8080), CONNECT).unwrap();
+        let (server, _) = accept(&app, CONNECT).expect("direct to the pod");
+        open.push((format!("{caller} -> pod"), client, server));
+    }
+    for (what, client, server) in &mut open {
+        client.set_read_timeout(Some(CONNECT)).unwrap();
+        server.set_read_timeout(Some(CONNECT)).unwrap();
+        eprintln!("before enrollment: {what}");
+        exchange(client, server);
+    }
+
+    capture.enroll(POD.into()).unwrap();
+    for (what, client, server) in &mut open {
+        eprintln!("after enrollment: {what}");
+        exchange(client, server);
+    }
+    assert!(accept(&outbound, SHORT).is_none() && accept(&plain, SHORT).is_none(), "ztunnel saw old flows");
+    // New connections are captured.
+    let mut captured: Vec<(String, TcpStream, TcpStream)> = Vec::new();
+    let client = connect(&topo.pod, sa(REMOTE, 8080), CONNECT).unwrap();
+    let (server, _) = accept(&outbound, CONNECT).expect("a new outbound connection is captured");
+    captured.push(("pod -> remote".into(), client, server));
+    for caller in callers {
+        let client = connect(caller, sa(POD, 8080), CONNECT).unwrap();
+        let (server, _) = accept(&plain, CONNECT).expect("a new inbound connection is captured");
+        captured.push((format!("{caller} -> pod"), client, server));
+    }
+    assert!(accept(&remote_server, SHORT).is_none() && accept(&app, SHORT).is_none(), "bypassed ztunnel");
+    for (what, client, server) in &mut captured {
+        client.set_read_timeout(Some(CONNECT)).unwrap();
+        server.set_read_timeout(Some(CONNECT)).unwrap();
+        eprintln!("captured: {what}");
+        exchange(client, server);
+    }
+
+    capture.unenroll(POD.into()).unwrap();
+    for (what, client, server) in captured.iter_mut().chain(open.iter_mut()) {
+        eprintln!("after unenrollment: {what}");
+        exchange(client, server);
+    }
+    // New connections are direct again.
+    let mut client = connect(&topo.pod, sa(REMOTE, 8080), CONNECT).unwrap();
+    let (mut server, _) = accept(&remote_server, CONNECT).expect("direct again to the remote server");
+    exchange(&mut client, &mut server);
+    for caller in callers {
+        let mut client = connect(caller, sa(POD, 8080), CONNECT).unwrap();
+        let (mut server, _) = accept(&app, CONNECT).expect("direct again to the pod");
+        exchange(&mut client, &mut server);
+    }
+    assert!(accept(&outbound, SHORT).is_none() && accept(&plain, SHORT).is_none(), "still captured");
 }
 
 fn enrolled_pod_without_listener_fails_closed(mode: AttachMode) {

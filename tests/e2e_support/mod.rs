@@ -687,3 +687,89 @@ pub fn waypoint_namespace(ns: &str) -> String {
          gatewayClassName: istio-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n---\n"
     )
 }
+
+/// A long-lived TCP connection that keeps echoing: a thread writes a chunk to a TCP echo server
+/// every few milliseconds and reads it back, counting the bytes echoed, until stopped or until
+/// the connection fails (a reset, a close or 5 s without the echo), which it records.
+pub struct EchoStream {
+    echoed: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    /// The client's local port (to find the connection on the wire).
+    pub local_port: u16,
+}
+
+impl EchoStream {
+    /// Connects from `netns` to `to` (a TCP echo server) and starts echoing.
+    pub fn open(netns: &str, to: std::net::SocketAddr) -> EchoStream {
+        let stream = weft::cluster::in_netns(netns, || {
+            let s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| panic!("cannot open the stream to {to}: {e}"));
+        let local_port = stream.local_addr().map(|a| a.port()).unwrap_or_default();
+        let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (e, s) = (Arc::clone(&echoed), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            use std::sync::atomic::Ordering;
+            let mut stream = stream;
+            let chunk = [0x5au8; 1024];
+            let mut back = [0u8; 1024];
+            while !s.load(Ordering::SeqCst) {
+                stream
+                    .write_all(&chunk)
+                    .map_err(|err| format!("write after {} bytes: {err}", e.load(Ordering::SeqCst)))?;
+                stream
+                    .read_exact(&mut back)
+                    .map_err(|err| format!("read after {} bytes: {err}", e.load(Ordering::SeqCst)))?;
+                if back != chunk {
+                    return Err("the echo differs from what was sent".into());
+                }
+                e.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        });
+        EchoStream { echoed, stop, thread: Some(thread), local_port }
+    }
+
+    /// Bytes echoed so far.
+    pub fn echoed(&self) -> u64 {
+        self.echoed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until at least `more` further bytes have been echoed (within 5 s); panics naming
+    /// `what` and the stream's error otherwise.
+    pub fn keeps_flowing(&mut self, what: &str, more: u64) {
+        let from = self.echoed();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.echoed() < from + more {
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) || Instant::now() > deadline {
+                let error = self.finish().err().unwrap_or_else(|| "stalled".into());
+                panic!("{what}: the stream stopped after {} bytes: {error}", self.echoed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops echoing; the error that ended it early, if any.
+    pub fn finish(&mut self) -> Result<(), String> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or_else(|_| Err("the stream's thread panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for EchoStream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

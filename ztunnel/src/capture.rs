@@ -1,7 +1,7 @@
 //! Keeps the node's eBPF capture and certificates in step with the controller's view of this
 //! node: after every xDS update, each local pod's host-side veth carries the capture program
 //! (every local pod, so replies to ztunnel's transparent sockets are matched), pods in the mesh
-//! are enrolled and others not, and a certificate is fetched ahead of time for each identity of a
+//! are enrolled and others known but not captured (see [`ebpf::Capture::unenroll`]), and a certificate is fetched ahead of time for each identity of a
 //! local mesh pod (so the first connection does not wait for the CA), and the identities of pods
 //! that left the node are forgotten (no longer renewed).
 //!
@@ -121,23 +121,35 @@ fn apply(
             Err(e) => tracing::warn!(%ip, error = %e, "no host interface for local pod; not captured"),
         }
     }
-    let enrolled: BTreeSet<IpAddr> = match capture.enrolled() {
+    // Every local pod has an entry: captured (in the mesh) or not. An entry that is not
+    // captured still delivers the connections ztunnel holds for the pod (an unenrolled pod's
+    // open connections finish through ztunnel); a pod gone from the node is forgotten.
+    let known: BTreeMap<IpAddr, bool> = match capture.pods() {
         Ok(list) => list.into_iter().collect(),
         Err(e) => {
             tracing::error!(error = %e, "cannot read the enrolled pods map");
-            BTreeSet::new()
+            BTreeMap::new()
         }
     };
-    for ip in wanted.in_mesh.difference(&enrolled) {
-        match capture.enroll(*ip) {
-            Ok(()) => tracing::info!(%ip, "pod enrolled"),
-            Err(e) => tracing::warn!(%ip, error = %e, "cannot enroll pod"),
+    for ip in &wanted.all {
+        let captured = wanted.in_mesh.contains(ip);
+        if known.get(ip) == Some(&captured) {
+            continue;
+        }
+        let (what, result) = if captured {
+            ("enrolled", capture.enroll(*ip))
+        } else {
+            (if known.contains_key(ip) { "unenrolled" } else { "known, not captured" }, capture.unenroll(*ip))
+        };
+        match result {
+            Ok(()) => tracing::info!(%ip, "pod {what}"),
+            Err(e) => tracing::warn!(%ip, error = %e, "cannot update the capture of the pod ({what})"),
         }
     }
-    for ip in enrolled.difference(&wanted.in_mesh) {
-        match capture.unenroll(*ip) {
-            Ok(()) => tracing::info!(%ip, "pod unenrolled"),
-            Err(e) => tracing::warn!(%ip, error = %e, "cannot unenroll pod"),
+    for ip in known.keys().filter(|ip| !wanted.all.contains(ip)) {
+        match capture.forget(*ip) {
+            Ok(()) => tracing::info!(%ip, "pod left the node; forgotten by the capture"),
+            Err(e) => tracing::warn!(%ip, error = %e, "cannot forget the pod"),
         }
     }
     // Pods gone from the node: their veths are gone with them, and so are the links.

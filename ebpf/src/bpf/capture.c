@@ -25,7 +25,9 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
-// Value flag in weft_enrolled: the address's TCP traffic is captured.
+// Value flag in weft_enrolled: the address's TCP traffic is captured. An entry without it is a
+// local pod that is not captured (never enrolled, or unenrolled): connections ztunnel already
+// holds for it keep reaching their sockets, nothing new is captured.
 #define ENROLLED_CAPTURE 1u
 
 #define IP_MF 0x2000
@@ -64,6 +66,26 @@ struct {
 	__type(value, struct config);
 } weft_config SEC(".maps");
 
+// A TCP connection as its SYN went: client address and port, then server's.
+struct flow_key {
+	__u8 client[16];
+	__u8 server[16];
+	__be16 client_port;
+	__be16 server_port;
+};
+
+// Connections whose SYN passed uncaptured (their pods were not enrolled then). After an
+// enrollment their packets match no socket of ztunnel; they pass untouched until the connection
+// ends, so enrolling a pod does not reset what it already has open. Only a SYN seen passing
+// puts a flow here: a packet of a connection nobody saw start still meets ztunnel's listener
+// (a reset), so nothing new gets past the mesh. Least recently used flows make room.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, __u8);
+} weft_direct_flows SEC(".maps");
+
 enum parse_result {
 	PARSE_OTHER,   // not IP, or IP but not TCP: pass
 	PARSE_TCP,     // TCP with a parsed header
@@ -75,6 +97,9 @@ struct packet {
 	__u32 tuple_len;
 	struct addr_key src;
 	struct addr_key dst;
+	__be16 sport;
+	__be16 dport;
+	int syn; // opens a connection: SYN without ACK
 };
 
 static __always_inline void key_from_v4(struct addr_key *key, __be32 addr)
@@ -149,6 +174,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *pkt)
 	} else {
 		return PARSE_OTHER;
 	}
+	pkt->sport = tcp->source;
+	pkt->dport = tcp->dest;
+	pkt->syn = tcp->syn && !tcp->ack;
 	return PARSE_TCP;
 }
 
@@ -166,6 +194,47 @@ static __always_inline int is_enrolled(struct addr_key *key)
 	__u32 *flags = bpf_map_lookup_elem(&weft_enrolled, key);
 
 	return flags && (*flags & ENROLLED_CAPTURE);
+}
+
+// A local pod address ztunnel knows, captured or not.
+static __always_inline int is_local_pod(struct addr_key *key)
+{
+	return bpf_map_lookup_elem(&weft_enrolled, key) != 0;
+}
+
+// Remembers a connection whose SYN passes uncaptured.
+static __always_inline void remember_direct(struct packet *pkt)
+{
+	struct flow_key key = {};
+	__u8 seen = 1;
+
+	if (!pkt->syn)
+		return;
+	__builtin_memcpy(key.client, pkt->src.addr, 16);
+	__builtin_memcpy(key.server, pkt->dst.addr, 16);
+	key.client_port = pkt->sport;
+	key.server_port = pkt->dport;
+	bpf_map_update_elem(&weft_direct_flows, &key, &seen, BPF_ANY);
+}
+
+// Whether the packet belongs to a connection that started uncaptured (either direction).
+static __always_inline int is_direct(struct packet *pkt)
+{
+	struct flow_key key = {};
+
+	if (pkt->syn)
+		return 0;
+	__builtin_memcpy(key.client, pkt->src.addr, 16);
+	__builtin_memcpy(key.server, pkt->dst.addr, 16);
+	key.client_port = pkt->sport;
+	key.server_port = pkt->dport;
+	if (bpf_map_lookup_elem(&weft_direct_flows, &key))
+		return 1;
+	__builtin_memcpy(key.client, pkt->dst.addr, 16);
+	__builtin_memcpy(key.server, pkt->src.addr, 16);
+	key.client_port = pkt->dport;
+	key.server_port = pkt->sport;
+	return bpf_map_lookup_elem(&weft_direct_flows, &key) != 0;
 }
 
 // Assign the packet to an existing, non-listening socket of its 4-tuple: an established
@@ -191,6 +260,20 @@ static __always_inline int assign_existing(struct __sk_buff *skb, struct packet 
 		return 0;
 	skb->mark = mark;
 	return 1;
+}
+
+// Whether an existing, non-listening socket of this node matches the packet's 4-tuple (what
+// weft_pod_in's assign_existing would find once the packet is turned around).
+static __always_inline int owned_by_ztunnel(struct __sk_buff *skb, struct packet *pkt)
+{
+	struct bpf_sock *sk = lookup(skb, pkt, &pkt->tuple);
+	int owned;
+
+	if (!sk)
+		return 0;
+	owned = sk->state != BPF_TCP_LISTEN;
+	bpf_sk_release(sk);
+	return owned;
 }
 
 // Assign the packet to ztunnel's listener on `port` (bound to the wildcard address with
@@ -228,11 +311,9 @@ static __always_inline int assign_listener(struct __sk_buff *skb, struct packet 
 static __always_inline int steer_inbound(struct __sk_buff *skb, struct packet *pkt,
 					 struct config *cfg)
 {
-	__u16 dport = pkt->tuple_len == sizeof(pkt->tuple.ipv4) ? pkt->tuple.ipv4.dport
-								 : pkt->tuple.ipv6.dport;
 	__u32 port = cfg->v[CFG_PLAIN_PORT];
 
-	if (dport == bpf_htons((__u16)cfg->v[CFG_HBONE_PORT]))
+	if (pkt->dport == bpf_htons((__u16)cfg->v[CFG_HBONE_PORT]))
 		port = cfg->v[CFG_HBONE_PORT];
 	return assign_listener(skb, pkt, port, cfg->v[CFG_MARK]);
 }
@@ -265,13 +346,17 @@ int weft_pod_in(struct __sk_buff *skb)
 	if (assign_existing(skb, &pkt, cfg->v[CFG_MARK]))
 		return TC_ACT_OK;
 
+	if ((src_enrolled || dst_enrolled) && is_direct(&pkt))
+		// A connection from before enrollment: it goes on as it started, until it ends.
+		return TC_ACT_UNSPEC;
 	if (src_enrolled)
-		// New (SYN) or unknown (e.g. SYN-cookie ACK, a flow from before enrollment): the
-		// outbound listener accepts it or answers with a reset; never forwarded in plaintext.
+		// New (SYN) or unknown (e.g. a SYN-cookie ACK): the outbound listener accepts it or
+		// answers with a reset; never forwarded in plaintext.
 		return assign_listener(skb, &pkt, cfg->v[CFG_OUTBOUND_PORT], cfg->v[CFG_MARK]);
 	if (dst_enrolled)
 		// A pod that is not in the mesh calls an enrolled pod on the same node: inbound.
 		return steer_inbound(skb, &pkt, cfg);
+	remember_direct(&pkt);
 	return TC_ACT_UNSPEC;
 }
 
@@ -283,19 +368,28 @@ int weft_uplink_in(struct __sk_buff *skb)
 	struct packet pkt = {};
 	__u32 zero = 0;
 	struct config *cfg;
-	int kind;
+	int kind, enrolled;
 
 	kind = parse(skb, &pkt);
-	if (kind == PARSE_OTHER || !is_enrolled(&pkt.dst))
+	if (kind == PARSE_OTHER || !is_local_pod(&pkt.dst))
 		return TC_ACT_UNSPEC;
+	enrolled = is_enrolled(&pkt.dst);
 	if (kind == PARSE_OPAQUE)
-		return TC_ACT_SHOT;
+		return enrolled ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 
 	cfg = bpf_map_lookup_elem(&weft_config, &zero);
 	if (!cfg)
-		return TC_ACT_SHOT;
+		return enrolled ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+	// Connections ztunnel holds (HBONE to :15008, plaintext inbound, replies to its
+	// transparent sockets) stay with it, also after their pod is unenrolled.
 	if (assign_existing(skb, &pkt, cfg->v[CFG_MARK]))
 		return TC_ACT_OK;
+	if (!enrolled) {
+		remember_direct(&pkt);
+		return TC_ACT_UNSPEC;
+	}
+	if (is_direct(&pkt))
+		return TC_ACT_UNSPEC;
 	return steer_inbound(skb, &pkt, cfg);
 }
 
@@ -324,8 +418,11 @@ static __always_inline int is_probe_source(struct addr_key *key)
 // caller, so a packet to an enrolled pod that is not ztunnel's is turned around: its MAC
 // addresses swapped, it re-enters the node on this veth's ingress, where weft_pod_in assigns it
 // to its socket (a reply to ztunnel's transparent socket) or steers it to ztunnel's inbound
-// listeners (a new connection from the node). Only the node's own probes, from the probe source,
-// pass (a pod cannot send from it here: whatever a pod sends meets weft_pod_in first).
+// listeners (a new connection from the node). What passes: the node's own probes, from the
+// probe source (a pod cannot send from it here: whatever a pod sends meets weft_pod_in first),
+// and connections that started before the pod was enrolled. To a pod that is not captured,
+// only connections ztunnel already holds (the node called it while it was enrolled) are turned
+// around.
 // aya names the tc program section "classifier".
 SEC("classifier")
 int weft_pod_out(struct __sk_buff *skb)
@@ -336,20 +433,33 @@ int weft_pod_out(struct __sk_buff *skb)
 	__u8 mac[ETH_ALEN];
 	__u32 zero = 0;
 	struct config *cfg;
-	int kind;
+	__u32 *flags;
+	int kind, enrolled;
 
 	kind = parse(skb, &pkt);
-	if (kind == PARSE_OTHER || !is_enrolled(&pkt.dst))
+	if (kind == PARSE_OTHER)
 		return TC_ACT_UNSPEC;
+	flags = bpf_map_lookup_elem(&weft_enrolled, &pkt.dst);
+	if (!flags) {
+		remember_direct(&pkt);
+		return TC_ACT_UNSPEC;
+	}
+	enrolled = *flags & ENROLLED_CAPTURE;
 	cfg = bpf_map_lookup_elem(&weft_config, &zero);
 	if (!cfg)
-		return TC_ACT_SHOT;
+		return enrolled ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 	if (skb->mark == cfg->v[CFG_SOCKET_MARK])
 		return TC_ACT_UNSPEC;
 	if (kind == PARSE_OPAQUE)
-		return TC_ACT_SHOT;
-	if (skb->sk && is_probe_source(&pkt.src))
+		return enrolled ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+	if (!enrolled) {
+		if (!owned_by_ztunnel(skb, &pkt)) {
+			remember_direct(&pkt);
+			return TC_ACT_UNSPEC;
+		}
+	} else if (is_direct(&pkt) || (skb->sk && is_probe_source(&pkt.src))) {
 		return TC_ACT_UNSPEC;
+	}
 
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
