@@ -404,6 +404,121 @@ fn controller_and_ztunnel_crashes() {
 }
 
 #[test]
+fn a_ztunnel_upgrade_drops_nothing() {
+    if !usable("upgrade") {
+        return;
+    }
+    let yaml = namespace("shop", true)
+        + &pod("shop", "client", "node-a")
+        + &pod("shop", "server", "node-b")
+        + &pod_running("shop", "iperf", "node-b", "[iperf3, -s, -p, \"5201\"]");
+    let mut t = TestMesh::up("upgrade", &[("mesh.yaml", yaml)]);
+    let (client_ns, server_ip, iperf_ip) =
+        (t.netns("shop", "client"), t.ip("shop", "server"), t.ip("shop", "iperf"));
+    let url = format!("http://{server_ip}:8080/");
+    get_json(&client_ns, &url);
+    assert!(poll(Duration::from_secs(10), || {
+        Command::new("ip")
+            .args(["netns", "exec", &t.netns("shop", "iperf"), "sh", "-c", "ss -ltn | grep -q :5201"])
+            .status()
+            .ok()?
+            .success()
+            .then_some(())
+    })
+    .is_some());
+
+    // Load: curl loops, each request on a connection of its own (Connection: close), and an
+    // iperf3 stream, all through both ztunnels.
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, ns, url) = (stop.clone(), client_ns.clone(), url.clone());
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    all.extend(replies_n(&ns, 5, &["-H", "Connection: close"], &url, 50));
+                }
+                all
+            })
+        })
+        .collect();
+    let iperf = {
+        let (ns, ip) = (client_ns.clone(), iperf_ip.to_string());
+        std::thread::spawn(move || {
+            Command::new("ip")
+                .args([
+                    "netns", "exec", &ns, "iperf3", "-c", &ip, "-p", "5201", "-t", "10", "-b", "200M", "-J",
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    // Each node in turn, as a rollout goes: the new process takes over, the old one drains.
+    for node in ["node-b", "node-a"] {
+        t.mesh.upgrade_ztunnel(node).unwrap();
+        t.mesh.wait_ztunnel_ready(node).unwrap();
+        let old = format!("{}-old", up::ztunnel_process(node));
+        assert!(t.mesh.pid(&old).is_some(), "the old ztunnel of {node} exited at once, not draining");
+        let took = poll(Duration::from_secs(10), || {
+            let log =
+                std::fs::read_to_string(t.mesh.log_path(&up::ztunnel_process(node))).unwrap_or_default();
+            log.contains("took over the listeners of the ztunnel this one replaces").then_some(())
+        });
+        assert!(took.is_some(), "{node}'s new ztunnel never took over\n{}", t.logs());
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let iperf = iperf.join().unwrap();
+    let ended = Instant::now();
+    // The old processes drain: each exits once its last connection (the iperf3 stream) ends.
+    for node in ["node-a", "node-b"] {
+        let old = format!("{}-old", up::ztunnel_process(node));
+        let exited = poll(Duration::from_secs(20), || t.mesh.pid(&old).is_none().then(|| ended.elapsed()));
+        let exited =
+            exited.unwrap_or_else(|| panic!("{node}'s old ztunnel still runs 20 s after the stream ended"));
+        eprintln!("{node}: the old ztunnel exited {exited:?} after the stream ended");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let replies: Vec<Reply> = loops.into_iter().flat_map(|l| l.join().unwrap()).collect();
+    let secs = started.elapsed().as_secs_f64();
+    let failed: Vec<&Reply> = replies.iter().filter(|r| r.code != 200).collect();
+    eprintln!(
+        "{} requests in {secs:.1} s ({:.0}/s), {} failed",
+        replies.len(),
+        replies.len() as f64 / secs,
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}\n{}",
+        failed.len(),
+        replies.len(),
+        codes(&replies),
+        t.logs()
+    );
+    assert!(replies.len() as f64 / secs >= 200.0, "the load was under 200 requests/s");
+    let report: serde_json::Value = serde_json::from_slice(&iperf.stdout).unwrap_or_default();
+    assert!(
+        iperf.status.success() && report.get("error").is_none(),
+        "the iperf3 stream did not survive the upgrade: {}{}",
+        String::from_utf8_lossy(&iperf.stdout),
+        String::from_utf8_lossy(&iperf.stderr)
+    );
+    let intervals: Vec<f64> = report["intervals"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|i| i["sum"]["bits_per_second"].as_f64()).collect())
+        .unwrap_or_default();
+    eprintln!(
+        "iperf3 per second through the upgrades, Mbit/s: {:?}",
+        intervals.iter().map(|b| (b / 1e6).round()).collect::<Vec<_>>()
+    );
+    assert!(intervals.iter().all(|b| *b > 0.0), "the stream stalled for a second: {intervals:?}");
+    // After the upgrade the mesh works as before.
+    assert_eq!(peer_ip(&get_json(&client_ns, &url)), t.ip("shop", "client"));
+}
+
+#[test]
 fn weft_down_leaves_the_host_as_before_weft_up() {
     if !usable("down") {
         return;

@@ -102,21 +102,37 @@ impl AdminAddresses {
     }
 }
 
+/// The three endpoints' listening sockets: admin, metrics, readiness.
+pub type AdminListeners = [std::net::TcpListener; 3];
+
 /// Binds the three endpoints (errors name the one that failed) and serves them from a thread of
 /// their own until the returned server is dropped.
 pub fn spawn(admin: Admin, addresses: AdminAddresses) -> std::io::Result<AdminServer> {
+    serve_on(admin, bind(addresses)?)
+}
+
+/// Binds the three endpoints; errors name the one that failed.
+pub fn bind(addresses: AdminAddresses) -> std::io::Result<AdminListeners> {
     let bind = |addr: SocketAddr, what: &str| {
-        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+        std::net::TcpListener::bind(addr).map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot listen for the {what} endpoint on {addr}: {e}"))
-        })?;
-        listener.set_nonblocking(true)?;
-        Ok::<_, std::io::Error>(listener)
+        })
     };
-    let listeners = [
-        (bind(addresses.admin, "admin")?, Endpoint::Admin),
-        (bind(addresses.metrics, "metrics")?, Endpoint::Metrics),
-        (bind(addresses.readiness, "readiness")?, Endpoint::Readiness),
-    ];
+    Ok([
+        bind(addresses.admin, "admin")?,
+        bind(addresses.metrics, "metrics")?,
+        bind(addresses.readiness, "readiness")?,
+    ])
+}
+
+/// Serves the three endpoints on listeners bound before (by [`bind`], or handed over by another
+/// process) from a thread of their own until the returned server is dropped.
+pub fn serve_on(admin: Admin, listeners: AdminListeners) -> std::io::Result<AdminServer> {
+    for listener in &listeners {
+        listener.set_nonblocking(true)?;
+    }
+    let [a, m, r] = listeners;
+    let listeners = [(a, Endpoint::Admin), (m, Endpoint::Metrics), (r, Endpoint::Readiness)];
     let bound = AdminAddresses {
         admin: listeners[0].0.local_addr()?,
         metrics: listeners[1].0.local_addr()?,

@@ -3,10 +3,13 @@
 //! (on its own thread, see `weft_core::admin`), with the readiness checks each adds. `main.rs`
 //! runs it until a signal; tests run it in-process.
 
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use weft_core::admin::{self, Admin, AdminAddresses, AdminServer, Readiness};
 use weft_core::cert_manager::{CaClient, CertManager, CertificateSource};
@@ -19,10 +22,15 @@ use weft_core::xds::{self, MeshHandler, Synced, XdsConfig};
 
 use crate::capture::{self, LocalPods};
 use crate::config::{Capture, Config};
-use crate::proxy::{ListenAddrs, Proxy, ProxyInputs, ProxyOptions};
+use crate::handover;
+use crate::proxy::{self, ListenAddrs, Proxy, ProxyInputs, ProxyOptions};
 
 /// How long open connections may take to finish after a drain begins.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a fresh ztunnel waits to be ready before it accepts connections anyway.
+const READY_WAIT: Duration = Duration::from_secs(10);
+/// How long a successor waits to be ready before it takes the listeners anyway.
+const HANDOVER_READY_WAIT: Duration = Duration::from_secs(30);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +54,9 @@ pub struct App {
     drain: drain::Trigger,
     proxy: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
+    /// Fires when a successor has taken the listeners over.
+    handed_over: oneshot::Receiver<()>,
+    handover_drain: Duration,
     _admin: AdminServer,
 }
 
@@ -67,28 +78,18 @@ struct CertificateDump {
 
 impl App {
     /// Starts everything `config` asks for. Must be called inside a tokio runtime.
+    ///
+    /// When another ztunnel serves the hand-over socket (an upgrade), this one gets ready first
+    /// (xDS, capture, certificates), then takes over that one's listening sockets, and that one
+    /// drains. Otherwise it binds its own, and accepts on them once ready (or after
+    /// [`READY_WAIT`]): the kernel queues what arrives before, so early connections wait instead
+    /// of meeting a proxy that knows no pods yet.
     pub async fn start(config: Config, log: LogLevel) -> Result<App, StartError> {
         let ca = CaClient::new(&config.ca, config.token.clone(), DEFAULT_CERT_LIFETIME);
         let certs = Arc::new(CertManager::new(ca));
         let state = Arc::new(Shared::new(ProxyState::new("")));
         let (metrics, registry) = Metrics::new();
         let capture = open_capture(&config.capture)?;
-
-        let options = ProxyOptions { transparent: config.transparent, ..ProxyOptions::default() };
-        let proxy = Proxy::bind_with(
-            ProxyInputs {
-                state: Arc::clone(&state),
-                certs: Arc::clone(&certs),
-                metrics: Arc::new(metrics),
-                node_name: config.node_name.clone(),
-            },
-            config.bind,
-            config.ports,
-            options,
-        )
-        .await
-        .map_err(StartError::Listeners)?;
-        let listen = proxy.local_addrs();
 
         let handler = Arc::new(MeshHandler { state: Arc::clone(&state) });
         let (synced_tx, synced) = watch::channel(Synced::new(&xds::Handler::type_urls(handler.as_ref())));
@@ -110,9 +111,48 @@ impl App {
                 local_tx,
             )),
         ];
-
         let readiness = Arc::new(Readiness::default());
         add_checks(&readiness, synced, local.clone(), Arc::clone(&certs));
+
+        let taken = match &config.handover_socket {
+            Some(path) => take_over(path, &readiness).await,
+            None => None,
+        };
+        let successor = taken.is_some();
+        let (data, admin_listeners, taken) = match taken {
+            Some(taken) => {
+                let [o, i, h, a, m, r] = taken.listeners;
+                ([o, i, h], [a, m, r], Some(taken.predecessor))
+            }
+            None => (bind_data(&config)?, admin::bind(config.admin).map_err(StartError::Admin)?, None),
+        };
+        // Duplicates of the six sockets, for the successor that will take them from this one.
+        let handover_fds = data
+            .iter()
+            .chain(admin_listeners.iter())
+            .map(|l| l.try_clone().map(OwnedFd::from))
+            .collect::<std::io::Result<Vec<_>>>();
+
+        // The listeners give open connections the longest drain there is (after a hand-over);
+        // a drain on SIGTERM is cut shorter by [`App::shutdown`] ending the process.
+        let options = ProxyOptions {
+            transparent: config.transparent,
+            drain_deadline: config.handover_drain,
+            ..ProxyOptions::default()
+        };
+        let proxy = Proxy::on_listeners(
+            ProxyInputs {
+                state: Arc::clone(&state),
+                certs: Arc::clone(&certs),
+                metrics: Arc::new(metrics),
+                node_name: config.node_name.clone(),
+            },
+            data,
+            options,
+        )
+        .map_err(StartError::Listeners)?;
+        let listen = proxy.local_addrs();
+
         let (quit_tx, quit) = watch::channel(false);
         let config = Arc::new(config);
         let dump = {
@@ -135,39 +175,157 @@ impl App {
                 serde_json::to_value(dump).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
             }
         };
-        let admin = admin::spawn(
+        let admin = admin::serve_on(
             Admin {
                 config_dump: Box::new(dump),
                 registry: Arc::new(registry),
-                readiness,
+                readiness: Arc::clone(&readiness),
                 log,
                 quit: quit_tx,
             },
-            config.admin,
+            admin_listeners,
         )
         .map_err(StartError::Admin)?;
 
         let (drain, drain_watch) = drain::channel();
-        let proxy = tokio::spawn(proxy.run(drain_watch));
-        tracing::info!(node = config.node_name, xds = config.xds.url(), "ztunnel started");
-        Ok(App { listen, admin: admin.addresses, quit, drain, proxy, tasks, _admin: admin })
+        let proxy = tokio::spawn(async move {
+            if !successor {
+                wait_ready(&readiness, READY_WAIT).await;
+            }
+            proxy.run(drain_watch).await
+        });
+        if let Some(predecessor) = taken {
+            match tokio::task::spawn_blocking(move || predecessor.confirm()).await {
+                Ok(Ok(())) => tracing::info!("took over the listeners of the ztunnel this one replaces"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "the replaced ztunnel did not hear the confirmation; both serve until it exits")
+                }
+                Err(e) => tracing::warn!(error = %e, "confirming the hand-over panicked"),
+            }
+        }
+        let (handed_tx, handed_over) = oneshot::channel();
+        let mut tasks = tasks;
+        match (&config.handover_socket, handover_fds) {
+            (Some(path), Ok(fds)) => tasks.push(tokio::spawn(handover::serve(path.clone(), fds, handed_tx))),
+            (Some(_), Err(e)) => {
+                tracing::error!(error = %e, "cannot duplicate the listeners; an upgrade will not be seamless")
+            }
+            (None, _) => {}
+        }
+        tracing::info!(node = config.node_name, xds = config.xds.url(), successor, "ztunnel started");
+        Ok(App {
+            listen,
+            admin: admin.addresses,
+            quit,
+            drain,
+            proxy,
+            tasks,
+            handed_over,
+            handover_drain: config.handover_drain,
+            _admin: admin,
+        })
     }
 
-    /// Runs until SIGTERM, Ctrl-C or `/quitquitquit`, then drains.
+    /// Runs until SIGTERM, Ctrl-C or `/quitquitquit` (then drains for [`DRAIN_DEADLINE`]), or
+    /// until a successor takes the listeners over (then drains for the configured hand-over
+    /// drain: the successor serves everything new meanwhile).
     pub async fn run_until_signal(mut self) -> std::io::Result<()> {
-        drain::stop_signal(&mut self.quit).await?;
-        self.shutdown().await;
+        let mut quit = self.quit.clone();
+        tokio::select! {
+            stopped = drain::stop_signal(&mut quit) => {
+                stopped?;
+                self.shutdown().await;
+            }
+            Ok(()) = &mut self.handed_over => self.hand_over_and_drain().await,
+        }
         Ok(())
     }
 
     /// Stops accepting, gives open connections the drain deadline, and stops the rest. The
     /// capture stays pinned: enrolled pods fail closed until a ztunnel is back.
     pub async fn shutdown(self) {
-        self.drain.drain();
-        let _ = tokio::time::timeout(DRAIN_DEADLINE, self.proxy).await;
+        self.finish(DRAIN_DEADLINE).await;
+    }
+
+    /// After a successor took the listeners: stops the xDS client and the capture sync at once
+    /// (the successor keeps the capture in step), stops accepting, and lets open connections
+    /// run until they end or the hand-over drain deadline passes.
+    async fn hand_over_and_drain(self) {
+        let deadline = self.handover_drain;
+        tracing::info!(?deadline, "draining after the hand-over");
+        self.finish(deadline).await;
+    }
+
+    /// Stops the background tasks (the hand-over socket's with them: its copies of the
+    /// listeners close, so nothing waits in their queues for a process that no longer accepts),
+    /// stops accepting, and waits for open connections up to `deadline`.
+    async fn finish(self, deadline: Duration) {
         for task in self.tasks {
             task.abort();
         }
+        self.drain.drain();
+        // The listeners add their own deadline; this one bounds the whole.
+        let _ = tokio::time::timeout(deadline + Duration::from_secs(1), self.proxy).await;
+        tracing::info!("ztunnel drained");
+    }
+}
+
+/// Binds the data path's listeners (15001, 15006, 15008).
+fn bind_data(config: &Config) -> Result<[std::net::TcpListener; 3], StartError> {
+    let ports = config.ports;
+    let listen = |port: u16, what: &str| {
+        proxy::listen(SocketAddr::new(config.bind, port), config.transparent, what)
+            .map_err(StartError::Listeners)
+    };
+    Ok([
+        listen(ports.outbound, "outbound")?,
+        listen(ports.inbound_plain, "plaintext inbound")?,
+        listen(ports.hbone, "HBONE")?,
+    ])
+}
+
+/// Waits until the ztunnel serving `path` (if one does) can be replaced, i.e. until this one is
+/// ready, then takes its listeners. `None`: there is none (or it went away: this one binds its
+/// own).
+async fn take_over(path: &Path, readiness: &Readiness) -> Option<handover::Taken> {
+    let p = path.to_owned();
+    if !tokio::task::spawn_blocking(move || handover::Predecessor::runs(&p)).await.unwrap_or(false) {
+        return None;
+    }
+    tracing::info!(path = %path.display(), "another ztunnel runs: taking over its listeners once ready");
+    let started = Instant::now();
+    while let Some(missing) = readiness.not_ready() {
+        if started.elapsed() > HANDOVER_READY_WAIT {
+            tracing::warn!(missing, "not ready after {HANDOVER_READY_WAIT:?}; taking over anyway");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let p = path.to_owned();
+    let taken = tokio::task::spawn_blocking(move || match handover::Predecessor::find(&p)? {
+        Some(predecessor) => predecessor.take().map(Some),
+        None => Ok(None),
+    })
+    .await;
+    match taken {
+        Ok(Ok(taken)) => taken,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the hand-over failed; binding the listeners anew");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Waits until every readiness check passes, or `limit`.
+async fn wait_ready(readiness: &Readiness, limit: Duration) {
+    let started = Instant::now();
+    while let Some(missing) = readiness.not_ready() {
+        if started.elapsed() > limit {
+            tracing::warn!(missing, "not ready after {limit:?}; accepting connections anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

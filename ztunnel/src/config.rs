@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use serde::Serialize;
@@ -27,6 +28,9 @@ pub mod env {
     pub const CAPTURE_ATTACH: &str = "WEFT_CAPTURE_ATTACH";
     pub const WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
+    pub const HANDOVER_SOCKET: &str = "WEFT_HANDOVER_SOCKET";
+    /// The pod's termination grace period (Istio's ztunnel reads the same variable).
+    pub const TERMINATION_GRACE_PERIOD_SECONDS: &str = "TERMINATION_GRACE_PERIOD_SECONDS";
 }
 
 /// The command line as typed; [`Config::parse`] turns it into a [`Config`].
@@ -80,6 +84,15 @@ pub struct Args {
     /// `plain` or `json`.
     #[arg(long, env = env::LOG_FORMAT, default_value = "plain")]
     log_format: String,
+    /// The Unix socket over which a ztunnel started while this one runs takes over its
+    /// listening sockets (an upgrade without dropping connections); in a directory only root
+    /// can reach, shared by the old and the new process.
+    #[arg(long, env = env::HANDOVER_SOCKET, default_value = "/var/run/ztunnel/handover.sock")]
+    handover_socket: PathBuf,
+    /// After handing its listeners over, this ztunnel drains its open connections for at most
+    /// this many seconds less 5 (then exits before the kubelet would kill it).
+    #[arg(long, env = env::TERMINATION_GRACE_PERIOD_SECONDS, default_value = "30")]
+    termination_grace_period_seconds: String,
 }
 
 /// ztunnel's effective configuration.
@@ -102,6 +115,15 @@ pub struct Config {
     pub worker_threads: NonZeroUsize,
     pub admin: AdminAddresses,
     pub log_format: LogFormat,
+    /// Where a successor takes over the listeners ([`crate::handover`]); `None`: no hand-over.
+    pub handover_socket: Option<PathBuf>,
+    /// How long open connections may run after a hand-over before they are cut.
+    #[serde(serialize_with = "seconds")]
+    pub handover_drain: Duration,
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(d.as_secs())
 }
 
 /// Whether and how the eBPF capture is loaded.
@@ -161,6 +183,12 @@ impl Config {
         let readiness =
             value(e, "--readiness-address", &args.readiness_address, socket_addr(&args.readiness_address));
         let log_format = value(e, "--log-format/LOG_FORMAT", &args.log_format, log_format(&args.log_format));
+        let grace = value(
+            e,
+            "--termination-grace-period-seconds/TERMINATION_GRACE_PERIOD_SECONDS",
+            &args.termination_grace_period_seconds,
+            args.termination_grace_period_seconds.parse::<u64>().map_err(|e| e.to_string()),
+        );
         let control = args.control.parse(e);
         if args.node_name.is_empty() {
             errors.push("--node-name/NODE_NAME is empty: name the Kubernetes node this proxy serves".into());
@@ -186,8 +214,19 @@ impl Config {
                 attach.map(|attach| Capture::On { pin_dir: args.pin_dir, uplinks: args.uplinks, attach })
             }
         };
-        match (node_ip, bind, worker_threads, admin, metrics, readiness, log_format, control, token, capture)
-        {
+        match (
+            node_ip,
+            bind,
+            worker_threads,
+            admin,
+            metrics,
+            readiness,
+            log_format,
+            control,
+            token,
+            capture,
+            grace,
+        ) {
             (
                 Some(node_ip),
                 Some(bind),
@@ -199,6 +238,7 @@ impl Config {
                 Some((xds, ca)),
                 Some(token),
                 Some(capture),
+                Some(grace),
             ) if errors.is_empty() => Ok(Config {
                 node_name: args.node_name,
                 node_ip,
@@ -212,6 +252,8 @@ impl Config {
                 worker_threads,
                 admin: AdminAddresses { admin, metrics, readiness },
                 log_format,
+                handover_socket: Some(args.handover_socket),
+                handover_drain: Duration::from_secs(grace.saturating_sub(5).max(1)),
             }),
             _ => Err(ConfigError(errors)),
         }
@@ -245,6 +287,8 @@ impl Config {
             worker_threads: NonZeroUsize::MIN,
             admin: AdminAddresses { admin: any, metrics: any, readiness: any },
             log_format: LogFormat::Plain,
+            handover_socket: None,
+            handover_drain: Duration::from_secs(5),
         }
     }
 }

@@ -10,10 +10,12 @@
 //! - [`proxy`]: the listeners (:15001 outbound, :15006 plaintext inbound, :15008 HBONE) and the
 //!   proxying between them and the pods.
 //! - [`capture`]: the eBPF capture and the certificates kept in step with this node's pods.
+//! - [`handover`]: an upgrade's hand-over of the listening sockets from the running ztunnel.
 
 pub mod app;
 pub mod capture;
 pub mod config;
+pub mod handover;
 pub mod inbound;
 pub mod outbound;
 pub mod proxy;

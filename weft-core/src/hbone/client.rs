@@ -278,30 +278,45 @@ impl Pool {
             Err(poisoned) => poisoned.into_inner().entry(key.clone()).or_default().clone(),
         };
         let waiting_since = Instant::now();
-        let slot = {
-            let mut conns = keyed.conns.lock().await;
-            conns.retain(|c| !c.closed.load(Ordering::Acquire));
-            let max = self.inner.settings.max_streams_per_connection;
-            match conns.iter().find(|c| c.try_reserve(max)) {
-                Some(conn) => Slot(conn.clone()),
-                None => {
-                    if let Some(reason) = keyed.failed_since(waiting_since) {
-                        return Err(ClientError::Unreachable { addr: request.hbone_addr, reason });
-                    }
-                    let conn = match self.dial(&request, &key).await {
-                        Ok(conn) => conn,
-                        Err(e) => {
-                            keyed.record_failure(&e);
-                            return Err(e);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (slot, reused) = {
+                let mut conns = keyed.conns.lock().await;
+                conns.retain(|c| !c.closed.load(Ordering::Acquire));
+                let max = self.inner.settings.max_streams_per_connection;
+                match conns.iter().find(|c| c.try_reserve(max)) {
+                    Some(conn) => (Slot(conn.clone()), true),
+                    None => {
+                        if let Some(reason) = keyed.failed_since(waiting_since) {
+                            return Err(ClientError::Unreachable { addr: request.hbone_addr, reason });
                         }
-                    };
-                    conn.active.fetch_add(1, Ordering::AcqRel);
-                    conns.push(conn.clone());
-                    Slot(conn)
+                        let conn = match self.dial(&request, &key).await {
+                            Ok(conn) => conn,
+                            Err(e) => {
+                                keyed.record_failure(&e);
+                                return Err(e);
+                            }
+                        };
+                        conn.active.fetch_add(1, Ordering::AcqRel);
+                        conns.push(conn.clone());
+                        (Slot(conn), false)
+                    }
                 }
+            };
+            match self.open_stream(&request, slot).await {
+                // A pooled connection the server is closing (a GOAWAY, e.g. a ztunnel handing over
+                // to its successor, or a reset) refused the stream before answering it: nothing
+                // reached the destination, so one more try on a fresh connection is safe.
+                Err(ClientError::H2 { source, .. })
+                    if reused && attempt == 1 && refused_unanswered(&source) =>
+                {
+                    debug!(error = %source, "pooled HBONE connection is going away; retrying on another");
+                    continue;
+                }
+                result => return result,
             }
-        };
-        self.open_stream(&request, slot).await
+        }
     }
 
     async fn dial(
@@ -433,6 +448,11 @@ impl Pool {
         }
         Ok(H2Stream::new(send, response.into_body(), Some(Box::new(slot))))
     }
+}
+
+/// Whether a CONNECT failed because its connection went away before the server answered.
+fn refused_unanswered(e: &h2::Error) -> bool {
+    e.is_go_away() || e.is_io() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// Closes connections idle past the timeout; ends when the pool is dropped.

@@ -92,8 +92,23 @@ impl Mesh {
             // have its node's cores on a real cluster (more threads than cores only adds
             // cross-thread wake-ups: measured in BENCHMARKS.md, L4 mesh).
             .arg("--worker-threads")
-            .arg(self.worker_threads().to_string());
+            .arg(self.worker_threads().to_string())
+            .arg("--handover-socket")
+            .arg(cluster::state_dir(self.name()).join("handover").join(format!("{node}.sock")));
         self.spawn(&ztunnel_process(node), &netns, cmd, true)
+    }
+
+    /// Upgrades `node`'s ztunnel the way its DaemonSet rolls out: a new process starts while the
+    /// old one runs, takes over the listeners once ready, and the old one drains until its last
+    /// connection ends. The old process stays known as `ztunnel-<node>-old` (see
+    /// [`Mesh::pid`]) until it exits.
+    pub fn upgrade_ztunnel(&mut self, node: &str) -> Result<(), UpError> {
+        let name = ztunnel_process(node);
+        let Some(old) = self.children.remove(&name) else {
+            return Err(UpError::Config(format!("no process {name} was started")));
+        };
+        self.children.insert(format!("{name}-old"), old);
+        self.start_ztunnel(node)
     }
 
     /// Waits until `node`'s ztunnel answers 200 on `/healthz/ready`.

@@ -160,21 +160,28 @@ impl<S: CertificateSource> Proxy<S> {
         ports: Ports,
         options: ProxyOptions,
     ) -> std::io::Result<Proxy<S>> {
-        let listen = |port: u16, what: &str| {
-            socket::listen(SocketAddr::new(bind, port), options.transparent).map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot listen for {what} on {}: {e}{}",
-                        SocketAddr::new(bind, port),
-                        if options.transparent { " (IP_TRANSPARENT needs CAP_NET_ADMIN)" } else { "" }
-                    ),
-                )
-            })
-        };
-        let outbound = listen(ports.outbound, "outbound")?;
-        let inbound_plain = listen(ports.inbound_plain, "plaintext inbound")?;
-        let hbone = listen(ports.hbone, "HBONE")?;
+        let listen = |port: u16, what: &str| listen(SocketAddr::new(bind, port), options.transparent, what);
+        let listeners = [
+            listen(ports.outbound, "outbound")?,
+            listen(ports.inbound_plain, "plaintext inbound")?,
+            listen(ports.hbone, "HBONE")?,
+        ];
+        Self::on_listeners(inputs, listeners, options)
+    }
+
+    /// The proxy on listeners bound before: outbound, plaintext inbound and HBONE, in that order
+    /// (bound by [`Proxy::bind_with`], or handed over by the ztunnel this one replaces). Must be
+    /// called inside a tokio runtime.
+    pub fn on_listeners(
+        inputs: ProxyInputs<S>,
+        listeners: [std::net::TcpListener; 3],
+        options: ProxyOptions,
+    ) -> std::io::Result<Proxy<S>> {
+        let [outbound, inbound_plain, hbone] = listeners.map(|l| {
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)
+        });
+        let (outbound, inbound_plain, hbone) = (outbound?, inbound_plain?, hbone?);
         let addrs = ListenAddrs {
             outbound: outbound.local_addr()?,
             inbound_plain: inbound_plain.local_addr()?,
@@ -225,6 +232,20 @@ impl<S: CertificateSource> Proxy<S> {
         );
         info!("ztunnel listeners drained");
     }
+}
+
+/// A data-path listener on `addr` (with IP_TRANSPARENT and ztunnel's socket mark when
+/// `transparent`); errors name `what` it was for.
+pub fn listen(addr: SocketAddr, transparent: bool, what: &str) -> std::io::Result<std::net::TcpListener> {
+    socket::listen(addr, transparent).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot listen for {what} on {addr}: {e}{}",
+                if transparent { " (IP_TRANSPARENT needs CAP_NET_ADMIN)" } else { "" }
+            ),
+        )
+    })
 }
 
 impl<S> Ctx<S> {

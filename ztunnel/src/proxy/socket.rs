@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
 use weft_core::telemetry::ConnectionGuard;
 
@@ -20,7 +20,7 @@ const BACKLOG: i32 = 1024;
 /// A listener on `addr`. With `transparent`, IP_TRANSPARENT is set so the listener can accept
 /// connections the eBPF capture assigned to it whatever their destination address, and answer
 /// from that address, and the socket carries [`ebpf::SOCKET_MARK`]. An IPv6 wildcard listener also accepts IPv4 (dual stack).
-pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if transparent {
@@ -35,7 +35,7 @@ pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Connects to `to` within `timeout`. With `source`, the connection leaves from that address
