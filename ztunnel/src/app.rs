@@ -73,6 +73,8 @@ impl App {
         let state = Arc::new(Shared::new(ProxyState::new("")));
         let (metrics, registry) = Metrics::new();
         let capture = open_capture(&config.capture)?;
+        let handler = Arc::new(MeshHandler { state: Arc::clone(&state) });
+        let (synced_tx, synced) = watch::channel(Synced::new(&xds::Handler::type_urls(handler.as_ref())));
 
         let options = ProxyOptions { transparent: config.transparent, ..ProxyOptions::default() };
         let proxy = Proxy::bind_with(
@@ -81,6 +83,7 @@ impl App {
                 certs: Arc::clone(&certs),
                 metrics: Arc::new(metrics),
                 node_name: config.node_name.clone(),
+                updates: synced.clone(),
             },
             config.bind,
             config.ports,
@@ -90,8 +93,6 @@ impl App {
         .map_err(StartError::Listeners)?;
         let listen = proxy.local_addrs();
 
-        let handler = Arc::new(MeshHandler { state: Arc::clone(&state) });
-        let (synced_tx, synced) = watch::channel(Synced::new(&xds::Handler::type_urls(handler.as_ref())));
         let (local_tx, local) = watch::channel(LocalPods::default());
         let xds_config = XdsConfig {
             endpoint: config.xds.clone(),
