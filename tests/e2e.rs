@@ -269,6 +269,122 @@ fn l4_authorization_deny_for_a_principal_and_allow_for_one_namespace() {
     assert_eq!(peer_ip(&get_json(&bad, &url)), t.ip("shop", "bad"), "the DENY is gone; shop/bad is in shop");
 }
 
+/// A TCP connection from a pod's namespace (the socket stays in it), with a read timeout.
+fn connect_in(netns: &str, to: std::net::SocketAddr) -> std::net::TcpStream {
+    let stream =
+        weft_core::netns::run_in(netns, || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("connect {to} from {netns}: {e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+}
+
+/// Sends `msg` on an open connection to weft-app's TCP echo and reads it back.
+fn echo(stream: &mut std::net::TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    stream.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    stream.read_exact(&mut back)?;
+    assert_eq!(back, msg);
+    Ok(())
+}
+
+#[test]
+fn a_deny_written_while_connections_are_open_closes_only_the_denied_ones() {
+    if !usable("recheck") {
+        return;
+    }
+    let pods = namespace("shop", true)
+        + &pod("shop", "server", "node-b")
+        + &pod("shop", "good", "node-a")
+        + &pod("shop", "bad", "node-a");
+    let t = TestMesh::up("recheck", &[("pods.yaml", pods)]);
+    let server = std::net::SocketAddr::new(t.ip("shop", "server"), 9000);
+    let mut good = connect_in(&t.netns("shop", "good"), server);
+    let mut bad = connect_in(&t.netns("shop", "bad"), server);
+    echo(&mut good, b"good, before").unwrap();
+    echo(&mut bad, b"bad, before").unwrap();
+
+    // shop/bad's connection, watched until it is closed: when, and how.
+    let watcher = {
+        let mut bad = bad.try_clone().unwrap();
+        bad.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                match bad.read(&mut buf) {
+                    Ok(0) => return Ok(Instant::now()),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(Instant::now()),
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    };
+
+    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-bad\n  namespace: shop\n\
+                spec:\n  selector:\n    matchLabels:\n      app: server\n  action: DENY\n  rules:\n  - from:\n    - source:\n        \
+                principals: [cluster.local/ns/shop/sa/bad]\n";
+    let written = Instant::now();
+    t.write_config("policy.yaml", deny);
+    // When node-b's ztunnel holds the policy (polled every 10 ms: the bound is one poll late).
+    let applied = poll_fast(Duration::from_secs(10), || {
+        let (status, dump) = t.mesh.ztunnel_get("node-b", up::ADMIN_PORT, "/config_dump").ok()?;
+        (status == 200 && dump.contains("deny-bad")).then(Instant::now)
+    })
+    .unwrap_or_else(|| panic!("node-b never showed the policy deny-bad\n{}", t.logs()));
+    let closed = watcher.join().unwrap().unwrap_or_else(|e| {
+        panic!("shop/bad's connection was not closed within 15 s of the DENY ({e})\n{}", t.logs())
+    });
+    let after_applied = closed.saturating_duration_since(applied);
+    eprintln!(
+        "shop/bad closed {:?} after node-b showed the policy ({:?} after the write; node-b showed it {:?} after the write)",
+        after_applied,
+        closed - written,
+        applied - written
+    );
+    assert!(
+        after_applied <= Duration::from_secs(1),
+        "closed {after_applied:?} after node-b applied the DENY"
+    );
+    // No bytes pass any more; shop/good's connection carries on.
+    assert!(echo(&mut bad, b"bad, after").is_err(), "shop/bad's connection still echoes");
+    for i in 0..5 {
+        echo(&mut good, format!("good, after {i}").as_bytes())
+            .unwrap_or_else(|e| panic!("shop/good's connection broke after the DENY: {e}\n{}", t.logs()));
+    }
+
+    let bad_principal = "source_principal=\"spiffe://cluster.local/ns/shop/sa/bad\"";
+    let good_principal = "source_principal=\"spiffe://cluster.local/ns/shop/sa/good\"";
+    let closed_deny = poll(Duration::from_secs(5), || {
+        let m = t.metrics("node-b");
+        let n =
+            counter(&m, "istio_tcp_connections_closed_total", &["response_flags=\"DENY\"", bad_principal]);
+        (n >= 1.0).then_some(m)
+    })
+    .unwrap_or_else(|| {
+        panic!("node-b counted no DENY-flagged closed connection for shop/bad:\n{}", t.metrics("node-b"))
+    });
+    let good_closed = counter(&closed_deny, "istio_tcp_connections_closed_total", &[good_principal]);
+    assert_eq!(good_closed, 0.0, "shop/good's connection counted closed:\n{closed_deny}");
+    let log = t.logs();
+    assert!(
+        log.contains("connection closed: denied by shop/deny-bad after a policy update"),
+        "no log of the close naming the policy:\n{log}"
+    );
+}
+
+/// [`poll`] every 10 ms.
+fn poll_fast<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
 #[test]
 fn prometheus_scrapes_both_ztunnels() {
     if !usable("prom") {

@@ -90,9 +90,9 @@ impl App {
         let state = Arc::new(Shared::new(ProxyState::new("")));
         let (metrics, registry) = Metrics::new();
         let capture = open_capture(&config.capture)?;
-
         let handler = Arc::new(MeshHandler { state: Arc::clone(&state) });
         let (synced_tx, synced) = watch::channel(Synced::new(&xds::Handler::type_urls(handler.as_ref())));
+
         let (local_tx, local) = watch::channel(LocalPods::default());
         let xds_config = XdsConfig {
             endpoint: config.xds.clone(),
@@ -112,7 +112,7 @@ impl App {
             )),
         ];
         let readiness = Arc::new(Readiness::default());
-        add_checks(&readiness, synced, local.clone(), Arc::clone(&certs));
+        add_checks(&readiness, synced.clone(), local.clone(), Arc::clone(&certs));
 
         let taken = match &config.handover_socket {
             Some(path) => take_over(path, &readiness).await,
@@ -146,6 +146,7 @@ impl App {
                 certs: Arc::clone(&certs),
                 metrics: Arc::new(metrics),
                 node_name: config.node_name.clone(),
+                updates: synced.clone(),
             },
             data,
             options,

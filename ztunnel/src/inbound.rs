@@ -2,7 +2,8 @@
 //! destination is a workload of this node, the tunnel was opened to it, it came through the
 //! destination's own waypoint when it has one, and its policy allows the caller), and the labels
 //! the destination side reports it with. Pure: the listeners ([`crate::proxy`]) and the
-//! same-node branch of [`crate::outbound::route`] act on it.
+//! same-node branch of [`crate::outbound::route`] act on it, and [`recheck`] says which open
+//! connections a policy update now forbids.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -28,6 +29,46 @@ pub enum InboundRefusal {
     Denied { policy: Option<String>, reason: String },
     #[error("`forwarded` claims the source {claimed}, which is not a workload of {identity}: a header may not widen what the certificate proves")]
     ForgedSource { claimed: IpAddr, identity: String },
+}
+
+/// What an inbound connection was admitted with: the inputs of [`check`] that hold for the
+/// connection's whole life, kept to check it again after a policy update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    /// The peer's identity (HBONE, same node); `None` for a plaintext caller.
+    pub src_identity: Option<Identity>,
+    /// The client's address as settled at open ([`hbone_source`], or the plaintext peer).
+    pub src_ip: IpAddr,
+    /// The pod address and port connected to.
+    pub dst: SocketAddr,
+}
+
+impl InboundRefusal {
+    /// Whether authorization policy refuses: a [`InboundRefusal::Denied`] other than Weft's
+    /// own waypoint enforcement ([`BYPASSED_WAYPOINT`]).
+    pub fn is_policy_denial(&self) -> bool {
+        matches!(self, InboundRefusal::Denied { reason, .. } if !reason.starts_with(BYPASSED_WAYPOINT))
+    }
+}
+
+/// Whether a connection admitted with `admitted` must now be closed: [`check`] again against
+/// the current `state`, with what was known at open. Only an authorization policy's denial
+/// closes it ([`InboundRefusal::is_policy_denial`]). Every other refusal leaves it open:
+/// - the destination gone from the state, moved, or no longer in the mesh ([`InboundRefusal::NotLocal`]):
+///   removal is not a policy, the pod's own connections end with the pod, and a pod leaving
+///   the mesh keeps its open connections as Istio's ztunnel does (so does a state briefly
+///   without it while the controller resyncs);
+/// - a waypoint attached since ([`BYPASSED_WAYPOINT`]): routing changed, not authorization;
+///   new connections go through the waypoint, open ones finish where they were admitted.
+///   Such a refusal masks what authorization would say, so a DENY written together with a
+///   new waypoint closes nothing: the waypoint enforces it on new connections.
+///
+/// The tunnel's destination (`presented`) was settled at open and is not checked again.
+pub fn recheck(state: &ProxyState, node: &str, admitted: &Admitted) -> Option<InboundRefusal> {
+    let Admitted { src_identity, src_ip, dst } = admitted;
+    check(state, node, None, src_identity.as_ref(), *src_ip, *dst)
+        .err()
+        .filter(InboundRefusal::is_policy_denial)
 }
 
 /// The source address of an HBONE stream, Istio's way: the outer connection's peer address
@@ -425,6 +466,120 @@ mod tests {
         for (port, host, want) in cases {
             assert_eq!(service_of(port, host), want, "{port} {host:?}");
         }
+    }
+
+    #[test]
+    fn a_recheck_closes_only_what_authorization_now_denies() {
+        let good = weft_core::testing::identity("shop", "good");
+        let bad = weft_core::testing::identity("shop", "bad");
+        let admitted = |identity: Option<&Identity>, dst: &str| Admitted {
+            src_identity: identity.cloned(),
+            src_ip: ip("10.0.2.9"),
+            dst: sa(dst),
+        };
+        let deny_bad =
+            Match { principals: vec![exact("cluster.local/ns/shop/sa/bad")], ..Default::default() };
+        let allow_other = Match { namespaces: vec![exact("other")], ..Default::default() };
+        // The state after the update.
+        let updated = |change: &dyn Fn(&mut ProxyState)| {
+            let mut state = node_mesh();
+            change(&mut state);
+            state
+        };
+        let unchanged = updated(&|_| {});
+        let denied = updated(&|s| {
+            add_policy(
+                s,
+                policy("shop", "no-bad", Scope::Namespace, Action::Deny, vec![vec![vec![deny_bad.clone()]]]),
+            )
+        });
+        let allow_only_other = updated(&|s| {
+            add_policy(
+                s,
+                policy(
+                    "shop",
+                    "other",
+                    Scope::Namespace,
+                    Action::Allow,
+                    vec![vec![vec![allow_other.clone()]]],
+                ),
+            )
+        });
+        let strict = updated(&|s| {
+            add_policy(s, policy("istio-system", "strict", Scope::Global, Action::Deny, strict_groups()))
+        });
+        // web-1 gone from the state, or rescheduled elsewhere, with the DENY in force.
+        let gone = updated(&|s| {
+            add_policy(
+                s,
+                policy("shop", "no-bad", Scope::Namespace, Action::Deny, vec![vec![vec![deny_bad.clone()]]]),
+            );
+            assert!(s.remove_address(&uid("shop", "web-1")));
+        });
+        let moved = updated(&|s| {
+            add_policy(
+                s,
+                policy("shop", "no-bad", Scope::Namespace, Action::Deny, vec![vec![vec![deny_bad.clone()]]]),
+            );
+            let mut w = endpoint_of(workload("shop", "web-1", "10.0.1.5"), "shop", "web", &[(80, 8080)]);
+            w.node = "node-b".into();
+            add_workload(s, w);
+        });
+        // web-1 now has its own waypoint, which the caller is not.
+        let waypointed = updated(&|s| {
+            add_service(s, service("shop", "wp", "10.96.0.99", &[(15008, 15008)]));
+            let mut w = workload("shop", "web-1", "10.0.1.5");
+            w.waypoint = waypoint("shop", "wp");
+            add_workload(s, w);
+        });
+
+        // (state after the update, admitted) -> closed with (policy, reason start), or kept
+        type Case<'a> = (&'a str, &'a ProxyState, Admitted, Option<(Option<&'a str>, &'a str)>);
+        let cases: [Case; 12] = [
+            ("unchanged", &unchanged, admitted(Some(&bad), "10.0.1.5:8080"), None),
+            ("unchanged plaintext", &unchanged, admitted(None, "10.0.1.5:8080"), None),
+            (
+                "DENY bad",
+                &denied,
+                admitted(Some(&bad), "10.0.1.5:8080"),
+                Some((Some("shop/no-bad"), "DENY policy")),
+            ),
+            (
+                "DENY bad, mapped",
+                &denied,
+                admitted(Some(&bad), "[::ffff:10.0.1.5]:8080"),
+                Some((Some("shop/no-bad"), "DENY")),
+            ),
+            ("DENY bad spares good", &denied, admitted(Some(&good), "10.0.1.5:8080"), None),
+            ("DENY bad spares plaintext", &denied, admitted(None, "10.0.1.5:8080"), None),
+            (
+                "ALLOW other only",
+                &allow_only_other,
+                admitted(Some(&good), "10.0.1.5:8080"),
+                Some((None, "no ALLOW policy")),
+            ),
+            ("STRICT", &strict, admitted(None, "10.0.1.5:8080"), Some((Some("istio-system/strict"), "DENY"))),
+            ("STRICT spares mTLS", &strict, admitted(Some(&good), "10.0.1.5:8080"), None),
+            ("destination gone", &gone, admitted(Some(&bad), "10.0.1.5:8080"), None),
+            ("destination moved", &moved, admitted(Some(&bad), "10.0.1.5:8080"), None),
+            ("waypoint attached", &waypointed, admitted(Some(&bad), "10.0.1.5:8080"), None),
+        ];
+        for (name, state, admitted, want) in cases {
+            let got = recheck(state, NODE, &admitted);
+            match (got, want) {
+                (None, None) => {}
+                (Some(InboundRefusal::Denied { policy, reason }), Some((want_policy, want_reason))) => {
+                    assert_eq!(policy.as_deref(), want_policy, "{name}");
+                    assert!(reason.starts_with(want_reason), "{name}: {reason}");
+                }
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
+        // The waypoint case is a denial at open, just not one a recheck acts on.
+        assert!(matches!(
+            check(&waypointed, NODE, None, Some(&bad), ip("10.0.2.9"), sa("10.0.1.5:8080")),
+            Err(InboundRefusal::Denied { .. })
+        ));
     }
 
     /// STRICT as the controller converts it: deny callers without an identity.

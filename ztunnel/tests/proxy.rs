@@ -9,7 +9,9 @@ mod proxy_support;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use weft_core::hbone::{ClientError, ClientSettings, ConnectRequest, Pool};
 use weft_core::proto::istio::security::{Action, Scope};
@@ -367,4 +369,102 @@ async fn a_connection_to_ztunnels_own_port_is_not_looped() {
     // Plaintext to node-a's :15006 with no policy: allowed, but the destination is the
     // listener itself.
     assert!(refused(connect_from(CLIENT, node.addrs.inbound_plain).await).await);
+}
+
+/// Reads the caller address line [`who_am_i`] sends first, leaving the stream open.
+async fn greeting(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> SocketAddr {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await.unwrap().unwrap();
+        assert_eq!(read, 1, "closed before the greeting ended: {line:?}");
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap().trim().parse().unwrap()
+}
+
+/// Sends `msg` and reads its echo back, on a stream that stays open.
+async fn round_trip(stream: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin), msg: &[u8]) {
+    stream.write_all(msg).await.unwrap();
+    let mut echoed = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(echoed, msg);
+}
+
+/// How long `stream` takes to be closed or reset (at most `limit`; `None` if it stays open).
+async fn closed_within(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout_at((started + limit).into(), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_open_hbone_stream_a_new_deny_forbids_is_closed_and_the_others_flow_on() {
+    let mesh = Mesh::new();
+    let node = mesh.node_a().await;
+    let (app, _) = who_am_i(SocketAddr::new(ip(SERVER), 0)).await;
+    let mut client = mesh.hbone(&node, "client-ns", "client", CLIENT, app).await.unwrap();
+    let mut other = mesh.hbone(&node, "other-ns", "other", OTHER, app).await.unwrap();
+    assert_eq!(greeting(&mut client).await.ip(), ip(CLIENT));
+    assert_eq!(greeting(&mut other).await.ip(), ip(OTHER));
+    round_trip(&mut client, b"before").await;
+    round_trip(&mut other, b"before").await;
+
+    // An update that changes nothing for them closes nothing.
+    add_workload(&mesh.state, workload("client-ns", "late", "127.0.0.6", "node-b"));
+    node.updated();
+    assert_eq!(closed_within(&mut client, Duration::from_millis(200)).await, None);
+    round_trip(&mut client, b"still allowed").await;
+
+    let m = principal("cluster.local/ns/client-ns/sa/client");
+    add_policy(&mesh.state, policy("server-ns", "deny-client", Scope::Namespace, Action::Deny, m));
+    node.updated();
+    let took = closed_within(&mut client, Duration::from_secs(1)).await;
+    assert!(took.is_some(), "client-ns/client's stream outlived the DENY by 1 s");
+    round_trip(&mut other, b"after the deny").await;
+
+    node.wait_metric(&[
+        "istio_tcp_connections_closed_total{",
+        "reporter=\"destination\"",
+        "source_principal=\"spiffe://cluster.local/ns/client-ns/sa/client\"",
+        "response_flags=\"DENY\"",
+    ])
+    .await;
+    let metrics = node.metrics();
+    let other_closed = metrics.lines().any(|l| {
+        l.starts_with("istio_tcp_connections_closed_total{") && l.contains("source_workload=\"other\"")
+    });
+    assert!(!other_closed, "other-ns/other counted closed:\n{metrics}");
+}
+
+#[tokio::test]
+async fn an_open_same_node_connection_a_new_deny_forbids_is_closed() {
+    let out = Outbound::start(("node-a", SERVER), TunnelProtocol::Hbone).await;
+    let mut stream = connect_from(CLIENT, out.node.addrs.outbound).await;
+    assert_eq!(greeting(&mut stream).await.ip(), ip(CLIENT));
+    round_trip(&mut stream, b"same node").await;
+
+    let m = principal("cluster.local/ns/client-ns/sa/client");
+    add_policy(&out.mesh.state, policy("server-ns", "deny", Scope::Namespace, Action::Deny, m));
+    out.node.updated();
+    assert!(closed_within(&mut stream, Duration::from_secs(1)).await.is_some(), "outlived the DENY");
+    for reporter in ["source", "destination"] {
+        out.node
+            .wait_metric(&[
+                "istio_tcp_connections_closed_total{",
+                &format!("reporter=\"{reporter}\""),
+                "response_flags=\"DENY\"",
+            ])
+            .await;
+    }
 }

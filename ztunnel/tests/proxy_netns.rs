@@ -218,6 +218,8 @@ impl Ztunnel {
                     certs: Arc::new(CertManager::new(source)),
                     metrics: Arc::new(metrics),
                     node_name: "node-a".into(),
+                    // The state is set before the proxy starts: no updates to re-check after.
+                    updates: tokio::sync::watch::channel(weft_core::xds::Synced::new(&[])).1,
                 };
                 // Production settings: dual-stack wildcard, Istio's ports, IP_TRANSPARENT.
                 let proxy = Proxy::bind(inputs, IpAddr::V6(Ipv6Addr::UNSPECIFIED), Ports::default()).await;

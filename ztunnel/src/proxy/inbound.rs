@@ -1,6 +1,6 @@
 //! Inbound: connections for pods of this node, over HBONE (:15008) or in plaintext (:15006).
 //! [`crate::inbound::check`] (pure) decides; this connects to the pod from the caller's own
-//! address and copies.
+//! address and copies, until the connection ends or a policy update denies it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,19 +11,22 @@ use weft_core::cert_manager::CertificateSource;
 use weft_core::hbone::{forward, ConnectInfo, H2Stream, Inbound, Refusal};
 use weft_core::telemetry::{ResponseFlags, SecurityPolicy};
 
+use super::connections::Registered;
 use super::socket::{self, Counted};
-use super::{canonical, copy, Ctx};
-use crate::inbound::{check, hbone_source, labels, local_workload, InboundRefusal};
+use super::{canonical, closed_by_policy, copy_inbound, Ctx};
+use crate::inbound::{check, hbone_source, labels, local_workload, Admitted, InboundRefusal};
 
 /// The HBONE side: certificates per destination pod, and each CONNECT.
 pub(super) struct Hbone<S> {
     pub(super) ctx: Arc<Ctx<S>>,
 }
 
-/// An accepted CONNECT: the pod connected to, counted into the metrics.
+/// An accepted CONNECT: the pod connected to, counted into the metrics, and registered for
+/// re-checks.
 pub(super) struct ToPod {
     upstream: Counted<TcpStream>,
     authority: SocketAddr,
+    registered: Registered,
 }
 
 impl<S: CertificateSource> Inbound for Hbone<S> {
@@ -81,7 +84,6 @@ impl<S: CertificateSource> Inbound for Hbone<S> {
             );
             (checked, labels)
         };
-        drop(state);
         let workload = match checked {
             Ok(workload) => workload,
             Err(refusal @ InboundRefusal::Denied { .. }) => {
@@ -94,12 +96,15 @@ impl<S: CertificateSource> Inbound for Hbone<S> {
                 return Err(Refusal::bad_request(refusal.to_string()));
             }
         };
+        let admitted = Admitted { src_identity: Some(identity.clone()), src_ip: client.ip(), dst: authority };
+        let registered = ctx.connections.register(admitted, &state);
+        drop(state);
         let mut guard = ctx.metrics.connection_opened(labels);
         let timeout = ctx.options.connect_timeout;
         match socket::connect(Some(client.ip()), authority, ctx.options.transparent, timeout).await {
             Ok(stream) => {
                 debug!(%client, %authority, workload = %workload.uid, "HBONE connection to the pod opened");
-                Ok(ToPod { upstream: Counted::new(stream, guard), authority })
+                Ok(ToPod { upstream: Counted::new(stream, guard), authority, registered })
             }
             Err(e) => {
                 warn!(%client, %authority, error = %e, "cannot connect to the pod; answering 503");
@@ -109,8 +114,15 @@ impl<S: CertificateSource> Inbound for Hbone<S> {
         }
     }
 
+    /// Copies until the stream ends, or until a policy update denies it: then the stream is
+    /// reset (dropped unfinished) and the pod's side closed.
     async fn serve(&self, to_pod: ToPod, tunnel: H2Stream) {
-        forward(tunnel, to_pod.upstream, to_pod.authority).await
+        let ToPod { mut upstream, authority, mut registered } = to_pod;
+        let closed = tokio::select! {
+            () = forward(tunnel, &mut upstream, authority) => return,
+            closed = registered.closed() => closed,
+        };
+        closed_by_policy(&mut upstream, &closed);
     }
 }
 
@@ -124,8 +136,8 @@ pub(super) async fn handle_plain<S: CertificateSource>(
         Ok(addr) => canonical(addr),
         Err(e) => return debug!(error = %e, "connection gone before it was handled"),
     };
+    let state = ctx.state();
     let (checked, labels) = {
-        let state = ctx.state();
         let checked = check(&state, &ctx.node, None, None, peer.ip(), dst);
         let dst_workload = local_workload(&state, &ctx.node, dst.ip()).cloned();
         let labels = labels(
@@ -150,6 +162,9 @@ pub(super) async fn handle_plain<S: CertificateSource>(
         info!(%dst, "plaintext connection to ztunnel's own port refused");
         return socket::reset(client);
     }
+    let admitted = Admitted { src_identity: None, src_ip: peer.ip(), dst };
+    let registered = ctx.connections.register(admitted, &state);
+    drop(state);
     let mut guard = ctx.metrics.connection_opened(labels);
     let timeout = ctx.options.connect_timeout;
     let upstream = match socket::connect(Some(peer.ip()), dst, ctx.options.transparent, timeout).await {
@@ -160,5 +175,5 @@ pub(super) async fn handle_plain<S: CertificateSource>(
             return socket::reset(client);
         }
     };
-    copy(client, Counted::new(upstream, guard), dst).await;
+    copy_inbound(client, Counted::new(upstream, guard), dst, registered).await;
 }

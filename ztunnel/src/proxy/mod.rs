@@ -14,9 +14,13 @@
 //! - `:15006` plaintext inbound: a caller outside the mesh reaches a pod of this node; the same
 //!   authorization applies, without a peer identity (STRICT mTLS refuses it).
 //!
+//! Every inbound connection (HBONE, plaintext, same-node) is registered in [`connections`]
+//! while it is open: after each xDS update the ones the policy now denies are closed.
+//!
 //! A failure is logged with its reason and closes only its own connection (with a reset when
 //! the client is still waiting for an answer); nothing a peer sends can panic the proxy.
 
+mod connections;
 mod inbound;
 mod outbound;
 mod socket;
@@ -27,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_core::accept::{self, Limits};
 use weft_core::cert_manager::{CertManager, CertificateSource};
@@ -37,7 +42,11 @@ use weft_core::names;
 use weft_core::state::{ProxyState, Shared};
 use weft_core::telemetry::{Metrics, ResponseFlags};
 use weft_core::tls::WorkloadCertificate;
+use weft_core::xds::Synced;
 
+use self::connections::{Closed, Connections, Registered};
+use self::socket::Counted;
+use crate::inbound::InboundRefusal;
 use crate::outbound::RoundRobin;
 
 /// What the proxy works from; built by `main` (or a test).
@@ -49,6 +58,9 @@ pub struct ProxyInputs<S> {
     pub metrics: Arc<Metrics>,
     /// The Kubernetes node this ztunnel serves: only its workloads are proxied.
     pub node_name: String,
+    /// Bumped after each applied xDS response: open inbound connections are then checked
+    /// against the policy again. A sender that is dropped only ends the re-checks.
+    pub updates: watch::Receiver<Synced>,
 }
 
 /// The listening ports.
@@ -98,6 +110,7 @@ pub struct Proxy<S> {
     inbound_plain: TcpListener,
     hbone: TcpListener,
     addrs: ListenAddrs,
+    updates: watch::Receiver<Synced>,
 }
 
 /// What every connection task shares.
@@ -111,6 +124,8 @@ struct Ctx<S> {
     options: ProxyOptions,
     /// The ports bound, to refuse connections that would loop back into a listener.
     ports: Ports,
+    /// The open inbound connections, re-checked after each update.
+    connections: Arc<Connections>,
 }
 
 impl Default for Ports {
@@ -194,6 +209,7 @@ impl<S: CertificateSource> Proxy<S> {
             mark: options.transparent.then_some(ebpf::SOCKET_MARK),
             ..ClientSettings::default()
         });
+        let connections = Arc::new(Connections::new(Arc::clone(&inputs.state), inputs.node_name.clone()));
         let ctx = Arc::new(Ctx {
             state: inputs.state,
             certs: inputs.certs,
@@ -203,8 +219,9 @@ impl<S: CertificateSource> Proxy<S> {
             rr: RoundRobin::default(),
             options,
             ports: addrs.ports(),
+            connections,
         });
-        Ok(Proxy { ctx, outbound, inbound_plain, hbone, addrs })
+        Ok(Proxy { ctx, outbound, inbound_plain, hbone, addrs, updates: inputs.updates })
     }
 
     pub fn local_addrs(&self) -> ListenAddrs {
@@ -214,7 +231,7 @@ impl<S: CertificateSource> Proxy<S> {
     /// Serves until `drain` fires, then stops accepting and gives open connections the drain
     /// deadline to finish.
     pub async fn run(self, drain: drain::Watch) {
-        let Proxy { ctx, outbound, inbound_plain, hbone, addrs } = self;
+        let Proxy { ctx, outbound, inbound_plain, hbone, addrs, updates } = self;
         info!(outbound = %addrs.outbound, inbound_plain = %addrs.inbound_plain, hbone = %addrs.hbone,
             node = %ctx.node, transparent = ctx.options.transparent, "ztunnel listening");
         let settings = ServerSettings {
@@ -225,11 +242,19 @@ impl<S: CertificateSource> Proxy<S> {
             ..ServerSettings::default()
         };
         let hbone = Server::new(hbone, settings, Arc::new(inbound::Hbone { ctx: ctx.clone() }));
-        tokio::join!(
-            hbone.run(drain.clone()),
-            serve(outbound, "outbound", ctx.clone(), drain.clone(), outbound::handle),
-            serve(inbound_plain, "inbound_plain", ctx, drain, inbound::handle_plain),
-        );
+        let connections = Arc::clone(&ctx.connections);
+        let listeners = async {
+            tokio::join!(
+                hbone.run(drain.clone()),
+                serve(outbound, "outbound", ctx.clone(), drain.clone(), outbound::handle),
+                serve(inbound_plain, "inbound_plain", ctx, drain, inbound::handle_plain),
+            )
+        };
+        // The re-checks never end on their own: the listeners' end ends them.
+        tokio::select! {
+            _ = listeners => {}
+            () = connections.recheck_on_updates(updates) => {}
+        }
         info!("ztunnel listeners drained");
     }
 }
@@ -283,18 +308,57 @@ impl<S: CertificateSource> Ctx<S> {
 }
 
 /// Copies both ways until both sides are done, and logs the outcome.
-async fn copy<U>(mut client: TcpStream, mut upstream: U, dst: SocketAddr)
+async fn copy<U>(mut client: TcpStream, upstream: U, dst: SocketAddr)
+where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    copy_with(&mut client, upstream, dst).await;
+}
+
+/// [`copy`], leaving the client to the caller.
+async fn copy_with<U>(client: &mut TcpStream, mut upstream: U, dst: SocketAddr)
 where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let _ = client.set_nodelay(true);
     let started = std::time::Instant::now();
-    match copy_bidirectional(&mut client, &mut upstream).await {
+    match copy_bidirectional(client, &mut upstream).await {
         Ok((received, sent)) => {
             info!(%dst, received, sent, duration = ?started.elapsed(), "connection complete")
         }
         Err(e) => info!(%dst, error = %e, duration = ?started.elapsed(), "connection ended with an error"),
     }
+}
+
+/// [`copy`] for an inbound connection: until it ends, or until a policy update denies it; then
+/// both sides are cut (the client with a reset), and it is counted closed with `DENY`.
+async fn copy_inbound<T>(
+    mut client: TcpStream,
+    mut upstream: Counted<T>,
+    dst: SocketAddr,
+    mut registered: Registered,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let closed = tokio::select! {
+        () = copy_with(&mut client, &mut upstream, dst) => return,
+        closed = registered.closed() => closed,
+    };
+    closed_by_policy(&mut upstream, &closed);
+    socket::reset(client);
+}
+
+/// Counts and logs a connection a policy update denied; the caller then drops both sides.
+fn closed_by_policy<T>(upstream: &mut Counted<T>, closed: &Closed) {
+    upstream.set_response_flags(ResponseFlags::Deny);
+    let Closed { refusal, admitted } = closed;
+    let policy = match refusal {
+        InboundRefusal::Denied { policy: Some(policy), .. } => policy.as_str(),
+        _ => "policy",
+    };
+    let identity = admitted.src_identity.as_ref().map(ToString::to_string);
+    warn!(client = %admitted.src_ip, identity, dst = %admitted.dst, %refusal,
+        "connection closed: denied by {policy} after a policy update");
 }
 
 /// The flag a failed HBONE tunnel closes with: `DENY` when the far side's policy refused it.

@@ -13,7 +13,8 @@ use weft_core::hbone::{new_traceparent, ConnectRequest, Forwarded};
 use weft_core::telemetry::ResponseFlags;
 
 use super::socket::{self, Counted};
-use super::{canonical, copy, tunnel_flags, Ctx};
+use super::{canonical, copy, copy_inbound, tunnel_flags, Ctx};
+use crate::inbound::Admitted;
 use crate::outbound::{route, Carry, Plan, Refused};
 
 /// Serves one captured outbound connection.
@@ -22,7 +23,8 @@ pub(super) async fn handle<S: CertificateSource>(ctx: Arc<Ctx<S>>, client: TcpSt
         Ok(addr) => canonical(addr),
         Err(e) => return debug!(error = %e, "connection gone before it was handled"),
     };
-    let plan = route(&ctx.state(), &ctx.node, peer.ip(), dst, &ctx.rr);
+    let state = ctx.state();
+    let plan = route(&state, &ctx.node, peer.ip(), dst, &ctx.rr);
     let Plan { source, carry, labels } = match plan {
         Ok(plan) => plan,
         Err(Refused { error, source, denied }) => {
@@ -36,8 +38,9 @@ pub(super) async fn handle<S: CertificateSource>(ctx: Arc<Ctx<S>>, client: TcpSt
             return socket::reset(client);
         }
     };
-    let (to, inbound_labels) = match carry {
+    let (to, inbound_labels, registered) = match carry {
         Carry::Tunnel { tunnel, baggage, .. } => {
+            drop(state);
             let mut guard = ctx.metrics.connection_opened(labels);
             let Some(certificate) = ctx.certificate(&source.identity, &dst.to_string()).await else {
                 guard.set_response_flags(ResponseFlags::Connect);
@@ -73,9 +76,15 @@ pub(super) async fn handle<S: CertificateSource>(ctx: Arc<Ctx<S>>, client: TcpSt
                 }
             };
         }
-        Carry::SameNode { to, inbound_labels, .. } => (to, Some(*inbound_labels)),
-        Carry::Passthrough { to } => (to, None),
+        Carry::SameNode { to, inbound_labels, .. } => {
+            // Inbound to a pod of this node: re-checked after policy updates like HBONE's.
+            let admitted =
+                Admitted { src_identity: Some(source.identity.clone()), src_ip: peer.ip(), dst: to };
+            (to, Some(*inbound_labels), Some(ctx.connections.register(admitted, &state)))
+        }
+        Carry::Passthrough { to } => (to, None, None),
     };
+    drop(state);
     if ctx.loops_back(to) {
         info!(%dst, %to, "outbound connection to ztunnel's own port refused");
         return socket::reset(client);
@@ -88,7 +97,10 @@ pub(super) async fn handle<S: CertificateSource>(ctx: Arc<Ctx<S>>, client: TcpSt
             let mut guards = guards.into_iter();
             let Some(first) = guards.next() else { return };
             let upstream = guards.fold(Counted::new(upstream, first), Counted::also);
-            copy(client, upstream, to).await;
+            match registered {
+                Some(registered) => copy_inbound(client, upstream, to, registered).await,
+                None => copy(client, upstream, to).await,
+            }
         }
         Err(e) => {
             warn!(%dst, %to, error = %e, "outbound connect failed");

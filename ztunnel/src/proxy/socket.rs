@@ -12,7 +12,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
-use weft_core::telemetry::ConnectionGuard;
+use weft_core::telemetry::{ConnectionGuard, ResponseFlags};
 
 /// Pending connections a listener queues before accepting them.
 const BACKLOG: i32 = 1024;
@@ -103,6 +103,11 @@ impl<T> Counted<T> {
     pub fn also(mut self, guard: ConnectionGuard) -> Self {
         self.guards.push(guard);
         self
+    }
+
+    /// The flag every guard's closed counter will carry.
+    pub fn set_response_flags(&mut self, flags: ResponseFlags) {
+        self.guards.iter_mut().for_each(|g| g.set_response_flags(flags));
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use weft_core::cert_manager::CertManager;
 use weft_core::drain;
 use weft_core::proto::istio::security::{self, Authorization, Match};
@@ -18,6 +19,7 @@ use weft_core::state::{ProxyState, Shared};
 use weft_core::telemetry::{self, Metrics};
 pub use weft_core::testing::resources::{self, endpoint_of, ip, service};
 use weft_core::testing::{LocalSource, TestCa};
+use weft_core::xds::Synced;
 use ztunnel::proxy::{ListenAddrs, Ports, Proxy, ProxyInputs, ProxyOptions};
 
 pub const STRICT: &str = "istio-system/istio_converted_static_strict";
@@ -87,6 +89,7 @@ pub struct Node {
     pub addrs: ListenAddrs,
     pub registry: Registry,
     pub ca: Arc<TestCa>,
+    updates: watch::Sender<Synced>,
     _drain: drain::Trigger,
 }
 
@@ -100,6 +103,7 @@ impl Node {
         ports: Ports,
     ) -> Node {
         let (metrics, registry) = Metrics::new();
+        let (updates, updates_rx) = watch::channel(Synced::new(&[]));
         let source = LocalSource {
             ca: ca.clone(),
             lifetime: Duration::from_secs(3600),
@@ -110,13 +114,19 @@ impl Node {
             certs: Arc::new(CertManager::new(source)),
             metrics: Arc::new(metrics),
             node_name: node.into(),
+            updates: updates_rx,
         };
         let options = ProxyOptions { transparent: is_root(), ..ProxyOptions::default() };
         let proxy = Proxy::bind_with(inputs, bind, ports, options).await.unwrap();
         let addrs = proxy.local_addrs();
         let (trigger, watch) = drain::channel();
         tokio::spawn(proxy.run(watch));
-        Node { addrs, registry, ca, _drain: trigger }
+        Node { addrs, registry, ca, updates, _drain: trigger }
+    }
+
+    /// Tells the proxy the state was updated, as the xDS client does after each response.
+    pub fn updated(&self) {
+        self.updates.send_modify(|synced| synced.generation += 1);
     }
 
     pub fn metrics(&self) -> String {
