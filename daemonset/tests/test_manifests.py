@@ -115,8 +115,14 @@ def test_crds_serve_every_version_weft_decodes_and_store_v1(manifests):
 
 def test_ztunnel_daemonset(manifests):
     daemonset = find(manifests, "DaemonSet", "ztunnel")
-    assert daemonset["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    # The committed manifests are rendered for Helm's default Kubernetes version, which has
+    # DaemonSet surge (test_render checks the older clusters' strategy).
+    assert daemonset["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = daemonset["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 30
     assert pod["hostNetwork"] is True
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["serviceAccountName"] == "ztunnel"
@@ -144,8 +150,12 @@ def test_ztunnel_daemonset(manifests):
     assert f"--token-file={token_file}" in container["args"]
     assert "--xds-address=https://$(WEFT_CONTROLLER_SERVICE_HOST):15012" in container["args"]
     assert {"name": "ALT_XDS_HOSTNAME", "value": "weft-controller.weft-system.svc"} in container["env"]
+    # The hand-over socket's directory, shared by the old and the new ztunnel of an upgrade.
+    assert volumes["handover"]["hostPath"] == {"path": "/var/run/ztunnel", "type": "DirectoryOrCreate"}
+    assert mounts["handover"] == "/var/run/ztunnel"
+    assert {"name": "TERMINATION_GRACE_PERIOD_SECONDS", "value": "30"} in container["env"]
     # Nothing else from the node.
-    assert [v for v in volumes.values() if "hostPath" in v] == [volumes["bpffs"]]
+    assert [v for v in volumes.values() if "hostPath" in v] == [volumes["handover"], volumes["bpffs"]]
 
 
 def test_controller_deployment_and_service(manifests):

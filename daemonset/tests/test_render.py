@@ -106,3 +106,19 @@ def test_values_reach_the_objects():
     assert [a for a in ztunnel["args"] if a.startswith("--uplink")] == ["--uplink=ens5", "--uplink=ens6"]
     assert ztunnel["resources"]["limits"]["memory"] == "3Gi"
     assert {"name": "RUST_LOG", "value": "debug"} in ztunnel["env"]
+
+
+def test_ztunnel_surges_where_the_cluster_can():
+    def strategy(*args):
+        return find(helm_template(*args), "DaemonSet", "ztunnel")["spec"]["updateStrategy"]
+
+    # Kubernetes 1.22+ has DaemonSet surge: the new ztunnel takes over from the running one.
+    assert strategy("--kube-version", "1.22.0") == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert strategy("--kube-version", "1.20.2") == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    pod = find(helm_template("--set", "ztunnel.terminationGracePeriodSeconds=120"), "DaemonSet", "ztunnel")
+    pod = pod["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 120
+    assert {"name": "TERMINATION_GRACE_PERIOD_SECONDS", "value": "120"} in pod["containers"][0]["env"]
