@@ -131,6 +131,7 @@ pub struct Capture {
     pod_out: SchedClassifier,
     uplink: SchedClassifier,
     enrolled: HashMap<MapData, [u8; 16], u32>,
+    config: Array<MapData, ConfigValue>,
 }
 
 /// Which program an attachment is for.
@@ -185,19 +186,13 @@ impl Capture {
         let uplink = open_program(&dir.join(PIN_PROG_UPLINK))?;
         let enrolled = HashMap::try_from(open_map(&dir.join(PIN_MAP_ENROLLED))?)
             .map_err(|source| Error::Map { map: MAP_ENROLLED, source })?;
-        let mut config: Array<MapData, [u32; 5]> = Array::try_from(open_map(&dir.join(PIN_MAP_CONFIG))?)
-            .map_err(|source| Error::Map { map: MAP_CONFIG, source })?;
-        let value = [
-            cfg.mark,
-            u32::from(cfg.outbound_port),
-            u32::from(cfg.inbound_hbone_port),
-            u32::from(cfg.inbound_plain_port),
-            SOCKET_MARK,
-        ];
-        config.set(0, value, 0).map_err(|source| Error::Map { map: MAP_CONFIG, source })?;
+        let mut config: Array<MapData, ConfigValue> =
+            Array::try_from(open_map(&dir.join(PIN_MAP_CONFIG))?)
+                .map_err(|source| Error::Map { map: MAP_CONFIG, source })?;
+        set_config(&mut config, &cfg, false)?;
         routing::ensure(cfg.mark, cfg.table)?;
         tracing::info!(pin_dir = %dir.display(), attach = %mode, "capture open");
-        Ok(Self { cfg, mode, pod, pod_out, uplink, enrolled })
+        Ok(Self { cfg, mode, pod, pod_out, uplink, enrolled, config })
     }
 
     /// Attaches the pod programs to a pod's host-side veth (ingress and egress), pinning the
@@ -271,6 +266,14 @@ impl Capture {
         self.enrolled.insert(key(ip), flags, 0).map_err(|source| Error::Map { map: MAP_ENROLLED, source })
     }
 
+    /// Stops giving new connections to the listeners (their SYNs are dropped, and sent again
+    /// by the clients) while connections already queued are still accepted: what a ztunnel does
+    /// before it closes its listeners for good, so that nothing queued is reset. The next
+    /// [`Capture::open`] resumes.
+    pub fn pause_new_connections(&mut self) -> Result<(), Error> {
+        set_config(&mut self.config, &self.cfg, true)
+    }
+
     /// The configuration this capture was opened with.
     pub fn config(&self) -> &CaptureConfig {
         &self.cfg
@@ -310,6 +313,21 @@ impl Capture {
         tracing::info!(ifname, kind = kind.pin_prefix(), "capture detached");
         Ok(())
     }
+}
+
+/// The config map's value (see `CFG_*` in capture.c).
+type ConfigValue = [u32; 6];
+
+fn set_config(map: &mut Array<MapData, ConfigValue>, cfg: &CaptureConfig, paused: bool) -> Result<(), Error> {
+    let value = [
+        cfg.mark,
+        u32::from(cfg.outbound_port),
+        u32::from(cfg.inbound_hbone_port),
+        u32::from(cfg.inbound_plain_port),
+        SOCKET_MARK,
+        u32::from(paused),
+    ];
+    map.set(0, value, 0).map_err(|source| Error::Map { map: MAP_CONFIG, source })
 }
 
 impl fmt::Debug for Capture {

@@ -56,6 +56,7 @@ in_both_modes!(
     outbound_ipv6_lands_on_a_dual_stack_listener,
     enrollment_decides_capture_at_runtime,
     open_connections_survive_enrollment_and_unenrollment,
+    a_paused_capture_drops_new_connections_and_keeps_queued_ones,
     enrolled_pod_without_listener_fails_closed,
     inbound_on_the_uplink_and_transparent_upstream,
     pinned_capture_outlives_the_loader_and_is_taken_over,
@@ -531,6 +532,30 @@ fn open_connections_survive_enrollment_and_unenrollment(mode: AttachMode) {
         exchange(&mut client, &mut server);
     }
     assert!(accept(&outbound, SHORT).is_none() && accept(&plain, SHORT).is_none(), "still captured");
+}
+
+/// What a stopping ztunnel does before it closes its listeners: the capture stops handing them
+/// new connections (SYNs are dropped, so clients send them again) while what they queued is still
+/// accepted; the next open resumes.
+fn a_paused_capture_drops_new_connections_and_keeps_queued_ones(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
+    let mut capture = topo.open();
+    in_ns(&topo.node, || capture.attach_pod(POD_VETH)).unwrap();
+    capture.enroll(POD.into()).unwrap();
+    let outbound = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15001));
+    let to = sa(REMOTE, 8080);
+    let mut queued = connect(&topo.pod, to, CONNECT).unwrap(); // in the listener's queue
+
+    capture.pause_new_connections().unwrap();
+    let refused = connect(&topo.pod, to, Duration::from_millis(500));
+    assert!(refused.is_err(), "a new connection got through a paused capture: {refused:?}");
+    let (mut accepted, _) = accept(&outbound, CONNECT).expect("the queued connection is accepted");
+    assert_eq!(accepted.peer_addr().unwrap(), queued.local_addr().unwrap());
+    exchange(&mut queued, &mut accepted);
+    assert!(accept(&outbound, SHORT).is_none(), "the paused capture queued another connection");
+
+    let _resumed = topo.open();
+    assert_captured(&topo, &outbound, to, POD.into());
 }
 
 fn enrolled_pod_without_listener_fails_closed(mode: AttachMode) {

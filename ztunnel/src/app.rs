@@ -27,6 +27,9 @@ use crate::proxy::{self, ListenAddrs, Proxy, ProxyInputs, ProxyOptions};
 
 /// How long open connections may take to finish after a drain begins.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a stopping ztunnel keeps accepting after the capture stopped giving it new
+/// connections: handshakes under way complete and land in the queue within a round trip.
+const QUEUE_SWEEP: Duration = Duration::from_millis(100);
 /// How long a fresh ztunnel waits to be ready before it accepts connections anyway.
 const READY_WAIT: Duration = Duration::from_secs(10);
 /// How long a successor waits to be ready before it takes the listeners anyway.
@@ -57,6 +60,7 @@ pub struct App {
     /// Fires when a successor has taken the listeners over.
     handed_over: oneshot::Receiver<()>,
     handover_drain: Duration,
+    capture: Option<Arc<Mutex<ebpf::Capture>>>,
     _admin: AdminServer,
 }
 
@@ -90,6 +94,7 @@ impl App {
         let state = Arc::new(Shared::new(ProxyState::new("")));
         let (metrics, registry) = Metrics::new();
         let capture = open_capture(&config.capture)?;
+        let kept_capture = capture.clone();
         let handler = Arc::new(MeshHandler { state: Arc::clone(&state) });
         let (synced_tx, synced) = watch::channel(Synced::new(&xds::Handler::type_urls(handler.as_ref())));
 
@@ -223,6 +228,7 @@ impl App {
             tasks,
             handed_over,
             handover_drain: config.handover_drain,
+            capture: kept_capture,
             _admin: admin,
         })
     }
@@ -243,8 +249,25 @@ impl App {
     }
 
     /// Stops accepting, gives open connections the drain deadline, and stops the rest. The
-    /// capture stays pinned: enrolled pods fail closed until a ztunnel is back.
+    /// capture stays pinned: enrolled pods fail closed until a ztunnel is back. First the capture
+    /// stops handing new connections to the listeners, and what they queued meanwhile is
+    /// accepted: closing a listener resets the connections waiting in it, while a dropped SYN is
+    /// sent again and meets the next ztunnel.
     pub async fn shutdown(self) {
+        if let Some(capture) = &self.capture {
+            let capture = Arc::clone(capture);
+            let paused = tokio::task::spawn_blocking(move || {
+                capture.lock().unwrap_or_else(|p| p.into_inner()).pause_new_connections()
+            })
+            .await;
+            match paused {
+                Ok(Ok(())) => tokio::time::sleep(QUEUE_SWEEP).await,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot pause the capture; queued connections will be reset")
+                }
+                Err(e) => tracing::warn!(error = %e, "pausing the capture panicked"),
+            }
+        }
         self.finish(DRAIN_DEADLINE).await;
     }
 

@@ -45,7 +45,8 @@ enum {
 	CFG_HBONE_PORT = 2,
 	CFG_PLAIN_PORT = 3,
 	CFG_SOCKET_MARK = 4, // on ztunnel's own sockets: their packets pass weft_pod_out
-	CFG_LEN = 5,
+	CFG_PAUSED = 5,      // non-zero: new connections (SYNs) are dropped, not given to a listener
+	CFG_LEN = 6,
 };
 
 struct config {
@@ -280,11 +281,16 @@ static __always_inline int owned_by_ztunnel(struct __sk_buff *skb, struct packet
 // IP_TRANSPARENT in the node netns). Without one, drop: an enrolled pod's traffic must never
 // bypass the mesh.
 static __always_inline int assign_listener(struct __sk_buff *skb, struct packet *pkt, __u32 port,
-					   __u32 mark)
+					   struct config *cfg)
 {
 	struct bpf_sock_tuple tuple = pkt->tuple;
 	struct bpf_sock *sk;
 	long err;
+
+	// A ztunnel about to stop takes what its listeners already queued and no more: the SYN is
+	// dropped, sent again by the client, and meets the next ztunnel.
+	if (pkt->syn && cfg->v[CFG_PAUSED])
+		return TC_ACT_SHOT;
 
 	if (pkt->tuple_len == sizeof(tuple.ipv4))
 		tuple.ipv4.dport = bpf_htons((__u16)port);
@@ -302,7 +308,7 @@ static __always_inline int assign_listener(struct __sk_buff *skb, struct packet 
 	bpf_sk_release(sk);
 	if (err)
 		return TC_ACT_SHOT;
-	skb->mark = mark;
+	skb->mark = cfg->v[CFG_MARK];
 	return TC_ACT_OK;
 }
 
@@ -315,7 +321,7 @@ static __always_inline int steer_inbound(struct __sk_buff *skb, struct packet *p
 
 	if (pkt->dport == bpf_htons((__u16)cfg->v[CFG_HBONE_PORT]))
 		port = cfg->v[CFG_HBONE_PORT];
-	return assign_listener(skb, pkt, port, cfg->v[CFG_MARK]);
+	return assign_listener(skb, pkt, port, cfg);
 }
 
 // Host side of a pod's veth: ingress carries what the pod sends.
@@ -352,7 +358,7 @@ int weft_pod_in(struct __sk_buff *skb)
 	if (src_enrolled)
 		// New (SYN) or unknown (e.g. a SYN-cookie ACK): the outbound listener accepts it or
 		// answers with a reset; never forwarded in plaintext.
-		return assign_listener(skb, &pkt, cfg->v[CFG_OUTBOUND_PORT], cfg->v[CFG_MARK]);
+		return assign_listener(skb, &pkt, cfg->v[CFG_OUTBOUND_PORT], cfg);
 	if (dst_enrolled)
 		// A pod that is not in the mesh calls an enrolled pod on the same node: inbound.
 		return steer_inbound(skb, &pkt, cfg);

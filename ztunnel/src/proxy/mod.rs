@@ -91,7 +91,8 @@ pub struct ProxyOptions {
     /// without it.
     pub transparent: bool,
     /// Deadline for every upstream connect (TCP, or HBONE handshake plus CONNECT response),
-    /// and for obtaining a certificate.
+    /// and for obtaining a certificate. 10 s, Envoy's default: a peer ztunnel that restarts
+    /// drops SYNs for a few seconds, and TCP sends them again after 1, 3 and 7 s.
     pub connect_timeout: Duration,
     /// Concurrent connections per listener; further accepts wait.
     pub max_connections: usize,
@@ -152,7 +153,7 @@ impl Default for ProxyOptions {
     fn default() -> Self {
         ProxyOptions {
             transparent: true,
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             max_connections_per_source: accept::MAX_CONNECTIONS_PER_SOURCE,
             hbone_idle_timeout: ServerSettings::default().idle_timeout,
