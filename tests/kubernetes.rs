@@ -6,7 +6,8 @@
 //! across nodes is HBONE on 15008 only on the node link (tcpdump) and the server sees the client
 //! pod's IP; an L4 DENY is enforced; the control channel is TLS (a plaintext client and a client
 //! not trusting the mesh root are refused, and no token or PEM crosses the pod network in clear);
-//! a ztunnel rollout under load (failed requests counted); the controller deleted and recreated
+//! a ztunnel rollout under load (failed requests counted: Kubernetes 1.20 has no DaemonSet
+//! surge, so the hand-over cannot apply); the controller deleted and recreated
 //! keeps its root; `weft waypoint apply` deploys the waypoint, whose Gateway turns Programmed
 //! only when its pod is Ready, and the namespace's traffic then flows through it.
 //!
@@ -508,72 +509,63 @@ spec:
     assert!(!plain.status.success(), "plaintext answered: {}", String::from_utf8_lossy(&plain.stdout));
 
     // --- ztunnel rollout under a steady load: count the failed requests ----------------------------
-    // 200 requests/s, each on a connection of its own (Connection: close), pod to Service across
-    // the nodes; a request may wait up to 10 s (a SYN the capture drops while no ztunnel serves
-    // is sent again) but must not fail. Kubernetes 1.20 has no DaemonSet surge: each node's old
-    // ztunnel stops before the new one starts (see the chart), so this measures that path.
-    let load = {
-        let mut cmd = cluster.command(
-            false,
-            &[
-                "kubectl",
-                "exec",
-                "-n",
-                NS,
-                "deploy/client",
-                "--",
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-H",
-                "Connection: close",
-                "--max-time",
-                "10",
-                "-w",
-                "%{http_code} %{time_total} %{url_effective} %{exitcode} %{errormsg}\\n",
-                "--rate",
-                "200/s",
-                "--parallel",
-                "--parallel-max",
-                "50",
-                &format!("http://{echo_svc}/get?[1-12000]"),
-            ],
-        );
-        cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?
-    };
+    // Four curl loops, each request on a connection of its own (Connection: close), pod to
+    // Service across the nodes; a request may take up to 10 s (a SYN the capture drops while no
+    // ztunnel serves is sent again). Kubernetes 1.20 has no DaemonSet surge, so each node's old
+    // ztunnel stops before the new one is created (see the chart): this measures that path, whose
+    // gap is the kubelet's and the DaemonSet controller's (5-10 s here). The zero-drop hand-over
+    // needs the surge of 1.22+ and is shown by tests/e2e.rs (a_ztunnel_upgrade_drops_nothing).
+    let loads: Vec<Child> = (0..4)
+        .map(|_| {
+            let mut cmd = cluster.command(
+                false,
+                &[
+                    "kubectl",
+                    "exec",
+                    "-n",
+                    NS,
+                    "deploy/client",
+                    "--",
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-H",
+                    "Connection: close",
+                    "--max-time",
+                    "10",
+                    "-w",
+                    "%{http_code} %{time_total} %{exitcode} %{errormsg}\\n",
+                    &format!("http://{echo_svc}/get?[1-2500]"),
+                ],
+            );
+            cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()
+        })
+        .collect::<Result<_, _>>()?;
     let started = Instant::now();
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(4));
     cluster.kubectl(&["rollout", "restart", "daemonset/ztunnel", "-n", WEFT_NS])?;
     cluster.kubectl(&["rollout", "status", "daemonset/ztunnel", "-n", WEFT_NS, "--timeout=180s"])?;
     let rolled = started.elapsed();
-    let events = cluster.kubectl(&[
-        "get",
-        "events",
-        "-n",
-        WEFT_NS,
-        "--sort-by=.lastTimestamp",
-        "-o",
-        "custom-columns=TIME:.lastTimestamp,REASON:.reason,OBJECT:.involvedObject.name",
-    ])?;
-    eprintln!(
-        "load began at {:?} (Unix time); the rollout's events:\n{events}",
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default() - rolled
-    );
-    let codes = load.wait_with_output()?;
+    let mut lines = Vec::new();
+    for load in loads {
+        lines.extend(String::from_utf8_lossy(&load.wait_with_output()?.stdout).lines().map(str::to_owned));
+    }
     let secs = started.elapsed().as_secs_f64();
-    let codes = String::from_utf8_lossy(&codes.stdout);
-    let total = codes.lines().count();
-    let failures: Vec<&str> = codes.lines().filter(|c| !c.starts_with("200 ")).collect();
-    let failed = failures.len();
-    for line in failures.iter().take(100) {
+    let failures: Vec<&String> = lines.iter().filter(|l| !l.starts_with("200 ")).collect();
+    let slow =
+        lines.iter().filter(|l| l.split(' ').nth(1).and_then(|t| t.parse::<f64>().ok()) > Some(0.9)).count();
+    for line in &failures {
         eprintln!("failed: {line}");
     }
     eprintln!(
-        "ztunnel rollout restart (done {rolled:?} after the load began) under {:.0} req/s: {failed} of {total} requests failed",
-        total as f64 / secs
+        "ztunnel rollout restart (done {rolled:?} after the load began) under {:.0} req/s: {} of {} requests \
+         failed, {slow} took over 0.9 s",
+        lines.len() as f64 / secs,
+        failures.len(),
+        lines.len()
     );
-    assert!(total >= 10_000, "the load ran through the rollout ({total} requests)");
+    assert!(lines.len() >= 9_000, "the load ran through the rollout ({} requests)", lines.len());
 
     // --- the controller deleted and recreated keeps its root --------------------------------------
     cluster.kubectl(&[
