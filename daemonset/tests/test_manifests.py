@@ -115,12 +115,9 @@ def test_crds_serve_every_version_weft_decodes_and_store_v1(manifests):
 
 def test_ztunnel_daemonset(manifests):
     daemonset = find(manifests, "DaemonSet", "ztunnel")
-    # The committed manifests are rendered for Helm's default Kubernetes version, which has
-    # DaemonSet surge (test_render checks the older clusters' strategy).
-    assert daemonset["spec"]["updateStrategy"] == {
-        "type": "RollingUpdate",
-        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-    }
+    # The committed manifests are rendered for Kubernetes 1.20, which has no DaemonSet surge
+    # (test_render checks that the chart surges on 1.22+).
+    assert daemonset["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 30
     assert pod["hostNetwork"] is True
