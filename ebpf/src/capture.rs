@@ -151,6 +151,15 @@ impl Kind {
         }
     }
 
+    /// Where the program of this kind is pinned.
+    fn pin_name(self) -> &'static str {
+        match self {
+            Self::Pod => PIN_PROG_POD,
+            Self::PodOut => PIN_PROG_POD_OUT,
+            Self::Uplink => PIN_PROG_UPLINK,
+        }
+    }
+
     fn direction(self) -> TcAttachType {
         match self {
             Self::PodOut => TcAttachType::Egress,
@@ -172,6 +181,8 @@ impl Capture {
         bpffs::ensure(&cfg.pin_dir)?;
         if !cfg.pin_dir.exists() {
             load_and_pin(&cfg.pin_dir)?;
+        } else if !cfg.pin_dir.join(object_marker()).exists() {
+            replace_pinned(&cfg.pin_dir)?;
         }
         let dir = &cfg.pin_dir;
         for entry in
@@ -408,7 +419,109 @@ fn pin_fresh(dir: &Path) -> Result<(), Error> {
         map.pin(&path).map_err(|source| pin_error("pinning map", &path, source))?;
     }
     let links = dir.join(PIN_LINKS);
-    fs::create_dir(&links).map_err(|source| io_error("creating", &links, source))
+    fs::create_dir(&links).map_err(|source| io_error("creating", &links, source))?;
+    let marker = dir.join(object_marker());
+    fs::create_dir(&marker).map_err(|source| io_error("creating", &marker, source))
+}
+
+/// Whether `pin_dir` holds this loader's own programs: when not (nothing pinned yet, or another
+/// version's programs), [`Capture::open`] loads the object, which costs the loading process
+/// the heap that parsing the kernel's BTF takes.
+pub fn pinned_current(pin_dir: &Path) -> bool {
+    pin_dir.join(object_marker()).exists()
+}
+
+/// The directory in a pin directory that names the object its programs came from
+/// (`object-<FNV-1a of the object>`; bpffs holds directories, not files).
+fn object_marker() -> String {
+    let hash = OBJECT
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+    format!("object-{hash:016x}")
+}
+
+/// Replaces programs pinned by another version of this loader (an upgrade) without a moment
+/// uncaptured: the new object is loaded and pinned beside `dir`, the enrolled addresses are
+/// copied over, every recorded attachment gets the new program (a tc filter is replaced in
+/// place, atomically; a new TCX link goes first in the chain before the old one is unpinned),
+/// and then the new directory takes the old one's place. The old programs and maps go once no
+/// process holds them (a ztunnel of the old version still running keeps its own copies).
+fn replace_pinned(dir: &Path) -> Result<(), Error> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let pid = std::process::id();
+    let tmp = parent.join(format!("{name}-loading-{pid}"));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).map_err(|source| io_error("creating", &tmp, source))?;
+    let replaced = pin_fresh(&tmp).and_then(|()| {
+        copy_enrolled(dir, &tmp);
+        reattach(&dir.join(PIN_LINKS), &tmp)
+    });
+    if let Err(e) = replaced {
+        // The old attachments still run the old programs: capture goes on as it was.
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!("{name}-old-{pid}"));
+    fs::rename(dir, &old).map_err(|source| io_error("moving aside", dir, source))?;
+    fs::rename(&tmp, dir).map_err(|source| io_error("renaming into place", dir, source))?;
+    // Unpinning the old TCX links detaches the old programs (the new ones run before them
+    // already); the old tc markers only record filters that now run the new programs.
+    fs::remove_dir_all(&old).map_err(|source| io_error("removing", &old, source))?;
+    tracing::info!(pin_dir = %dir.display(), "capture programs of another version replaced");
+    Ok(())
+}
+
+/// Copies the enrolled map of the pin directory `from` into the one pinned in `to`; an old map
+/// that cannot be read is logged and skipped (ztunnel writes every local pod again on its first
+/// update).
+fn copy_enrolled(from: &Path, to: &Path) {
+    let open = |dir: &Path| -> Result<HashMap<MapData, [u8; 16], u32>, Error> {
+        HashMap::try_from(open_map(&dir.join(PIN_MAP_ENROLLED))?)
+            .map_err(|source| Error::Map { map: MAP_ENROLLED, source })
+    };
+    let copied = open(from).and_then(|old| {
+        let mut new = open(to)?;
+        for entry in old.iter() {
+            let (k, v) = entry.map_err(|source| Error::Map { map: MAP_ENROLLED, source })?;
+            new.insert(k, v, 0).map_err(|source| Error::Map { map: MAP_ENROLLED, source })?;
+        }
+        Ok(())
+    });
+    if let Err(e) = copied {
+        tracing::warn!(error = %e, "cannot copy the enrolled pods of the replaced capture");
+    }
+}
+
+/// Gives every attachment recorded under `links` the program of the same kind pinned in `to`,
+/// recording it under `to`'s links, in the attachment's own mode.
+fn reattach(links: &Path, to: &Path) -> Result<(), Error> {
+    let entries = match fs::read_dir(links) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(io_error("listing", links, source)),
+    };
+    let new_links = to.join(PIN_LINKS);
+    for entry in entries {
+        let entry = entry.map_err(|source| io_error("listing", links, source))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let (mode, rest) = match name.strip_prefix("tc_") {
+            Some(rest) => (AttachMode::Tc, rest),
+            None => (AttachMode::Tcx, name.as_str()),
+        };
+        let Some((kind, ifname)) = [Kind::PodOut, Kind::Pod, Kind::Uplink].into_iter().find_map(|k| {
+            rest.strip_prefix(k.pin_prefix()).and_then(|r| r.strip_prefix('_')).map(|i| (k, i))
+        }) else {
+            continue;
+        };
+        if nix::net::if_::if_nametoindex(ifname).is_err() {
+            continue; // the interface is gone, and its attachment with it
+        }
+        let mut prog = open_program(&to.join(kind.pin_name()))?;
+        let slot = Slot { links: &new_links, prefix: kind.pin_prefix(), ifname, direction: kind.direction() };
+        attach::attach(&mut prog, mode, &slot)?;
+    }
+    Ok(())
 }
 
 fn open_program(path: &Path) -> Result<SchedClassifier, Error> {

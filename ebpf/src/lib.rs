@@ -98,7 +98,9 @@ mod error;
 mod routing;
 
 pub use attach::{AttachMode, TC_HANDLE, TC_PRIORITY};
-pub use capture::{remove, Capture, CaptureConfig, PROBE_SOURCE_V4, PROBE_SOURCE_V6, SOCKET_MARK};
+pub use capture::{
+    pinned_current, remove, Capture, CaptureConfig, PROBE_SOURCE_V4, PROBE_SOURCE_V6, SOCKET_MARK,
+};
 pub use error::Error;
 
 /// Whether this kernel loads tc (`sched_cls`) programs, the kind the capture is made of (a

@@ -57,6 +57,7 @@ in_both_modes!(
     enrollment_decides_capture_at_runtime,
     open_connections_survive_enrollment_and_unenrollment,
     a_paused_capture_drops_new_connections_and_keeps_queued_ones,
+    another_versions_programs_are_replaced_without_a_gap,
     enrolled_pod_without_listener_fails_closed,
     inbound_on_the_uplink_and_transparent_upstream,
     pinned_capture_outlives_the_loader_and_is_taken_over,
@@ -556,6 +557,80 @@ fn a_paused_capture_drops_new_connections_and_keeps_queued_ones(mode: AttachMode
 
     let _resumed = topo.open();
     assert_captured(&topo, &outbound, to, POD.into());
+}
+
+/// An upgrade whose programs differ from the pinned ones (another version's) replaces them: the
+/// enrolled pods are kept, every attachment gets the new program, and a pod's connections are
+/// captured throughout (none passes uncaptured, none fails).
+fn another_versions_programs_are_replaced_without_a_gap(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
+    let mut capture = topo.open();
+    in_ns(&topo.node, || {
+        capture.attach_pod(POD_VETH)?;
+        capture.attach_uplink(UPLINK)
+    })
+    .unwrap();
+    capture.enroll(POD.into()).unwrap();
+    let outbound = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15001));
+    assert_captured(&topo, &outbound, sa(NOWHERE, 80), POD.into());
+    // Make the pins look like another version's.
+    let marker = std::fs::read_dir(&topo.pin_dir)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("object-"))
+        .expect("the pin directory names its object")
+        .path();
+    std::fs::rename(&marker, topo.pin_dir.join("object-0000000000000000")).unwrap();
+    let old = our_programs(&topo.pin_dir, "weft_pod_in");
+    assert_eq!(topo.attached(POD_VETH), old);
+    drop(capture);
+
+    // Connections keep being captured while the programs are replaced.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (pod_ns, stop2) = (topo.pod.clone(), stop.clone());
+    let dialer = thread::spawn(move || {
+        let (mut ok, mut failed) = (0, 0);
+        while !stop2.load(Ordering::SeqCst) {
+            match connect(&pod_ns, sa(NOWHERE, 80), CONNECT) {
+                Ok(_) => ok += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        (ok, failed)
+    });
+    let acceptor = {
+        let (listener, stop) = (outbound.try_clone().unwrap(), stop.clone());
+        thread::spawn(move || {
+            listener.set_nonblocking(true).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                let _ = listener.accept();
+                thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(200));
+    let capture = topo.open();
+    thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed) = dialer.join().unwrap();
+    acceptor.join().unwrap();
+    assert!(ok > 10 && failed == 0, "during the replacement: {ok} captured, {failed} failed");
+
+    let new = our_programs(&topo.pin_dir, "weft_pod_in");
+    assert_eq!(new.len(), 1);
+    assert_ne!(new, old, "the programs were not replaced");
+    assert_eq!(topo.attached(POD_VETH), new, "the old program is still attached");
+    assert_eq!(our_programs(&topo.pin_dir, "weft_uplink_in"), topo.attached(UPLINK));
+    assert_eq!(capture.enrolled().unwrap(), vec![IpAddr::from(POD)], "enrollment kept");
+    while accept(&outbound, SHORT).is_some() {} // the dialer's last connections
+    assert_captured(&topo, &outbound, sa(NOWHERE, 80), POD.into());
+    let leftovers: Vec<_> = std::fs::read_dir(topo.pin_dir.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("-old-") || n.contains("-loading-"))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }
 
 fn enrolled_pod_without_listener_fails_closed(mode: AttachMode) {

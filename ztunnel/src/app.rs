@@ -373,7 +373,7 @@ fn open_capture(capture: &Capture) -> Result<Option<Arc<Mutex<ebpf::Capture>>>, 
         Capture::On { pin_dir, uplinks, attach } => (pin_dir, uplinks, *attach),
     };
     let config = ebpf::CaptureConfig { pin_dir: pin_dir.clone(), attach, ..ebpf::CaptureConfig::default() };
-    if matches!(capture, Capture::On { .. }) && !pin_dir.exists() {
+    if matches!(capture, Capture::On { .. }) && !ebpf::pinned_current(pin_dir) {
         load_in_child()?;
     }
     let mut opened = ebpf::Capture::open(config).map_err(|e| StartError::Capture(format!("loading: {e}")))?;
@@ -385,7 +385,8 @@ fn open_capture(capture: &Capture) -> Result<Option<Arc<Mutex<ebpf::Capture>>>, 
     Ok(Some(Arc::new(Mutex::new(opened))))
 }
 
-/// Loads the capture in a child process that then exits. Loading parses the kernel's BTF, and
+/// Loads the capture (or replaces another version's) in a child process that then exits.
+/// Loading parses the kernel's BTF, and
 /// the ~16 MB of heap that takes stays with the process that did it (the allocator keeps it); the
 /// pinned programs and maps are then taken over from bpffs at no such cost.
 fn load_in_child() -> Result<(), StartError> {
