@@ -583,7 +583,10 @@ fn a_ztunnel_upgrade_drops_nothing() {
             log.contains("took over the listeners of the ztunnel this one replaces").then_some(())
         });
         assert!(took.is_some(), "{node}'s new ztunnel never took over\n{}", t.logs());
+        // As the DaemonSet controller deletes the old pod once the new one is ready.
+        t.mesh.terminate(&old).unwrap();
         std::thread::sleep(Duration::from_secs(2));
+        assert!(t.mesh.pid(&old).is_some(), "{node}'s old ztunnel exited with the iperf3 stream open");
     }
     let iperf = iperf.join().unwrap();
     let ended = Instant::now();

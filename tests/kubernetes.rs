@@ -197,6 +197,106 @@ fn prerequisites() -> Result<PathBuf, String> {
     }
 }
 
+/// Curl loops in the client pod calling `url`, each request on a connection of its own
+/// (Connection: close) and allowed 10 s: a request waits while a node has no ztunnel (a SYN the
+/// capture drops is sent again), and fails only when that wait runs out or a connection breaks.
+struct Load {
+    loops: Vec<Child>,
+    started: Instant,
+}
+
+/// What the loops saw: one line per request (`<status> <seconds> <curl exit code> <error>`).
+struct LoadResult {
+    lines: Vec<String>,
+    secs: f64,
+}
+
+impl Load {
+    fn start(cluster: &Cluster, url: &str, loops: usize, per_loop: usize) -> anyhow::Result<Load> {
+        let urls = format!("{url}?[1-{per_loop}]");
+        let loops = (0..loops)
+            .map(|_| {
+                let mut cmd = cluster.command(
+                    false,
+                    &[
+                        "kubectl",
+                        "exec",
+                        "-n",
+                        NS,
+                        "deploy/client",
+                        "--",
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-H",
+                        "Connection: close",
+                        "--max-time",
+                        "10",
+                        "-w",
+                        "%{http_code} %{time_total} %{exitcode} %{errormsg}\\n",
+                        &urls,
+                    ],
+                );
+                cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Load { loops, started: Instant::now() })
+    }
+
+    fn finish(self) -> anyhow::Result<LoadResult> {
+        let mut lines = Vec::new();
+        for one in self.loops {
+            lines.extend(String::from_utf8_lossy(&one.wait_with_output()?.stdout).lines().map(str::to_owned));
+        }
+        Ok(LoadResult { lines, secs: self.started.elapsed().as_secs_f64() })
+    }
+}
+
+impl LoadResult {
+    /// Prints the failed requests and a summary line naming `what` ran meanwhile; returns the
+    /// number failed.
+    fn report(&self, what: &str) -> usize {
+        let failures: Vec<&String> = self.lines.iter().filter(|l| !l.starts_with("200 ")).collect();
+        for line in &failures {
+            eprintln!("failed: {line}");
+        }
+        let slow = self
+            .lines
+            .iter()
+            .filter(|l| l.split(' ').nth(1).and_then(|t| t.parse::<f64>().ok()) > Some(0.9))
+            .count();
+        eprintln!(
+            "{what} under {:.0} req/s: {} of {} requests failed, {slow} took over 0.9 s",
+            self.lines.len() as f64 / self.secs,
+            failures.len(),
+            self.lines.len()
+        );
+        failures.len()
+    }
+}
+
+/// The name of node `node`'s ztunnel pod of the DaemonSet (not one being deleted).
+fn ztunnel_pod(cluster: &Cluster, node: &str) -> anyhow::Result<String> {
+    let pods = cluster.kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        WEFT_NS,
+        "-l",
+        "app.kubernetes.io/name=ztunnel",
+        "--field-selector",
+        &format!("spec.nodeName={node}"),
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+    ])?;
+    pods.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(_, deleted)| deleted.trim().is_empty())
+        .map(|(name, _)| name.to_owned())
+        .context("no ztunnel pod on the node")
+}
+
 fn sample_workloads(node_a: &str, node_b: &str) -> String {
     let deployment = |name: &str, node: &str| {
         format!(
@@ -509,63 +609,59 @@ spec:
     assert!(!plain.status.success(), "plaintext answered: {}", String::from_utf8_lossy(&plain.stdout));
 
     // --- ztunnel rollout under a steady load: count the failed requests ----------------------------
-    // Four curl loops, each request on a connection of its own (Connection: close), pod to
-    // Service across the nodes; a request may take up to 10 s (a SYN the capture drops while no
-    // ztunnel serves is sent again). Kubernetes 1.20 has no DaemonSet surge, so each node's old
-    // ztunnel stops before the new one is created (see the chart): this measures that path, whose
-    // gap is the kubelet's and the DaemonSet controller's (5-10 s here). The zero-drop hand-over
-    // needs the surge of 1.22+ and is shown by tests/e2e.rs (a_ztunnel_upgrade_drops_nothing).
-    let loads: Vec<Child> = (0..4)
-        .map(|_| {
-            let mut cmd = cluster.command(
-                false,
-                &[
-                    "kubectl",
-                    "exec",
-                    "-n",
-                    NS,
-                    "deploy/client",
-                    "--",
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-H",
-                    "Connection: close",
-                    "--max-time",
-                    "10",
-                    "-w",
-                    "%{http_code} %{time_total} %{exitcode} %{errormsg}\\n",
-                    &format!("http://{echo_svc}/get?[1-2500]"),
-                ],
-            );
-            cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()
-        })
-        .collect::<Result<_, _>>()?;
-    let started = Instant::now();
+    // Kubernetes 1.20 has no DaemonSet surge, so each node's old ztunnel stops before the new one
+    // is created (see the chart): this measures that path, whose gap is the kubelet's and the
+    // DaemonSet controller's (5-10 s here). The next step shows the surge's hand-over.
+    let echo_url = format!("http://{echo_svc}/get");
+    let load = Load::start(cluster, &echo_url, 4, 2500)?;
     std::thread::sleep(Duration::from_secs(4));
     cluster.kubectl(&["rollout", "restart", "daemonset/ztunnel", "-n", WEFT_NS])?;
     cluster.kubectl(&["rollout", "status", "daemonset/ztunnel", "-n", WEFT_NS, "--timeout=180s"])?;
-    let rolled = started.elapsed();
-    let mut lines = Vec::new();
-    for load in loads {
-        lines.extend(String::from_utf8_lossy(&load.wait_with_output()?.stdout).lines().map(str::to_owned));
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let failures: Vec<&String> = lines.iter().filter(|l| !l.starts_with("200 ")).collect();
-    let slow =
-        lines.iter().filter(|l| l.split(' ').nth(1).and_then(|t| t.parse::<f64>().ok()) > Some(0.9)).count();
-    for line in &failures {
-        eprintln!("failed: {line}");
-    }
-    eprintln!(
-        "ztunnel rollout restart (done {rolled:?} after the load began) under {:.0} req/s: {} of {} requests \
-         failed, {slow} took over 0.9 s",
-        lines.len() as f64 / secs,
-        failures.len(),
-        lines.len()
+    let rolled = load.started.elapsed();
+    let result = load.finish()?;
+    result.report(&format!("ztunnel rollout restart (done {rolled:?} after the load began)"));
+    assert!(
+        result.lines.len() >= 9_000,
+        "the load ran through the rollout ({} requests)",
+        result.lines.len()
     );
-    assert!(lines.len() >= 9_000, "the load ran through the rollout ({} requests)", lines.len());
+
+    // --- the hand-over between ztunnel pods on a real kubelet: a surge by hand ---------------------
+    // What DaemonSet surge (1.22+) does, done by hand: a second ztunnel pod on node b, made from
+    // the DaemonSet's own pod template (a bare Pod outside the DaemonSet's selector), takes the
+    // running pod's listeners over; the DaemonSet's pod is then deleted, the pod that replaces it
+    // takes over from the second one, which drains and exits. Under load, nothing may fail.
+    let old = ztunnel_pod(cluster, &node_b)?;
+    let template =
+        cluster.kubectl(&["get", "daemonset/ztunnel", "-n", WEFT_NS, "-o", "jsonpath={.spec.template}"])?;
+    let template: serde_json::Value = serde_json::from_str(&template)?;
+    let mut surge = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "ztunnel-surge", "namespace": WEFT_NS, "labels": {"app.kubernetes.io/name": "ztunnel-surge"}},
+        "spec": template["spec"].clone(),
+    });
+    surge["spec"]["nodeName"] = node_b.clone().into();
+    surge["spec"]["restartPolicy"] = "Never".into();
+    let load = Load::start(cluster, &echo_url, 4, 2000)?;
+    std::thread::sleep(Duration::from_secs(3));
+    cluster.apply(&surge.to_string())?;
+    let took_over = |pod: &str| -> anyhow::Result<Option<()>> {
+        let log = cluster.kubectl(&["logs", "-n", WEFT_NS, pod])?;
+        Ok(log.contains("took over the listeners of the ztunnel this one replaces").then_some(()))
+    };
+    wait("the second ztunnel pod takes over", Duration::from_secs(60), || took_over("ztunnel-surge"))?;
+    cluster.kubectl(&["delete", "pod", &old, "-n", WEFT_NS, "--wait=false"])?;
+    let new = wait("the DaemonSet's new pod", Duration::from_secs(90), || {
+        let pod = ztunnel_pod(cluster, &node_b)?;
+        Ok((pod != old).then_some(pod))
+    })?;
+    wait("the DaemonSet's new pod takes over", Duration::from_secs(60), || took_over(&new))?;
+    cluster.kubectl(&["delete", "pod", "ztunnel-surge", "-n", WEFT_NS, "--wait=true"])?;
+    let result = load.finish()?;
+    let failed = result.report("two hand-overs between ztunnel pods on node b (a surge by hand)");
+    assert_eq!(failed, 0, "requests failed while ztunnel pods handed over");
+    cluster.kubectl(&["rollout", "status", "daemonset/ztunnel", "-n", WEFT_NS, "--timeout=120s"])?;
 
     // --- the controller deleted and recreated keeps its root --------------------------------------
     cluster.kubectl(&[

@@ -233,9 +233,13 @@ impl App {
         })
     }
 
-    /// Runs until SIGTERM, Ctrl-C or `/quitquitquit` (then drains for [`DRAIN_DEADLINE`]), or
-    /// until a successor takes the listeners over (then drains for the configured hand-over
-    /// drain: the successor serves everything new meanwhile).
+    /// Runs until SIGTERM, Ctrl-C or `/quitquitquit`, then drains for [`DRAIN_DEADLINE`]
+    /// ([`App::shutdown`]). When a successor takes the listeners over first, this one stops
+    /// accepting and drains at once (the successor serves everything new), and exits once told
+    /// to stop and its last connection has ended, or the hand-over drain deadline has passed:
+    /// like the old pod of a DaemonSet surge, which the controller deletes once the new one is
+    /// ready. Exiting on its own instead would have the kubelet restart it, and the restarted
+    /// process take the listeners back.
     pub async fn run_until_signal(mut self) -> std::io::Result<()> {
         let mut quit = self.quit.clone();
         tokio::select! {
@@ -243,7 +247,19 @@ impl App {
                 stopped?;
                 self.shutdown().await;
             }
-            Ok(()) = &mut self.handed_over => self.hand_over_and_drain().await,
+            Ok(()) = &mut self.handed_over => {
+                let drained = self.hand_over_and_drain();
+                tokio::pin!(drained);
+                // Drained before being told to stop: wait for it.
+                tokio::select! {
+                    () = &mut drained => drain::stop_signal(&mut quit).await?,
+                    stopped = drain::stop_signal(&mut quit) => {
+                        stopped?;
+                        tracing::info!("still draining after the hand-over; exiting once drained");
+                        drained.await;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -271,9 +287,9 @@ impl App {
         self.finish(DRAIN_DEADLINE).await;
     }
 
-    /// After a successor took the listeners: stops the xDS client and the capture sync at once
-    /// (the successor keeps the capture in step), stops accepting, and lets open connections
-    /// run until they end or the hand-over drain deadline passes.
+    /// After a successor took the listeners: stops the xDS client and the capture sync (the
+    /// successor keeps the capture in step), stops accepting, and lets open connections run
+    /// until they end or the hand-over drain deadline passes.
     async fn hand_over_and_drain(self) {
         let deadline = self.handover_drain;
         tracing::info!(?deadline, "draining after the hand-over");

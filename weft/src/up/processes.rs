@@ -98,10 +98,11 @@ impl Mesh {
         self.spawn(&ztunnel_process(node), &netns, cmd, true)
     }
 
-    /// Upgrades `node`'s ztunnel the way its DaemonSet rolls out: a new process starts while the
-    /// old one runs, takes over the listeners once ready, and the old one drains until its last
-    /// connection ends. The old process stays known as `ztunnel-<node>-old` (see
-    /// [`Mesh::pid`]) until it exits.
+    /// Upgrades `node`'s ztunnel the way its DaemonSet rolls out with a surge: a new process
+    /// starts while the old one runs and takes over the listeners once ready; the old one drains.
+    /// The old process stays known as `ztunnel-<node>-old`: [`Mesh::terminate`] it once the new
+    /// one has taken over (as the DaemonSet controller deletes the old pod once the new one is
+    /// ready), and it exits when its last connection ends.
     pub fn upgrade_ztunnel(&mut self, node: &str) -> Result<(), UpError> {
         let name = ztunnel_process(node);
         let Some(old) = self.children.remove(&name) else {
@@ -321,6 +322,17 @@ impl Mesh {
             Ok(None) => Some(child.id()),
             _ => None,
         }
+    }
+
+    /// Asks a process `weft up` started to stop (SIGTERM), as the kubelet does when its pod is
+    /// deleted; does not wait.
+    pub fn terminate(&mut self, process: &str) -> Result<(), UpError> {
+        let Some(pid) = self.pid(process) else {
+            return Err(UpError::Config(format!("no process {process} is running")));
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .map_err(|e| UpError::Config(format!("cannot signal {process}: {e}")))
     }
 
     /// Kills a process `weft up` started (SIGKILL, as a crash) and waits for it.
