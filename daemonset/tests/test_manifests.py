@@ -151,6 +151,10 @@ def test_ztunnel_daemonset(manifests):
     assert volumes["handover"]["hostPath"] == {"path": "/var/run/ztunnel", "type": "DirectoryOrCreate"}
     assert mounts["handover"] == "/var/run/ztunnel"
     assert {"name": "TERMINATION_GRACE_PERIOD_SECONDS", "value": "30"} in container["env"]
+    # The pod's own state (emptyDir): marked once the pod has handed over.
+    assert volumes["pod-state"] == {"name": "pod-state", "emptyDir": {}}
+    assert mounts["pod-state"] == "/var/run/ztunnel-pod"
+    assert {"name": "WEFT_POD_STATE_DIR", "value": "/var/run/ztunnel-pod"} in container["env"]
     # Nothing else from the node.
     assert [v for v in volumes.values() if "hostPath" in v] == [volumes["handover"], volumes["bpffs"]]
 

@@ -44,10 +44,16 @@ impl Watch {
 /// `/quitquitquit`). Logs which, for the binary's drain that follows.
 pub async fn stop_signal(quit: &mut watch::Receiver<bool>) -> std::io::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // The admin server holding the sender may be gone (a drained proxy): then only a signal.
+    let quitquitquit = async {
+        if quit.wait_for(|q| *q).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: draining"),
-        _ = quit.wait_for(|q| *q) => tracing::info!("quitquitquit: draining"),
+        () = quitquitquit => tracing::info!("quitquitquit: draining"),
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,7 @@ pub struct App {
     /// Fires when a successor has taken the listeners over.
     handed_over: oneshot::Receiver<()>,
     handover_drain: Duration,
+    pod_state_dir: Option<PathBuf>,
     capture: Option<Arc<Mutex<ebpf::Capture>>>,
     _admin: AdminServer,
 }
@@ -228,6 +229,7 @@ impl App {
             tasks,
             handed_over,
             handover_drain: config.handover_drain,
+            pod_state_dir: config.pod_state_dir.clone(),
             capture: kept_capture,
             _admin: admin,
         })
@@ -248,6 +250,11 @@ impl App {
                 self.shutdown().await;
             }
             Ok(()) = &mut self.handed_over => {
+                if let Some(dir) = &self.pod_state_dir {
+                    if let Err(e) = handover::mark_pod_handed_over(dir) {
+                        tracing::warn!(error = %e, dir = %dir.display(), "cannot mark the pod as handed over");
+                    }
+                }
                 let drained = self.hand_over_and_drain();
                 tokio::pin!(drained);
                 // Drained before being told to stop: wait for it.

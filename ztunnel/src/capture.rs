@@ -57,9 +57,24 @@ pub async fn sync<S: CertificateSource>(
 ) {
     let mut attached: BTreeMap<IpAddr, String> = BTreeMap::new();
     loop {
-        let generation = updates.borrow_and_update().generation;
+        let (generation, complete) = {
+            let synced = updates.borrow_and_update();
+            (synced.generation, synced.complete())
+        };
+        if !complete {
+            // Until every type has arrived the state is partial: applying it would forget the
+            // pods the pinned capture holds (a restarted or upgraded ztunnel), uncapturing them.
+            if updates.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
         let mut pods = LocalPods::of(&state.load(), &node);
         pods.generation = generation;
+        // hostNetwork pods have the node's own address (their "host interface" is `lo`): there
+        // is nothing of theirs to capture, as with Istio.
+        pods.all.retain(|ip| !crate::proxy::is_node_address(*ip));
+        pods.in_mesh.retain(|ip| !crate::proxy::is_node_address(*ip));
         if let Some(capture) = &capture {
             let capture = Arc::clone(capture);
             let wanted = pods.clone();

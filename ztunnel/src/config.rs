@@ -29,6 +29,7 @@ pub mod env {
     pub const WORKER_THREADS: &str = "ZTUNNEL_WORKER_THREADS";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
     pub const HANDOVER_SOCKET: &str = "WEFT_HANDOVER_SOCKET";
+    pub const POD_STATE_DIR: &str = "WEFT_POD_STATE_DIR";
     /// The pod's termination grace period (Istio's ztunnel reads the same variable).
     pub const TERMINATION_GRACE_PERIOD_SECONDS: &str = "TERMINATION_GRACE_PERIOD_SECONDS";
 }
@@ -89,6 +90,11 @@ pub struct Args {
     /// can reach, shared by the old and the new process.
     #[arg(long, env = env::HANDOVER_SOCKET, default_value = "/var/run/ztunnel/handover.sock")]
     handover_socket: PathBuf,
+    /// A directory that lives as long as this ztunnel's pod (an emptyDir): a ztunnel that handed
+    /// its listeners over marks it, so that a restart of the same pod's container waits to be
+    /// deleted instead of taking the listeners back from its successor.
+    #[arg(long, env = env::POD_STATE_DIR)]
+    pod_state_dir: Option<PathBuf>,
     /// After handing its listeners over, this ztunnel drains its open connections for at most
     /// this many seconds less 5 (then exits before the kubelet would kill it).
     #[arg(long, env = env::TERMINATION_GRACE_PERIOD_SECONDS, default_value = "30")]
@@ -117,6 +123,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where a successor takes over the listeners ([`crate::handover`]); `None`: no hand-over.
     pub handover_socket: Option<PathBuf>,
+    /// Lives as long as the pod; marked once this pod has handed over ([`crate::handover`]).
+    pub pod_state_dir: Option<PathBuf>,
     /// How long open connections may run after a hand-over before they are cut.
     #[serde(serialize_with = "seconds")]
     pub handover_drain: Duration,
@@ -253,6 +261,7 @@ impl Config {
                 admin: AdminAddresses { admin, metrics, readiness },
                 log_format,
                 handover_socket: Some(args.handover_socket),
+                pod_state_dir: args.pod_state_dir,
                 handover_drain: Duration::from_secs(grace.saturating_sub(5).max(1)),
             }),
             _ => Err(ConfigError(errors)),
@@ -288,6 +297,7 @@ impl Config {
             admin: AdminAddresses { admin: any, metrics: any, readiness: any },
             log_format: LogFormat::Plain,
             handover_socket: None,
+            pod_state_dir: None,
             handover_drain: Duration::from_secs(5),
         }
     }

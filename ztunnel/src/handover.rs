@@ -132,6 +132,21 @@ impl Predecessor {
     }
 }
 
+/// The mark a ztunnel leaves in its pod's state directory once it has handed over.
+const HANDED_OVER: &str = "handed-over";
+
+/// Whether a ztunnel of this pod has already handed its listeners to a successor: a restarted
+/// container must then not take them back (it waits to be deleted with its pod).
+pub fn pod_handed_over(pod_state_dir: &Path) -> bool {
+    pod_state_dir.join(HANDED_OVER).exists()
+}
+
+/// Marks this pod as having handed over (see [`pod_handed_over`]).
+pub fn mark_pod_handed_over(pod_state_dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(pod_state_dir)?;
+    std::fs::write(pod_state_dir.join(HANDED_OVER), b"")
+}
+
 /// Serves the hand-over socket at `path` (replacing a stale one) for `listeners` (duplicates of
 /// the ones this process serves, in the order of [`NAMES`]) until a successor has taken them;
 /// then `taken` fires and it returns. A successor that fails halfway leaves this process
@@ -313,6 +328,15 @@ mod tests {
         assert_eq!(accepted.peer_addr().unwrap(), client.local_addr().unwrap());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_pod_that_handed_over_is_marked_for_its_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("pod");
+        assert!(!pod_handed_over(&state));
+        mark_pod_handed_over(&state).unwrap();
+        assert!(pod_handed_over(&state));
     }
 
     #[test]

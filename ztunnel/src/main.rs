@@ -29,6 +29,13 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?
         .block_on(async {
+            if config.pod_state_dir.as_deref().is_some_and(ztunnel::handover::pod_handed_over) {
+                // This pod handed its listeners over and its container restarted: serving again
+                // would take them back from the successor. Its pod is about to be deleted.
+                tracing::warn!("this pod already handed its listeners to a successor; waiting to be deleted");
+                let (_quit_tx, mut quit) = tokio::sync::watch::channel(false);
+                return weft_core::drain::stop_signal(&mut quit).await.context("waiting for signals");
+            }
             let app = App::start(config, log).await?;
             app.run_until_signal().await.context("waiting for signals")
         })

@@ -260,6 +260,11 @@ impl<S: CertificateSource> Proxy<S> {
     }
 }
 
+/// Whether `ip` is an address of this node (in this network namespace) rather than a pod's.
+pub fn is_node_address(ip: IpAddr) -> bool {
+    socket::is_local(ip)
+}
+
 /// A data-path listener on `addr` (with IP_TRANSPARENT and ztunnel's socket mark when
 /// `transparent`); errors name `what` it was for.
 pub fn listen(addr: SocketAddr, transparent: bool, what: &str) -> std::io::Result<std::net::TcpListener> {
