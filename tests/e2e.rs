@@ -432,25 +432,7 @@ fn controller_and_ztunnel_crashes() {
     if !usable("crash") {
         return;
     }
-    let yaml = namespace("shop", true)
-        + &pod("shop", "client", "node-a")
-        + &pod("shop", "server", "node-b")
-        + &pod_running("shop", "iperf", "node-b", "[iperf3, -s, -p, \"5201\"]");
-    let mut t = TestMesh::up("crash", &[("mesh.yaml", yaml)]);
-    let (client_ns, server_ip, iperf_ip) =
-        (t.netns("shop", "client"), t.ip("shop", "server"), t.ip("shop", "iperf"));
-    let url = format!("http://{server_ip}:8080/");
-    get_json(&client_ns, &url);
-    // iperf3 -s needs a moment to listen (it prints no readiness line weft up waits for).
-    assert!(poll(Duration::from_secs(10), || {
-        Command::new("ip")
-            .args(["netns", "exec", &t.netns("shop", "iperf"), "sh", "-c", "ss -ltn | grep -q :5201"])
-            .status()
-            .ok()?
-            .success()
-            .then_some(())
-    })
-    .is_some());
+    let (mut t, client_ns, url, iperf_ip) = client_server_and_iperf("crash");
 
     // 1. The controller dies while curl and iperf3 run: nothing fails.
     let stop = Arc::new(AtomicBool::new(false));
@@ -471,15 +453,7 @@ fn controller_and_ztunnel_crashes() {
             }
         })
     };
-    let iperf = {
-        let (ns, ip) = (client_ns.clone(), iperf_ip.to_string());
-        std::thread::spawn(move || {
-            Command::new("ip")
-                .args(["netns", "exec", &ns, "iperf3", "-c", &ip, "-p", "5201", "-t", "5", "-J"])
-                .output()
-                .unwrap()
-        })
-    };
+    let iperf = iperf_client(&client_ns, iperf_ip, &["-t", "5"]);
     std::thread::sleep(Duration::from_secs(1));
     t.mesh.kill("controller").unwrap();
     let iperf = iperf.join().unwrap();
@@ -524,24 +498,7 @@ fn a_ztunnel_upgrade_drops_nothing() {
     if !usable("upgrade") {
         return;
     }
-    let yaml = namespace("shop", true)
-        + &pod("shop", "client", "node-a")
-        + &pod("shop", "server", "node-b")
-        + &pod_running("shop", "iperf", "node-b", "[iperf3, -s, -p, \"5201\"]");
-    let mut t = TestMesh::up("upgrade", &[("mesh.yaml", yaml)]);
-    let (client_ns, server_ip, iperf_ip) =
-        (t.netns("shop", "client"), t.ip("shop", "server"), t.ip("shop", "iperf"));
-    let url = format!("http://{server_ip}:8080/");
-    get_json(&client_ns, &url);
-    assert!(poll(Duration::from_secs(10), || {
-        Command::new("ip")
-            .args(["netns", "exec", &t.netns("shop", "iperf"), "sh", "-c", "ss -ltn | grep -q :5201"])
-            .status()
-            .ok()?
-            .success()
-            .then_some(())
-    })
-    .is_some());
+    let (mut t, client_ns, url, iperf_ip) = client_server_and_iperf("upgrade");
 
     // Load: curl loops, each request on a connection of its own (Connection: close), and an
     // iperf3 stream, all through both ztunnels.
@@ -558,17 +515,7 @@ fn a_ztunnel_upgrade_drops_nothing() {
             })
         })
         .collect();
-    let iperf = {
-        let (ns, ip) = (client_ns.clone(), iperf_ip.to_string());
-        std::thread::spawn(move || {
-            Command::new("ip")
-                .args([
-                    "netns", "exec", &ns, "iperf3", "-c", &ip, "-p", "5201", "-t", "10", "-b", "200M", "-J",
-                ])
-                .output()
-                .unwrap()
-        })
-    };
+    let iperf = iperf_client(&client_ns, iperf_ip, &["-t", "10", "-b", "200M"]);
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
     // Each node in turn, as a rollout goes: the new process takes over, the old one drains.
@@ -740,6 +687,45 @@ fn weft_demo_shows_what_it_promises() {
 }
 
 /// The root namespace's interfaces, rules and routes, both families.
+/// A mesh with shop/client on node-a, and shop/server and an iperf3 server (shop/iperf, port
+/// 5201) on node-b, the server answering the client and iperf3 listening. Returns the mesh, the
+/// client's namespace, the server's URL and iperf3's address.
+fn client_server_and_iperf(tag: &str) -> (TestMesh, String, String, IpAddr) {
+    let yaml = namespace("shop", true)
+        + &pod("shop", "client", "node-a")
+        + &pod("shop", "server", "node-b")
+        + &pod_running("shop", "iperf", "node-b", "[iperf3, -s, -p, \"5201\"]");
+    let t = TestMesh::up(tag, &[("mesh.yaml", yaml)]);
+    let client_ns = t.netns("shop", "client");
+    let url = format!("http://{}:8080/", t.ip("shop", "server"));
+    get_json(&client_ns, &url);
+    // iperf3 -s needs a moment to listen (it prints no readiness line weft up waits for).
+    assert!(poll(Duration::from_secs(10), || {
+        Command::new("ip")
+            .args(["netns", "exec", &t.netns("shop", "iperf"), "sh", "-c", "ss -ltn | grep -q :5201"])
+            .status()
+            .ok()?
+            .success()
+            .then_some(())
+    })
+    .is_some());
+    let iperf_ip = t.ip("shop", "iperf");
+    (t, client_ns, url, iperf_ip)
+}
+
+/// `iperf3 -c <ip> -p 5201 -J <args>` from `netns`, in a thread; its output.
+fn iperf_client(netns: &str, ip: IpAddr, args: &[&str]) -> std::thread::JoinHandle<std::process::Output> {
+    let (ns, ip) = (netns.to_owned(), ip.to_string());
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || {
+        Command::new("ip")
+            .args(["netns", "exec", &ns, "iperf3", "-c", &ip, "-p", "5201", "-J"])
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+}
+
 fn host_snapshot() -> Vec<(String, String)> {
     [vec!["link"], vec!["rule"], vec!["route"], vec!["-6", "rule"], vec!["-6", "route"]]
         .into_iter()
