@@ -100,6 +100,7 @@ impl App {
         let (synced_tx, synced) = watch::channel(Synced::new(&xds::Handler::type_urls(handler.as_ref())));
 
         let (local_tx, local) = watch::channel(LocalPods::default());
+        let reattach = Arc::new(tokio::sync::Notify::new());
         let xds_config = XdsConfig {
             endpoint: config.xds.clone(),
             node_id: config.node_id(),
@@ -115,6 +116,7 @@ impl App {
                 capture,
                 Arc::clone(&certs),
                 local_tx,
+                Arc::clone(&reattach),
             )),
         ];
         let readiness = Arc::new(Readiness::default());
@@ -203,7 +205,10 @@ impl App {
         });
         if let Some(predecessor) = taken {
             match tokio::task::spawn_blocking(move || predecessor.confirm()).await {
-                Ok(Ok(())) => tracing::info!("took over the listeners of the ztunnel this one replaces"),
+                Ok(Ok(())) => {
+                    tracing::info!("took over the listeners of the ztunnel this one replaces");
+                    reattach.notify_one();
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "the replaced ztunnel did not hear the confirmation; both serve until it exits")
                 }

@@ -47,6 +47,8 @@ impl LocalPods {
 }
 
 /// Applies [`LocalPods`] to the capture after each xDS update, until the channel closes.
+/// `reattach` (notified once this ztunnel has taken over from a predecessor, which attached pods
+/// of its own until then) makes the next pass attach every pod again.
 pub async fn sync<S: CertificateSource>(
     node: String,
     state: Arc<Shared<ProxyState>>,
@@ -54,6 +56,7 @@ pub async fn sync<S: CertificateSource>(
     capture: Option<Arc<Mutex<ebpf::Capture>>>,
     certs: Arc<CertManager<S>>,
     local: watch::Sender<LocalPods>,
+    reattach: Arc<tokio::sync::Notify>,
 ) {
     let mut attached: BTreeMap<IpAddr, String> = BTreeMap::new();
     loop {
@@ -106,8 +109,18 @@ pub async fn sync<S: CertificateSource>(
             *old = pods;
             changed
         });
-        if updates.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = reattach.notified() => {
+                // Attaching is idempotent: an attachment that runs this process's programs stays,
+                // one the predecessor made for a pod that appeared meanwhile is replaced.
+                tracing::info!("attaching every pod again after the hand-over");
+                attached.clear();
+            }
         }
     }
 }
@@ -224,6 +237,7 @@ mod tests {
             None,
             Arc::clone(&certs),
             local_tx,
+            Arc::new(tokio::sync::Notify::new()),
         ));
 
         let web = weft_core::testing::identity("shop", "web");
