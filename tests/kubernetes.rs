@@ -276,6 +276,11 @@ impl LoadResult {
     }
 }
 
+/// The mesh root the controller publishes in the sample namespace (`istio-ca-root-cert`).
+fn published_root(cluster: &Cluster) -> anyhow::Result<String> {
+    cluster.kubectl(&["get", "cm/istio-ca-root-cert", "-n", NS, "-o", "jsonpath={.data.root-cert\\.pem}"])
+}
+
 /// The name of node `node`'s ztunnel pod of the DaemonSet (not one being deleted).
 fn ztunnel_pod(cluster: &Cluster, node: &str) -> anyhow::Result<String> {
     let pods = cluster.kubectl(&[
@@ -556,14 +561,7 @@ spec:
         "-o",
         "jsonpath={.spec.clusterIP}",
     ])?;
-    let root = cluster.kubectl(&[
-        "get",
-        "cm/istio-ca-root-cert",
-        "-n",
-        NS,
-        "-o",
-        "jsonpath={.data.root-cert\\.pem}",
-    ])?;
+    let root = published_root(cluster)?;
     assert!(root.contains("BEGIN CERTIFICATE"), "istio-ca-root-cert is published in {NS}");
     let root_file = work.join("root-cert.pem");
     std::fs::write(&root_file, &root)?;
@@ -677,14 +675,7 @@ spec:
         "--wait=true",
     ])?;
     cluster.kubectl(&["rollout", "status", "deploy/weft-controller", "-n", WEFT_NS, "--timeout=120s"])?;
-    let root_after = cluster.kubectl(&[
-        "get",
-        "cm/istio-ca-root-cert",
-        "-n",
-        NS,
-        "-o",
-        "jsonpath={.data.root-cert\\.pem}",
-    ])?;
+    let root_after = published_root(cluster)?;
     assert_eq!(root_after, root, "the recreated controller kept the CA root");
     // Old leaves still verify: traffic flows with the certificates issued before.
     let url = format!("http://{echo_svc}/get");

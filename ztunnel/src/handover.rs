@@ -298,6 +298,23 @@ mod tests {
         .await
         .unwrap();
 
+        // Hostile or broken peers: a probe that closes at once, a line that is not `take`, an
+        // endless line. Each is refused alone; the predecessor keeps serving.
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || {
+            assert!(Predecessor::runs(&p));
+            for sent in [&b"nonsense\n"[..], &[b'x'; 4096][..]] {
+                let mut s = UnixStream::connect(&p).unwrap();
+                s.write_all(sent).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 64];
+                assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "the predecessor answered {sent:?}");
+            }
+        })
+        .await
+        .unwrap();
+        assert!(rx.try_recv().is_err(), "handed over to a peer that never asked properly");
+
         // A successor that takes but never confirms leaves the predecessor serving.
         let p = path.clone();
         let taken =

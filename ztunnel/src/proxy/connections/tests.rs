@@ -1,3 +1,6 @@
+//! Tests of the open-connection registry and its re-check task (with `inbound::recheck`), against
+//! a state the tests edit; no sockets.
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
