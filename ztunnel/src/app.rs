@@ -199,7 +199,7 @@ impl App {
         let (drain, drain_watch) = drain::channel();
         let proxy = tokio::spawn(async move {
             if !successor {
-                wait_ready(&readiness, READY_WAIT).await;
+                wait_ready(&readiness, READY_WAIT, "accepting connections anyway").await;
             }
             proxy.run(drain_watch).await
         });
@@ -345,14 +345,7 @@ async fn take_over(path: &Path, readiness: &Readiness) -> Option<handover::Taken
         return None;
     }
     tracing::info!(path = %path.display(), "another ztunnel runs: taking over its listeners once ready");
-    let started = Instant::now();
-    while let Some(missing) = readiness.not_ready() {
-        if started.elapsed() > HANDOVER_READY_WAIT {
-            tracing::warn!(missing, "not ready after {HANDOVER_READY_WAIT:?}; taking over anyway");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(readiness, HANDOVER_READY_WAIT, "taking over anyway").await;
     let p = path.to_owned();
     let taken = tokio::task::spawn_blocking(move || match handover::Predecessor::find(&p)? {
         Some(predecessor) => predecessor.take().map(Some),
@@ -369,12 +362,13 @@ async fn take_over(path: &Path, readiness: &Readiness) -> Option<handover::Taken
     }
 }
 
-/// Waits until every readiness check passes, or `limit`.
-async fn wait_ready(readiness: &Readiness, limit: Duration) {
+/// Waits until every readiness check passes, or `limit` (then logs what is missing, and
+/// `then`: what happens anyway).
+async fn wait_ready(readiness: &Readiness, limit: Duration, then: &str) {
     let started = Instant::now();
     while let Some(missing) = readiness.not_ready() {
         if started.elapsed() > limit {
-            tracing::warn!(missing, "not ready after {limit:?}; accepting connections anyway");
+            tracing::warn!(missing, "not ready after {limit:?}; {then}");
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

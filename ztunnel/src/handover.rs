@@ -110,16 +110,22 @@ impl Predecessor {
         }
         let len = msg.bytes;
         let names = String::from_utf8_lossy(&line[..len]).trim().to_owned();
-        let expected = NAMES.join(" ");
-        if names != expected || fds.len() != NAMES.len() {
+        // Six descriptors, each a listening TCP socket: anything else is refused, not served.
+        let listening = |fd: &OwnedFd| {
+            nix::sys::socket::getsockopt(fd, sockopt::AcceptConn).unwrap_or(false)
+                && nix::sys::socket::getsockopt(fd, sockopt::SockType).ok()
+                    == Some(nix::sys::socket::SockType::Stream)
+        };
+        let listeners: Option<Listeners> = (names == NAMES.join(" ") && fds.iter().all(listening))
+            .then(|| fds.into_iter().map(std::net::TcpListener::from).collect::<Vec<_>>().try_into().ok())
+            .flatten();
+        let Some(listeners) = listeners else {
             return Err(HandoverError::Protocol {
                 path: self.path,
-                got: format!("{names} with {} descriptors", fds.len()),
-                expected: "the six listeners' names with their descriptors",
+                got: format!("{names} with descriptors that are not six listening TCP sockets"),
+                expected: "the six listeners' names with their listening sockets",
             });
-        }
-        let mut fds = fds.into_iter().map(std::net::TcpListener::from);
-        let listeners = std::array::from_fn(|_| fds.next().expect("six descriptors, checked above"));
+        };
         Ok(Taken { listeners, predecessor: self })
     }
 }
@@ -345,6 +351,30 @@ mod tests {
         assert_eq!(accepted.peer_addr().unwrap(), client.local_addr().unwrap());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sockets_that_are_not_listeners_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("handover.sock");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let connected = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut fds: Vec<OwnedFd> =
+            (0..NAMES.len() - 1).map(|_| listener.try_clone().unwrap().into()).collect();
+        fds.push(connected.into()); // a connection where a listener belongs
+        let (tx, _rx) = oneshot::channel();
+        let server = tokio::spawn(serve(path.clone(), fds, tx));
+        let p = path.clone();
+        let taken = tokio::task::spawn_blocking(move || {
+            while !p.exists() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Predecessor::find(&p).unwrap().unwrap().take()
+        })
+        .await
+        .unwrap();
+        assert!(matches!(taken, Err(HandoverError::Protocol { .. })), "took a connection for a listener");
+        server.abort();
     }
 
     #[test]

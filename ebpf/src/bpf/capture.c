@@ -459,7 +459,9 @@ int weft_pod_out(struct __sk_buff *skb)
 	if (kind == PARSE_OPAQUE)
 		return enrolled ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 	if (!enrolled) {
-		if (!owned_by_ztunnel(skb, &pkt)) {
+		// Only the node's own sockets (skb->sk) can be in a connection ztunnel holds: routed
+		// traffic and new connections skip the lookup.
+		if (pkt.syn || !skb->sk || !owned_by_ztunnel(skb, &pkt)) {
 			remember_direct(&pkt);
 			return TC_ACT_UNSPEC;
 		}
