@@ -358,16 +358,40 @@ struct Capture {
 impl Capture {
     fn start(cluster: &Cluster, node_b: bool, interface: &str, file: PathBuf) -> anyhow::Result<Capture> {
         let path = file.to_string_lossy().into_owned();
-        let child = cluster
+        let mut child = cluster
             // Not loopback: the test cluster's own etcd speaks plaintext there (not the pod network).
             .command(
                 node_b,
-                &["tcpdump", "-i", interface, "-nn", "-s", "0", "-U", "-w", &path, "not net 127.0.0.0/8"],
+                // --immediate-mode: without it, packets wait in the kernel's ring for up to a
+                // second, and the ones still there when tcpdump is stopped are lost.
+                &[
+                    "tcpdump",
+                    "-i",
+                    interface,
+                    "--immediate-mode",
+                    "-nn",
+                    "-s",
+                    "0",
+                    "-U",
+                    "-w",
+                    &path,
+                    "not net 127.0.0.0/8",
+                ],
             )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()?;
-        std::thread::sleep(Duration::from_secs(1));
+        // tcpdump says "listening on ..." once its socket captures.
+        let mut stderr = std::io::BufReader::new(child.stderr.take().context("tcpdump's stderr")?);
+        let mut line = String::new();
+        while !line.contains("listening on") {
+            line.clear();
+            if std::io::BufRead::read_line(&mut stderr, &mut line)? == 0 {
+                bail!("tcpdump on {interface} exited before capturing");
+            }
+        }
+        // Keep draining stderr so tcpdump never blocks on it.
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
         Ok(Capture { child, file })
     }
 
@@ -412,11 +436,13 @@ fn weft_on_a_real_two_node_cluster() -> anyhow::Result<()> {
         .map(|i| images.join(format!("{i}.tar")))
         .collect();
     let cluster = Cluster::start(&tars)?;
-    let result = exercise(&cluster, &bins, work.path());
-    if result.is_err() {
+    // A failed assertion panics: the cluster's story is printed for that too.
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exercise(&cluster, &bins, work.path())));
+    if !matches!(result, Ok(Ok(()))) {
         cluster.diagnose();
     }
-    result
+    result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 fn exercise(cluster: &Cluster, bins: &Path, work: &Path) -> anyhow::Result<()> {
