@@ -617,3 +617,85 @@ async fn a_header_value_that_is_not_valid_is_an_error_not_a_panic() {
     assert!(matches!(err, ClientError::BadRequest { .. }), "{err}");
     fx.assert_still_serving().await;
 }
+
+/// Lengths of the TLS records in `bytes` (a TLS byte stream from its start).
+fn tls_record_lengths(bytes: &[u8]) -> Vec<usize> {
+    let mut lengths = Vec::new();
+    let mut at = 0;
+    while at + 5 <= bytes.len() {
+        let len = usize::from(u16::from_be_bytes([bytes[at + 3], bytes[at + 4]]));
+        lengths.push(len);
+        at += 5 + len;
+    }
+    lengths
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_transfer_leaves_in_full_tls_records() {
+    let fx = start(Arc::new(TestCa::new()), ServerSettings::default()).await;
+    // Between the client and the server, a relay that keeps what the client sends.
+    let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let server = fx.addr;
+    let recorded = tokio::spawn(async move {
+        let (mut client, _) = relay.accept().await.unwrap();
+        let mut upstream = TcpStream::connect(server).await.unwrap();
+        let (mut from_client, mut to_client) = client.split();
+        let (mut from_server, mut to_server) = upstream.split();
+        let mut seen = Vec::new();
+        let up = async {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = from_client.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    let _ = to_server.shutdown().await;
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                to_server.write_all(&buf[..n]).await.unwrap();
+            }
+        };
+        let down = async {
+            let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+            let _ = to_client.shutdown().await;
+        };
+        tokio::join!(up, down);
+        seen
+    });
+    let sink = serve_each(|mut stream| async move {
+        let _ = tokio::io::copy(&mut stream, &mut tokio::io::sink()).await;
+    })
+    .await;
+
+    // As ztunnel carries a connection: a TCP socket copied into the HBONE stream.
+    let payload = pseudo_random(8 * 1024 * 1024);
+    let (mut app, mut captured) = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        (app, listener.accept().await.unwrap().0)
+    };
+    let pool = Pool::new(ClientSettings::default());
+    let mut tunnel = pool
+        .connect(ConnectRequest { hbone_addr: relay_addr, ..fx.request(fx.client_cert(), sink) })
+        .await
+        .unwrap();
+    let copy =
+        tokio::spawn(async move { weft_core::hbone::copy_bidirectional(&mut captured, &mut tunnel).await });
+    app.write_all(&payload).await.unwrap();
+    app.shutdown().await.unwrap();
+    let _ = read_all(&mut app).await;
+    copy.await.unwrap().unwrap();
+    drop(pool);
+
+    let lengths = tls_record_lengths(&recorded.await.unwrap());
+    let full = 16 * 1024 + 17;
+    let tiny = lengths.iter().filter(|&&l| l < 64).count();
+    assert!(lengths.iter().all(|&l| l <= full), "no record is over TLS's maximum: {lengths:?}");
+    assert!(
+        lengths.iter().filter(|&&l| l == full).count() * 16 * 1024 >= payload.len() * 9 / 10,
+        "most of the payload travels in full records: {lengths:?}"
+    );
+    // Before frames were sized to records, every 64 KiB read left a 9-byte frame tail in a
+    // record (and a TCP segment) of its own: 128 of them here.
+    assert!(tiny <= 8, "{tiny} records under 64 bytes: {lengths:?}");
+}

@@ -341,16 +341,23 @@ impl Pool {
         let config = request.certificate.client_config(key.expected.clone());
         // No SNI is sent (the config disables it); the name only satisfies the API.
         let name = ServerName::IpAddress(addr.ip().into());
-        let tls = tokio::time::timeout_at(deadline, TlsConnector::from(config).connect(name, tcp))
-            .await
-            .map_err(|_| timeout("TLS handshake"))?
-            .map_err(|source| match source.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        let mut tls = tokio::time::timeout_at(
+            deadline,
+            TlsConnector::from(config).connect(name, super::ReadBuffered::new(tcp)),
+        )
+        .await
+        .map_err(|_| timeout("TLS handshake"))?
+        .map_err(|source| {
+            match source.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
                 Some(tls) => ClientError::Tls { addr, source: tls.clone() },
                 None => ClientError::TlsIo { addr, source },
-            })?;
-        if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
+            }
+        })?;
+        let (_, session) = tls.get_mut();
+        if session.alpn_protocol() != Some(crate::tls::ALPN_H2) {
             return Err(ClientError::NoH2 { addr });
         }
+        session.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
 
         let handshake = h2::client::Builder::new()
             .initial_window_size(super::STREAM_WINDOW)

@@ -2,6 +2,7 @@
 //! ztunnel speaks it. Owns the client pool, the server, and the stream adapter; knows nothing of
 //! workloads, policy or xDS (the server asks an [`server::Inbound`] what to do with each stream).
 
+mod buffered;
 pub mod client;
 pub mod server;
 mod stream;
@@ -9,6 +10,7 @@ mod stream;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use buffered::ReadBuffered;
 pub use client::{ClientError, ClientSettings, ConnectRequest, Origin, Pool};
 pub use server::{forward, ConnectInfo, Inbound, Refusal, Server, ServerEvent, ServerSettings};
 pub use stream::H2Stream;
@@ -31,8 +33,18 @@ pub const TRACEPARENT: &str = "traceparent";
 /// How long a TLS + HTTP/2 handshake may take before the peer is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Buffer for each direction of a proxied stream.
-const COPY_BUFFER: usize = 64 * 1024;
+/// Largest plaintext of one TLS record (rustls' default fragment size, TLS's maximum).
+const TLS_RECORD: usize = 16 * 1024;
+/// Bytes of an HTTP/2 frame header.
+const FRAME_HEADER: usize = 9;
+/// Buffer for each direction of a proxied stream: one read of a full socket becomes one DATA
+/// frame that fills four TLS records exactly. (A 64 KiB read made a fifth record of the frame's
+/// last 9 bytes, sent as a TCP segment of its own.)
+const COPY_BUFFER: usize = 4 * TLS_RECORD - FRAME_HEADER;
+/// How much encrypted data rustls may hold for a socket that is not taking it: several DATA
+/// frames, so one is never cut into short records because the previous one is still queued
+/// (rustls' default is 64 KiB).
+const TLS_SEND_BUFFER: usize = 4 * 64 * 1024;
 
 /// Copies both directions until each side has closed its half, passing half-closes through.
 /// Returns bytes (sent from `a` to `b`, sent from `b` to `a`).

@@ -229,7 +229,12 @@ impl<I: Inbound> Connection<I> {
             }
         };
         let deadline = self.settings.handshake_timeout;
-        let tls = match tokio::time::timeout(deadline, TlsAcceptor::from(config).accept(tcp)).await {
+        let mut tls = match tokio::time::timeout(
+            deadline,
+            TlsAcceptor::from(config).accept(super::ReadBuffered::new(tcp)),
+        )
+        .await
+        {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let reason = match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
@@ -245,11 +250,12 @@ impl<I: Inbound> Connection<I> {
                 })
             }
         };
-        let (_, session) = tls.get_ref();
+        let (_, session) = tls.get_mut();
         if session.alpn_protocol() != Some(crate::tls::ALPN_H2) {
             let alpn = session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
             return self.event(ServerEvent::NotH2 { peer, alpn });
         }
+        session.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
         let leaf = session.peer_certificates().and_then(|c| c.first());
         let (peer_identity, peer_certificate) = match leaf.map(|c| (CertInfo::parse(c), c)) {
             Some((Ok(info), leaf)) => (info.identity, Arc::new(leaf.clone().into_owned())),
