@@ -105,6 +105,8 @@ pub struct WorkloadCertificate {
     not_after: SystemTime,
     key: Arc<CertifiedKey>,
     server_config: OnceLock<Arc<ServerConfig>>,
+    /// Checks peers' chains against `roots` for every handshake made with this certificate.
+    chains: OnceLock<Arc<verify::ChainVerifier>>,
 }
 
 impl WorkloadCertificate {
@@ -149,12 +151,13 @@ impl WorkloadCertificate {
             not_after: info.not_after,
             key,
             server_config: OnceLock::new(),
+            chains: OnceLock::new(),
         })
     }
 
     /// The same certificate and key, trusting `roots` instead (e.g. after a root rotation).
     pub fn with_roots(self, roots: RootBundle) -> Self {
-        WorkloadCertificate { roots, server_config: OnceLock::new(), ..self }
+        WorkloadCertificate { roots, server_config: OnceLock::new(), chains: OnceLock::new(), ..self }
     }
 
     pub fn identity(&self) -> &Identity {
@@ -183,13 +186,17 @@ impl WorkloadCertificate {
         &self.chain[0]
     }
 
+    fn chains(&self) -> Arc<verify::ChainVerifier> {
+        self.chains.get_or_init(|| verify::ChainVerifier::new(&self.roots)).clone()
+    }
+
     /// Server side of HBONE: presents this certificate, requires a client certificate from the
     /// same trust domain chaining to one of our roots. Built once per certificate.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server_config
             .get_or_init(|| {
-                let verifier = Arc::new(ClientIdentityVerifier::new(
-                    self.roots.clone(),
+                let verifier = Arc::new(ClientIdentityVerifier::with_chain(
+                    self.chains(),
                     self.identity.trust_domain().to_owned(),
                 ));
                 let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
@@ -208,7 +215,7 @@ impl WorkloadCertificate {
     /// Client side of HBONE: presents this certificate and accepts a server only if it chains
     /// to one of our roots and presents one of `expected`.
     pub fn client_config(&self, expected: Vec<Identity>) -> Arc<ClientConfig> {
-        let verifier = Arc::new(ServerIdentityVerifier::new(self.roots.clone(), expected));
+        let verifier = Arc::new(ServerIdentityVerifier::with_chain(self.chains(), expected));
         let mut config = ClientConfig::builder_with_provider(Arc::new(provider()))
             .with_protocol_versions(&[&rustls::version::TLS13])
             // Invariant: as in server_config.

@@ -2,9 +2,10 @@
 //! must be valid now, and the SPIFFE identity must be acceptable (the server checks the client's
 //! trust domain; the client checks that the server is one of the identities it expects).
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -72,14 +73,48 @@ impl From<PeerError> for rustls::Error {
     }
 }
 
-/// The chain, validity and signature checks both verifiers share.
-struct ChainVerifier {
+/// How many verified chains a [`ChainVerifier`] remembers, and for how long at most.
+const VERIFIED_CHAINS: usize = 256;
+const VERIFIED_FOR: Duration = Duration::from_secs(300);
+
+/// The chain, validity and signature checks both verifiers share. One per set of roots (each
+/// workload certificate holds one), shared by every handshake made with that certificate.
+///
+/// A chain that verified is remembered, so the next handshake with the same peer certificate
+/// skips webpki's chain building and the CA's signature check (an ECDSA verification, a fifth
+/// of a server's handshake here). What is skipped depends only on the certificates' bytes, these
+/// roots and the usage; the peer still proves it holds the key with a fresh signature over each
+/// handshake, and a remembered chain is used only within its leaf's validity and for at most
+/// [`VERIFIED_FOR`].
+pub(crate) struct ChainVerifier {
     anchors: Vec<TrustAnchor<'static>>,
     algorithms: WebPkiSupportedAlgorithms,
+    verified: Mutex<HashMap<Vec<u8>, Verified>>,
+}
+
+/// A chain that verified: whose it is, and until when that stands.
+struct Verified {
+    identity: Identity,
+    not_before: u64,
+    not_after: u64,
+    at: Instant,
+}
+
+/// The cache key of a chain: the usage, then each certificate, length first.
+fn chain_key(usage: u8, end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(
+        1 + end_entity.len() + intermediates.iter().map(|c| c.len() + 4).sum::<usize>() + 4,
+    );
+    key.push(usage);
+    for cert in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
+        key.extend_from_slice(&(cert.len() as u32).to_be_bytes());
+        key.extend_from_slice(cert);
+    }
+    key
 }
 
 impl ChainVerifier {
-    fn new(roots: &RootBundle) -> Self {
+    pub(crate) fn new(roots: &RootBundle) -> Arc<Self> {
         let anchors = roots
             .certs()
             .iter()
@@ -91,17 +126,54 @@ impl ChainVerifier {
                 }
             })
             .collect();
-        ChainVerifier { anchors, algorithms: provider().signature_verification_algorithms }
+        Arc::new(ChainVerifier {
+            anchors,
+            algorithms: provider().signature_verification_algorithms,
+            verified: Mutex::new(HashMap::new()),
+        })
     }
 
-    /// Checks the chain for `usage` and returns the peer's identity.
+    /// Checks the chain for a server (`server` true) or a client and returns the peer's
+    /// identity: from memory when this chain verified before (see [`ChainVerifier`]).
     fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-        usage: KeyUsage,
+        server: bool,
     ) -> Result<Identity, PeerError> {
+        let key = chain_key(u8::from(server), end_entity, intermediates);
+        if let Some(known) = self.verified.lock().ok().and_then(|verified| {
+            let v = verified.get(&key)?;
+            let current =
+                (v.not_before..=v.not_after).contains(&now.as_secs()) && v.at.elapsed() < VERIFIED_FOR;
+            current.then(|| v.identity.clone())
+        }) {
+            return Ok(known);
+        }
+        let usage = if server { KeyUsage::server_auth() } else { KeyUsage::client_auth() };
+        let (identity, not_before, not_after) = self.verify_chain(end_entity, intermediates, now, usage)?;
+        if let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= VERIFIED_CHAINS {
+                verified.clear();
+            }
+            verified.insert(
+                key,
+                Verified { identity: identity.clone(), not_before, not_after, at: Instant::now() },
+            );
+        }
+        Ok(identity)
+    }
+
+    /// webpki's checks of the chain for `usage`: the peer's identity and its leaf's validity
+    /// window (Unix seconds).
+    fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<(Identity, u64, u64), PeerError> {
         let info = CertInfo::parse(end_entity).map_err(PeerError::NoIdentity)?;
         let identity = info.identity;
         let cert = EndEntityCert::try_from(end_entity)
@@ -133,7 +205,7 @@ impl ChainVerifier {
                 },
                 other => PeerError::Chain { identity: identity.clone(), reason: format!("{other:?}") },
             })?;
-        Ok(identity)
+        Ok((identity, stamp(info.not_before).0, stamp(info.not_after).0))
     }
 
     fn verify_tls13(
@@ -154,13 +226,17 @@ impl ChainVerifier {
 /// identity is one of those expected (the destination workload's, or its waypoint's).
 /// The TLS server name is ignored: HBONE sends no SNI and certificates carry no DNS names.
 pub struct ServerIdentityVerifier {
-    chain: ChainVerifier,
+    chain: Arc<ChainVerifier>,
     expected: Vec<Identity>,
 }
 
 impl ServerIdentityVerifier {
     pub fn new(roots: RootBundle, expected: Vec<Identity>) -> Self {
-        ServerIdentityVerifier { chain: ChainVerifier::new(&roots), expected }
+        Self::with_chain(ChainVerifier::new(&roots), expected)
+    }
+
+    pub(crate) fn with_chain(chain: Arc<ChainVerifier>, expected: Vec<Identity>) -> Self {
+        ServerIdentityVerifier { chain, expected }
     }
 }
 
@@ -179,7 +255,7 @@ impl ServerCertVerifier for ServerIdentityVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = self.chain.verify(end_entity, intermediates, now, KeyUsage::server_auth())?;
+        let got = self.chain.verify(end_entity, intermediates, now, true)?;
         if !self.expected.contains(&got) {
             return Err(PeerError::WrongIdentity { got, expected: self.expected.clone() }.into());
         }
@@ -212,13 +288,17 @@ impl ServerCertVerifier for ServerIdentityVerifier {
 /// Server side: requires a client certificate that chains to our roots and whose SPIFFE
 /// identity is in our trust domain. Authorization by full identity happens later, in policy.
 pub struct ClientIdentityVerifier {
-    chain: ChainVerifier,
+    chain: Arc<ChainVerifier>,
     trust_domain: String,
 }
 
 impl ClientIdentityVerifier {
     pub fn new(roots: RootBundle, trust_domain: String) -> Self {
-        ClientIdentityVerifier { chain: ChainVerifier::new(&roots), trust_domain }
+        Self::with_chain(ChainVerifier::new(&roots), trust_domain)
+    }
+
+    pub(crate) fn with_chain(chain: Arc<ChainVerifier>, trust_domain: String) -> Self {
+        ClientIdentityVerifier { chain, trust_domain }
     }
 }
 
@@ -239,7 +319,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let got = self.chain.verify(end_entity, intermediates, now, KeyUsage::client_auth())?;
+        let got = self.chain.verify(end_entity, intermediates, now, false)?;
         if got.trust_domain() != self.trust_domain {
             return Err(PeerError::WrongTrustDomain { got, want: self.trust_domain.clone() }.into());
         }
@@ -266,5 +346,57 @@ impl ClientCertVerifier for ClientIdentityVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.chain.schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::issue::CertificateAuthority;
+
+    fn unix(t: SystemTime) -> UnixTime {
+        UnixTime::since_unix_epoch(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default())
+    }
+
+    #[test]
+    fn a_verified_chain_is_remembered_only_for_its_usage_and_within_its_validity() {
+        let ca = CertificateAuthority::generate("cluster.local").unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let now = SystemTime::now();
+        let cert = ca.issue(&id, now - Duration::from_secs(60), now + Duration::from_secs(3600)).unwrap();
+        let (leaf, intermediates) = (cert.leaf().clone(), &cert.chain()[1..]);
+        let chains = ChainVerifier::new(&ca.roots());
+
+        assert_eq!(chains.verify(&leaf, intermediates, unix(now), false).unwrap(), id);
+        assert_eq!(chains.verified.lock().unwrap().len(), 1);
+        assert_eq!(chains.verify(&leaf, intermediates, unix(now), false).unwrap(), id, "from memory");
+        assert_eq!(chains.verified.lock().unwrap().len(), 1);
+        // The other usage is verified on its own (and remembered apart).
+        assert!(chains.verify(&leaf, intermediates, unix(now), true).is_ok());
+        assert_eq!(chains.verified.lock().unwrap().len(), 2);
+        // After the leaf's end the remembered chain does not count: webpki says why.
+        let later = unix(now + Duration::from_secs(7200));
+        assert!(matches!(chains.verify(&leaf, intermediates, later, false), Err(PeerError::Expired { .. })));
+        // Other bytes are another chain: one signed by another CA is refused.
+        let other = CertificateAuthority::generate("cluster.local").unwrap();
+        let forged =
+            other.issue(&id, now - Duration::from_secs(60), now + Duration::from_secs(3600)).unwrap();
+        assert!(matches!(
+            chains.verify(forged.leaf(), &forged.chain()[1..], unix(now), false),
+            Err(PeerError::UnknownRoot { .. })
+        ));
+    }
+
+    #[test]
+    fn the_memory_is_bounded() {
+        let ca = CertificateAuthority::generate("cluster.local").unwrap();
+        let chains = ChainVerifier::new(&ca.roots());
+        let now = SystemTime::now();
+        for i in 0..VERIFIED_CHAINS + 3 {
+            let id: Identity = format!("spiffe://cluster.local/ns/a/sa/s{i}").parse().unwrap();
+            let cert = ca.issue(&id, now - Duration::from_secs(60), now + Duration::from_secs(3600)).unwrap();
+            chains.verify(cert.leaf(), &cert.chain()[1..], unix(now), false).unwrap();
+            assert!(chains.verified.lock().unwrap().len() <= VERIFIED_CHAINS);
+        }
     }
 }
