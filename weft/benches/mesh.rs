@@ -124,12 +124,14 @@ fn main() -> anyhow::Result<()> {
 fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
     let ztunnels = ztunnels(mesh)?;
     let dir = tempfile::tempdir()?;
-    let (haproxy_pair, _haproxies) = haproxy_pair(mesh, dir.path())?;
+    let (haproxy_pair, relay_pair, _haproxies) = haproxy_pair(mesh, dir.path())?;
     let paths = [
         Pair::new(mesh, PLAIN, &ztunnels)?,
         Pair::new(mesh, MESH, &ztunnels)?,
         Pair::new(mesh, PLAIN, &ztunnels)?.through(HAPROXY, haproxy_pair),
     ];
+    // Throughput only: the same haproxy pair relaying without TLS, the kernel's share of the work.
+    let relay = Pair::new(mesh, PLAIN, &ztunnels)?.through(HAPROXY_RELAY, relay_pair);
     let _iperf_servers: Vec<Server> =
         paths[..2].iter().map(|p| iperf_server(&p.server_netns)).collect::<anyhow::Result<_>>()?;
     for path in &paths[..2] {
@@ -163,9 +165,9 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
         "node-b's ztunnel counted {opened} connections to the mesh server: the mesh path was not captured"
     );
 
-    let mut throughput = [Vec::new(), Vec::new(), Vec::new()];
+    let mut throughput = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     for round in 0..THROUGHPUT_ROUNDS {
-        for (i, path) in paths.iter().enumerate() {
+        for (i, path) in paths.iter().chain([&relay]).enumerate() {
             eprintln!(
                 "throughput {} round {}/{THROUGHPUT_ROUNDS}: iperf3 -t {IPERF_SECONDS}...",
                 path.name,
@@ -198,7 +200,7 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
         })?);
     }
 
-    let [plain_tput, mesh_tput, peer_tput] = throughput;
+    let [plain_tput, mesh_tput, peer_tput, relay_tput] = throughput;
     let peer_lat = latency.pop().unwrap();
     let mesh_lat = latency.pop().unwrap();
     let plain_lat = latency.pop().unwrap();
@@ -206,6 +208,7 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
         plain_tput,
         mesh_tput,
         peer_tput,
+        relay_tput,
         plain_lat,
         mesh_lat,
         peer_lat,
@@ -251,10 +254,13 @@ impl Pair {
 // ---- the peer: haproxy ----
 
 const HAPROXY: &str = "haproxy";
+const HAPROXY_RELAY: &str = "haproxy, no TLS";
 /// node-a's haproxy listens on these (plain TCP from the client), node-b's on the same ports
 /// plus 100 (TLS from node-a's).
 const HAPROXY_IPERF_PORT: u16 = 15101;
 const HAPROXY_HTTP_PORT: u16 = 15102;
+/// The same pair relaying iperf3 in plain TCP between the nodes.
+const HAPROXY_RELAY_PORT: u16 = 15103;
 
 /// A proxy pair in the ztunnels' places: where the client calls it, and its processes.
 struct ProxyPair {
@@ -268,7 +274,8 @@ struct ProxyPair {
 /// and between the nodes they speak TLS 1.3 (AES-256-GCM, ECDSA P-256 certificates verified both
 /// ways, a full handshake per connection). The same hops as the mesh path; no HTTP/2 tunnel, no
 /// identity, no policy.
-fn haproxy_pair(mesh: &Mesh, dir: &Path) -> anyhow::Result<(ProxyPair, Vec<Server>)> {
+/// The same processes also relay iperf3 without TLS: the second pair returned.
+fn haproxy_pair(mesh: &Mesh, dir: &Path) -> anyhow::Result<(ProxyPair, ProxyPair, Vec<Server>)> {
     let c = mesh.cluster();
     let (node_a, node_b) = (mesh.node_ip(NODES[0])?, mesh.node_ip(NODES[1])?);
     let server = c.pod_ip(PLAIN, "server")?;
@@ -331,6 +338,14 @@ fn haproxy_pair(mesh: &Mesh, dir: &Path) -> anyhow::Result<(ProxyPair, Vec<Serve
             port + 100
         );
     }
+    a += &format!(
+        "listen p{HAPROXY_RELAY_PORT}\n  bind {node_a}:{HAPROXY_RELAY_PORT}\n  server b {node_b}:{}\n",
+        HAPROXY_RELAY_PORT + 100
+    );
+    b += &format!(
+        "listen p{HAPROXY_RELAY_PORT}\n  bind {node_b}:{}\n  server s {server}:{IPERF_PORT}\n",
+        HAPROXY_RELAY_PORT + 100
+    );
     let mut servers = Vec::new();
     let mut pids = Vec::new();
     for (node, config, port) in [(NODES[0], a, HAPROXY_HTTP_PORT), (NODES[1], b, HAPROXY_HTTP_PORT + 100)] {
@@ -341,12 +356,11 @@ fn haproxy_pair(mesh: &Mesh, dir: &Path) -> anyhow::Result<(ProxyPair, Vec<Serve
         wait_listening(netns, port)?;
         pids.push(Procs::find(netns, "haproxy")?);
     }
-    let pair = ProxyPair {
-        iperf: SocketAddr::new(node_a, HAPROXY_IPERF_PORT),
-        http: SocketAddr::new(node_a, HAPROXY_HTTP_PORT),
-        procs: Procs { pids },
-    };
-    Ok((pair, servers))
+    let procs = Procs { pids };
+    let http = SocketAddr::new(node_a, HAPROXY_HTTP_PORT);
+    let tls = ProxyPair { iperf: SocketAddr::new(node_a, HAPROXY_IPERF_PORT), http, procs: procs.clone() };
+    let relay = ProxyPair { iperf: SocketAddr::new(node_a, HAPROXY_RELAY_PORT), http, procs };
+    Ok((tls, relay, servers))
 }
 
 /// Connections to node-b's mesh server that node-b's ztunnel counted (proof of capture).
@@ -624,6 +638,8 @@ struct Report {
     mesh_lat: LatencyRun,
     /// The same client and server through the haproxy pair.
     peer_tput: Vec<Iperf>,
+    /// The same haproxy pair relaying without TLS.
+    relay_tput: Vec<Iperf>,
     peer_lat: LatencyRun,
     rss_idle: Rss,
     rss_after_throughput: Rss,
@@ -822,6 +838,14 @@ impl Report {
             peer_gb,
             mesh_gb / peer_gb
         );
+        let relay_gb = Self::proxy_cpu_per_gb(&self.relay_tput);
+        println!(
+            "{:<50} {:>12} {:>12.2} {:>14.2}",
+            "  the haproxy pair without TLS: Gbit/s, CPU-s per GB",
+            "",
+            Self::gbps(&self.relay_tput),
+            relay_gb
+        );
         for (what, quant) in [("p50", 0.5), ("p99", 0.99)] {
             println!(
                 "{:<50} {:>+12.1} {:>+12.1}",
@@ -892,6 +916,8 @@ impl Report {
             ("throughput_mesh_ztunnel_cpu_s_per_gb", self.cpu_per_gb(), "CPU-s/GB"),
             ("throughput_haproxy_median", Self::gbps(&self.peer_tput), "Gbit/s"),
             ("throughput_haproxy_cpu_s_per_gb", Self::proxy_cpu_per_gb(&self.peer_tput), "CPU-s/GB"),
+            ("throughput_haproxy_relay_median", Self::gbps(&self.relay_tput), "Gbit/s"),
+            ("throughput_haproxy_relay_cpu_s_per_gb", Self::proxy_cpu_per_gb(&self.relay_tput), "CPU-s/GB"),
             ("latency_1k_haproxy_added_p99", q(&self.peer_lat, 0.99) - q(pl, 0.99), "us"),
             ("new_hbone_per_core_node_b", self.new_hbone_per_core(), "1/s"),
             ("latency_1k_plain_p50", q(pl, 0.5), "us"),
