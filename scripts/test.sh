@@ -27,6 +27,16 @@ kube_apiserver_missing() {
   echo "test: WARNING: $1; the tests against a real kube-apiserver or cluster will be SKIPPED" >&2
 }
 
+# Cargo never deletes outputs that a rebuild superseded, and the cached target directories collect
+# them (a profile or build-configuration change supersedes everything at once). With less than
+# 40 GB free, outputs untouched for a day go; what is still needed is rebuilt.
+free_gb=$(df -P --block-size=1G "$HOME" | awk 'NR == 2 { print $4 }')
+if ((free_gb < 40)); then
+  echo "== pruning build outputs older than a day (${free_gb} GB free)"
+  for dir in "$HOME"/.cache/weft/target*/{debug,release}/{deps,build}; do
+    if [[ -d $dir ]]; then find "$dir" -mindepth 1 -maxdepth 1 -mmin +1440 -exec rm -rf {} +; fi
+  done
+fi
 echo "== kube-apiserver build (cached)"
 kube_built=''
 if scripts/kube-apiserver/build.sh >/dev/null; then
