@@ -1,17 +1,19 @@
 //! The loader: loads the embedded programs (or takes over pinned ones), attaches them to
-//! interfaces (pinned TCX links or clsact tc filters, see [`crate::attach`]), and edits the
-//! enrolled-address map. Operates in the network namespace of the calling thread.
+//! interfaces (pinned TCX links or clsact tc filters, see [`crate::attach`]) and the listener
+//! lookup to the network namespace (a pinned link), and edits the enrolled-address and listener
+//! maps. Operates in the network namespace of the calling thread.
 
 use std::{
     fmt, fs, io,
     net::{IpAddr, Ipv6Addr},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::{
     include_bytes_aligned,
-    maps::{Array, HashMap, Map, MapData, MapError},
-    programs::{SchedClassifier, TcAttachType},
+    maps::{Array, HashMap, Map, MapData, MapError, SockHash},
+    programs::{links::FdLink, SchedClassifier, SkLookup, TcAttachType},
     Ebpf,
 };
 
@@ -26,15 +28,22 @@ static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture
 const PROG_POD: &str = "weft_pod_in";
 const PROG_POD_OUT: &str = "weft_pod_out";
 const PROG_UPLINK: &str = "weft_uplink_in";
+const PROG_LOOKUP: &str = "weft_listener_lookup";
 const MAP_ENROLLED: &str = "weft_enrolled";
 const MAP_CONFIG: &str = "weft_config";
+const MAP_LISTENERS: &str = "weft_listeners";
 
 const PIN_PROG_POD: &str = "prog_pod";
 const PIN_PROG_POD_OUT: &str = "prog_pod_out";
 const PIN_PROG_UPLINK: &str = "prog_uplink";
+const PIN_PROG_LOOKUP: &str = "prog_lookup";
 const PIN_MAP_ENROLLED: &str = "map_enrolled";
 const PIN_MAP_CONFIG: &str = "map_config";
+const PIN_MAP_LISTENERS: &str = "map_listeners";
 const PIN_LINKS: &str = "links";
+/// The listener lookup's link to the network namespace (beside [`PIN_LINKS`], which holds the
+/// interfaces' attachments).
+const PIN_LINK_LOOKUP: &str = "link_lookup";
 
 /// Value flag in the enrolled map: capture this address's TCP traffic.
 const ENROLLED_CAPTURE: u32 = 1;
@@ -132,6 +141,7 @@ pub struct Capture {
     uplink: SchedClassifier,
     enrolled: HashMap<MapData, [u8; 16], u32>,
     config: Array<MapData, ConfigValue>,
+    listeners: SockHash<MapData, u32>,
 }
 
 /// Which program an attachment is for.
@@ -185,9 +195,16 @@ impl Capture {
             replace_pinned(&cfg.pin_dir)?;
         }
         let dir = &cfg.pin_dir;
-        for entry in
-            [PIN_PROG_POD, PIN_PROG_POD_OUT, PIN_PROG_UPLINK, PIN_MAP_ENROLLED, PIN_MAP_CONFIG, PIN_LINKS]
-        {
+        for entry in [
+            PIN_PROG_POD,
+            PIN_PROG_POD_OUT,
+            PIN_PROG_UPLINK,
+            PIN_PROG_LOOKUP,
+            PIN_MAP_ENROLLED,
+            PIN_MAP_CONFIG,
+            PIN_MAP_LISTENERS,
+            PIN_LINKS,
+        ] {
             if !dir.join(entry).exists() {
                 return Err(Error::IncompletePins { dir: dir.clone(), missing: entry.into() });
             }
@@ -200,10 +217,23 @@ impl Capture {
         let mut config: Array<MapData, ConfigValue> =
             Array::try_from(open_map(&dir.join(PIN_MAP_CONFIG))?)
                 .map_err(|source| Error::Map { map: MAP_CONFIG, source })?;
+        let listeners = SockHash::try_from(open_map(&dir.join(PIN_MAP_LISTENERS))?)
+            .map_err(|source| Error::Map { map: MAP_LISTENERS, source })?;
         set_config(&mut config, &cfg, false)?;
+        attach_lookup(dir)?;
         routing::ensure(cfg.mark, cfg.table)?;
         tracing::info!(pin_dir = %dir.display(), attach = %mode, "capture open");
-        Ok(Self { cfg, mode, pod, pod_out, uplink, enrolled, config })
+        Ok(Self { cfg, mode, pod, pod_out, uplink, enrolled, config, listeners })
+    }
+
+    /// Tells the capture which socket is ztunnel's listener on `port` (one of the configured
+    /// ports), for the SYNs only the kernel's listener lookup can deliver: those reusing the
+    /// ports of a connection ztunnel closed, still in TIME_WAIT. The entry goes when the socket
+    /// closes. Call it for every listener whenever the process takes them (bound or handed over).
+    pub fn set_listener(&mut self, port: u16, listener: &impl AsFd) -> Result<(), Error> {
+        self.listeners
+            .insert(u32::from(port), listener.as_fd(), 0)
+            .map_err(|source| Error::Map { map: MAP_LISTENERS, source })
     }
 
     /// Attaches the pod programs to a pod's host-side veth (ingress and egress), pinning the
@@ -411,7 +441,21 @@ fn pin_fresh(dir: &Path) -> Result<(), Error> {
         let path = dir.join(pin_name);
         prog.pin(&path).map_err(|source| pin_error("pinning program", &path, source))?;
     }
-    for (map_name, pin_name) in [(MAP_ENROLLED, PIN_MAP_ENROLLED), (MAP_CONFIG, PIN_MAP_CONFIG)] {
+    let lookup: &mut SkLookup = ebpf
+        .program_mut(PROG_LOOKUP)
+        .ok_or_else(|| load_err(PROG_LOOKUP)("missing from the object".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| load_err(PROG_LOOKUP)(Box::new(e)))?;
+    lookup.load().map_err(|source| {
+        Error::classify(format!("loading {PROG_LOOKUP}"), source, |source| {
+            load_err(PROG_LOOKUP)(Box::new(source))
+        })
+    })?;
+    let path = dir.join(PIN_PROG_LOOKUP);
+    lookup.pin(&path).map_err(|source| pin_error("pinning program", &path, source))?;
+    for (map_name, pin_name) in
+        [(MAP_ENROLLED, PIN_MAP_ENROLLED), (MAP_CONFIG, PIN_MAP_CONFIG), (MAP_LISTENERS, PIN_MAP_LISTENERS)]
+    {
         let map = ebpf
             .map(map_name)
             .ok_or_else(|| load_err(&format!("map {map_name}"))("missing from the object".into()))?;
@@ -455,7 +499,8 @@ fn replace_pinned(dir: &Path) -> Result<(), Error> {
     fs::create_dir(&tmp).map_err(|source| io_error("creating", &tmp, source))?;
     let replaced = pin_fresh(&tmp).and_then(|()| {
         copy_enrolled(dir, &tmp);
-        reattach(&dir.join(PIN_LINKS), &tmp)
+        reattach(&dir.join(PIN_LINKS), &tmp)?;
+        attach_lookup(&tmp)
     });
     if let Err(e) = replaced {
         // The old attachments still run the old programs: capture goes on as it was.
@@ -521,6 +566,33 @@ fn reattach(links: &Path, to: &Path) -> Result<(), Error> {
         let slot = Slot { links: &new_links, prefix: kind.pin_prefix(), ifname, direction: kind.direction() };
         attach::attach(&mut prog, mode, &slot)?;
     }
+    Ok(())
+}
+
+/// Attaches the listener lookup pinned in `dir` to the calling thread's network namespace and
+/// pins the link, unless a link is pinned there already. Another version's lookup, attached
+/// too while [`replace_pinned`] runs, goes with its directory.
+fn attach_lookup(dir: &Path) -> Result<(), Error> {
+    let pin = dir.join(PIN_LINK_LOOKUP);
+    if pin.exists() {
+        return Ok(());
+    }
+    let path = dir.join(PIN_PROG_LOOKUP);
+    let mut prog =
+        SkLookup::from_pin(&path).map_err(|source| pin_error("opening pinned program", &path, source))?;
+    let netns_path = Path::new("/proc/thread-self/ns/net");
+    let netns = fs::File::open(netns_path).map_err(|source| io_error("opening", netns_path, source))?;
+    let attach_err = |what: &'static str| {
+        move |source: aya::programs::ProgramError| {
+            Error::classify(format!("{what} the listener lookup"), source, |source| Error::AttachNetns {
+                what,
+                source: Box::new(source),
+            })
+        }
+    };
+    let id = prog.attach(&netns).map_err(attach_err("attaching"))?;
+    let link = FdLink::from(prog.take_link(id).map_err(attach_err("taking the link of"))?);
+    link.pin(&pin).map_err(|source| pin_error("pinning link", &pin, source))?;
     Ok(())
 }
 

@@ -73,6 +73,14 @@ pub enum Error {
         /// The underlying error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Attaching the listener lookup to the network namespace failed.
+    #[error("{what} the listener lookup (sk_lookup, Linux 5.9+) in this network namespace failed: {}", Chain(&**.source))]
+    AttachNetns {
+        /// The operation.
+        what: &'static str,
+        /// The underlying error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Pinning or opening a pinned object failed.
     #[error("{what} {path} failed: {}", Chain(&**.source))]
     Pin {

@@ -67,6 +67,7 @@ in_both_modes!(
     recreated_veth_gets_a_fresh_link,
     a_loader_of_the_other_mode_takes_over_without_a_gap,
     other_tc_filters_and_the_qdisc_are_left_alone,
+    a_connection_reusing_the_ports_of_one_ztunnel_closed_is_captured,
 );
 
 /// Three namespaces and a pin directory, deleted on drop (also when the test panics).
@@ -800,7 +801,11 @@ fn remove_takes_everything_away(mode: AttachMode) {
     capture.enroll(POD.into()).unwrap();
     let mut ids = our_programs(&topo.pin_dir, "weft_pod_in");
     ids.extend(our_programs(&topo.pin_dir, "weft_uplink_in"));
-    assert_eq!(ids.len(), 2);
+    // The listener lookup, attached to the node's namespace.
+    let lookup = aya::programs::SkLookup::from_pin(topo.pin_dir.join("prog_lookup")).unwrap();
+    ids.push(lookup.info().unwrap().id());
+    drop(lookup);
+    assert_eq!(ids.len(), 3);
     let rules = sh(&["ip", "-n", &topo.node, "rule", "show"]);
     assert!(rules.contains("fwmark 0x539 lookup 133"), "{rules}");
     drop(capture);
@@ -971,4 +976,98 @@ fn this_kernel_gets_the_mode_its_version_says() {
     let (major, minor) = (parts.next().unwrap(), parts.next().unwrap());
     let expected = AttachMode::for_kernel(major, minor);
     assert_eq!(AttachMode::detect().ok(), expected, "Linux {release}");
+}
+
+/// ztunnel closes a connection first when the server did (it passes the close on), so its side
+/// of the connection stays in TIME_WAIT for a minute. A client that opens a new connection from
+/// the same port to the same address meanwhile (a busy client cycles through its ports in
+/// seconds) must reach ztunnel's listener with its first SYN: no reset, no SYN sent again, and
+/// never a node service listening on the port. Outbound (IPv4 and IPv6) and inbound.
+fn a_connection_reusing_the_ports_of_one_ztunnel_closed_is_captured(mode: AttachMode) {
+    let Some(topo) = Topology::new(mode) else { return };
+    let mut capture = topo.open();
+    in_ns(&topo.node, || {
+        capture.attach_pod(POD_VETH)?;
+        capture.attach_uplink(UPLINK)
+    })
+    .unwrap();
+    capture.enroll(POD.into()).unwrap();
+    capture.enroll(POD6.into()).unwrap();
+    let outbound = transparent_listener(&topo.node, sa(Ipv6Addr::UNSPECIFIED, 15001));
+    let plain = transparent_listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 15006));
+    capture.set_listener(15001, &outbound).unwrap();
+    capture.set_listener(15006, &plain).unwrap();
+    // Node services on the ports the clients call.
+    let node_service = listener(&topo.node, sa(Ipv6Addr::UNSPECIFIED, 80));
+    let node_service_inbound = listener(&topo.node, sa(Ipv4Addr::UNSPECIFIED, 8080));
+
+    let cases = [
+        ("outbound", &topo.pod, sa(POD, 40001), sa(NOWHERE, 80), &outbound),
+        ("outbound IPv6", &topo.pod, sa(POD6, 40002), sa(NOWHERE6, 80), &outbound),
+        ("inbound", &topo.remote, sa(REMOTE, 40003), sa(POD, 8080), &plain),
+    ];
+    for (what, ns, from, to, ztunnel) in cases {
+        closed_by_ztunnel(ns, &topo.node, from, to, ztunnel);
+        let before = tcp_counters(ns);
+        let mut client = connect_from(ns, from, to, CONNECT).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (mut accepted, peer) = accept(ztunnel, CONNECT).unwrap_or_else(|| panic!("{what}: not accepted"));
+        assert_eq!(peer.ip().to_canonical(), from.ip(), "{what}");
+        assert_eq!(peer.port(), from.port(), "{what}");
+        exchange(&mut client, &mut accepted);
+        assert_eq!(tcp_counters(ns), before, "{what}: the client reset or sent its SYN again");
+    }
+    assert!(accept(&node_service, SHORT).is_none(), "a node service took a captured connection");
+    assert!(accept(&node_service_inbound, SHORT).is_none(), "a node service took a captured connection");
+
+    // Without ztunnel's listener the SYN fails closed; the node service never gets it.
+    let (from, to) = (sa(POD, 40004), sa(NOWHERE, 80));
+    closed_by_ztunnel(&topo.pod, &topo.node, from, to, &outbound);
+    drop(outbound);
+    let result = connect_from(&topo.pod, from, to, Duration::from_secs(1));
+    assert!(result.is_err(), "connected without ztunnel: {result:?}");
+    assert!(accept(&node_service, SHORT).is_none(), "a node service took a captured connection");
+}
+
+/// Opens a connection from `from` (in `ns`) to `to`, which `ztunnel` accepts, and closes it
+/// ztunnel first; returns once ztunnel's side (in `node`) is in TIME_WAIT.
+fn closed_by_ztunnel(ns: &str, node: &str, from: SocketAddr, to: SocketAddr, ztunnel: &TcpListener) {
+    let mut client = connect_from(ns, from, to, CONNECT).unwrap();
+    let (mut accepted, _) = accept(ztunnel, CONNECT).expect("ztunnel accepts");
+    exchange(&mut client, &mut accepted);
+    accepted.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "the client sees ztunnel's close");
+    drop(client);
+    assert_eq!(accepted.read(&mut [0; 1]).unwrap(), 0, "ztunnel sees the client's close");
+    drop(accepted);
+    let port = format!(":{}", from.port());
+    let deadline = Instant::now() + CONNECT;
+    while !sh(&["ip", "netns", "exec", node, "ss", "-Htn", "state", "time-wait"]).contains(&port) {
+        assert!(Instant::now() < deadline, "no TIME_WAIT for {from} -> {to}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Connects from a fixed address and port.
+fn connect_from(ns: &str, from: SocketAddr, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    in_ns(ns, || {
+        let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&from.into())?;
+        socket.connect_timeout(&to.into(), timeout)?;
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(CONNECT))?;
+        Ok(stream)
+    })
+}
+
+/// The resets and retransmissions TCP sent in namespace `ns` (`/proc/net/snmp`).
+fn tcp_counters(ns: &str) -> (u64, u64) {
+    let snmp = in_ns(ns, || std::fs::read_to_string("/proc/thread-self/net/snmp")).unwrap();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let field = |name: &str| {
+        let i = names.split_whitespace().position(|n| n == name).unwrap();
+        values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    };
+    (field("OutRsts"), field("RetransSegs"))
 }

@@ -134,6 +134,9 @@ impl App {
             }
             None => (bind_data(&config)?, admin::bind(config.admin).map_err(StartError::Admin)?, None),
         };
+        if let Some(capture) = &kept_capture {
+            register_listeners(capture, &data);
+        }
         // Duplicates of the six sockets, for the successor that will take them from this one.
         let handover_fds = data
             .iter()
@@ -319,6 +322,22 @@ impl App {
         // The listeners add their own deadline; this one bounds the whole.
         let _ = tokio::time::timeout(deadline + Duration::from_secs(1), self.proxy).await;
         tracing::info!("ztunnel drained");
+    }
+}
+
+/// Tells the capture which sockets are this process's listeners (bound, or taken over from a
+/// predecessor), for the connections only a listener lookup can deliver (a SYN ending a
+/// TIME_WAIT of ztunnel's). Without that such SYNs are answered with a stale ACK and sent again.
+fn register_listeners(capture: &Mutex<ebpf::Capture>, listeners: &[std::net::TcpListener]) {
+    let mut capture = capture.lock().unwrap_or_else(|p| p.into_inner());
+    for listener in listeners {
+        let registered = listener
+            .local_addr()
+            .map_err(|e| e.to_string())
+            .and_then(|addr| capture.set_listener(addr.port(), listener).map_err(|e| e.to_string()));
+        if let Err(e) = registered {
+            tracing::warn!(error = %e, "cannot give the capture a listener: a new connection that reuses the ports of one ztunnel closed will be answered late");
+        }
     }
 }
 

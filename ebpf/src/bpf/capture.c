@@ -9,6 +9,8 @@
 // weft_pod_in    on every pod's host-side veth (ingress = traffic leaving the pod)
 // weft_pod_out   on every pod's host-side veth (egress = traffic the node sends to the pod)
 // weft_uplink_in on the node's uplink (ingress = traffic from other nodes)
+// weft_listener_lookup  on the node's netns (sk_lookup): a SYN reusing the ports of a connection
+//                ztunnel closed first (its socket in TIME_WAIT) reaches ztunnel's listener
 //
 // Attached as TCX links (Linux 6.6+) or as direct-action filters on a clsact qdisc (older
 // kernels); the return codes mean the same in both.
@@ -29,6 +31,9 @@
 // local pod that is not captured (never enrolled, or unenrolled): connections ztunnel already
 // holds for it keep reaching their sockets, nothing new is captured.
 #define ENROLLED_CAPTURE 1u
+
+#define AF_INET 2
+#define AF_INET6 10
 
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
@@ -87,6 +92,27 @@ struct {
 	__type(value, __u8);
 } weft_direct_flows SEC(".maps");
 
+// ztunnel's listeners by port (written by ztunnel): where weft_listener_lookup steers.
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 8);
+	__type(key, __u32);
+	__type(value, __u32); // a socket's fd, when written
+} weft_listeners SEC(".maps");
+
+// New connections (SYNs) that reuse the 4-tuple of a connection ztunnel closed first, whose
+// socket is in TIME_WAIT, with the listener port each was captured for. Such a SYN is given to
+// the TIME_WAIT socket, as the kernel would: the kernel ends the TIME_WAIT and asks for a
+// listener of the SYN's own address and port, which ztunnel has none of (its listeners take
+// captured SYNs on other ports); weft_listener_lookup answers with the one recorded here.
+// Without it the kernel answers the SYN with a stale ACK and the client sends its SYN again.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct flow_key);
+	__type(value, __u32);
+} weft_time_wait_syns SEC(".maps");
+
 enum parse_result {
 	PARSE_OTHER,   // not IP, or IP but not TCP: pass
 	PARSE_TCP,     // TCP with a parsed header
@@ -101,6 +127,7 @@ struct packet {
 	__be16 sport;
 	__be16 dport;
 	int syn; // opens a connection: SYN without ACK
+	int time_wait; // a SYN whose 4-tuple is a socket of this node in TIME_WAIT
 };
 
 static __always_inline void key_from_v4(struct addr_key *key, __be32 addr)
@@ -203,6 +230,15 @@ static __always_inline int is_local_pod(struct addr_key *key)
 	return bpf_map_lookup_elem(&weft_enrolled, key) != 0;
 }
 
+// The flow a packet belongs to, as if it came from the client.
+static __always_inline void flow_of(struct packet *pkt, struct flow_key *key)
+{
+	__builtin_memcpy(key->client, pkt->src.addr, 16);
+	__builtin_memcpy(key->server, pkt->dst.addr, 16);
+	key->client_port = pkt->sport;
+	key->server_port = pkt->dport;
+}
+
 // Remembers a connection whose SYN passes uncaptured.
 static __always_inline void remember_direct(struct packet *pkt)
 {
@@ -211,10 +247,7 @@ static __always_inline void remember_direct(struct packet *pkt)
 
 	if (!pkt->syn)
 		return;
-	__builtin_memcpy(key.client, pkt->src.addr, 16);
-	__builtin_memcpy(key.server, pkt->dst.addr, 16);
-	key.client_port = pkt->sport;
-	key.server_port = pkt->dport;
+	flow_of(pkt, &key);
 	bpf_map_update_elem(&weft_direct_flows, &key, &seen, BPF_ANY);
 }
 
@@ -225,10 +258,7 @@ static __always_inline int is_direct(struct packet *pkt)
 
 	if (pkt->syn)
 		return 0;
-	__builtin_memcpy(key.client, pkt->src.addr, 16);
-	__builtin_memcpy(key.server, pkt->dst.addr, 16);
-	key.client_port = pkt->sport;
-	key.server_port = pkt->dport;
+	flow_of(pkt, &key);
 	if (bpf_map_lookup_elem(&weft_direct_flows, &key))
 		return 1;
 	__builtin_memcpy(key.client, pkt->dst.addr, 16);
@@ -241,7 +271,9 @@ static __always_inline int is_direct(struct packet *pkt)
 // Assign the packet to an existing, non-listening socket of its 4-tuple: an established
 // connection, a request socket (handshake in progress) or ztunnel's own transparent
 // connecting socket. Listening sockets are skipped: a node listener bound to a wildcard address
-// would otherwise catch a pod's connection to any address on that port.
+// would otherwise catch a pod's connection to any address on that port. A SYN that meets a
+// socket in TIME_WAIT opens a new connection: it is left to the caller, as any new connection,
+// with `time_wait` set (see assign_listener).
 // Returns 1 when assigned (the caller returns TC_ACT_OK).
 static __always_inline int assign_existing(struct __sk_buff *skb, struct packet *pkt, __u32 mark)
 {
@@ -251,7 +283,8 @@ static __always_inline int assign_existing(struct __sk_buff *skb, struct packet 
 	sk = lookup(skb, pkt, &pkt->tuple);
 	if (!sk)
 		return 0;
-	if (sk->state == BPF_TCP_LISTEN) {
+	if (sk->state == BPF_TCP_LISTEN || (pkt->syn && sk->state == BPF_TCP_TIME_WAIT)) {
+		pkt->time_wait = sk->state == BPF_TCP_TIME_WAIT;
 		bpf_sk_release(sk);
 		return 0;
 	}
@@ -291,6 +324,27 @@ static __always_inline int assign_listener(struct __sk_buff *skb, struct packet 
 	// dropped, sent again by the client, and meets the next ztunnel.
 	if (pkt->syn && cfg->v[CFG_PAUSED])
 		return TC_ACT_SHOT;
+
+	// The 4-tuple is a connection ztunnel closed, in TIME_WAIT: only that socket can end the
+	// TIME_WAIT and take the SYN (a request socket beside it would be refused as a duplicate),
+	// so the SYN goes to it and weft_listener_lookup gives it on to the listener recorded here.
+	if (pkt->time_wait) {
+		struct flow_key key = {};
+
+		flow_of(pkt, &key);
+		if (bpf_map_update_elem(&weft_time_wait_syns, &key, &port, BPF_ANY) == 0) {
+			sk = lookup(skb, pkt, &pkt->tuple);
+			if (sk) {
+				err = sk->state == BPF_TCP_TIME_WAIT ? bpf_sk_assign(skb, sk, 0) : -1;
+				bpf_sk_release(sk);
+				if (!err) {
+					skb->mark = cfg->v[CFG_MARK];
+					return TC_ACT_OK;
+				}
+			}
+		}
+		// The TIME_WAIT ended meanwhile: the listener takes the SYN as any other.
+	}
 
 	if (pkt->tuple_len == sizeof(tuple.ipv4))
 		tuple.ipv4.dport = bpf_htons((__u16)port);
@@ -481,6 +535,55 @@ int weft_pod_out(struct __sk_buff *skb)
 		eth->h_source[i] = mac[i];
 	}
 	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
+// Listener lookups in the node's netns, i.e. for a packet delivered locally that no connected
+// socket took. The capture assigns the packets it steers to their sockets itself; the one case
+// it cannot is a SYN that ends a TIME_WAIT (see weft_time_wait_syns): the listener it was
+// captured for takes it. Every other lookup goes on as if this program were not there. Should
+// that listener be missing, the lookup fails (the kernel answers as before, with a stale ACK):
+// a node service listening on the port must never get a captured connection.
+SEC("sk_lookup")
+int weft_listener_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct flow_key key = {};
+	struct bpf_sock *sk;
+	__u32 *recorded;
+	__u32 port;
+	long err;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (ctx->family == AF_INET) {
+		key_from_v4((struct addr_key *)key.client, ctx->remote_ip4);
+		key_from_v4((struct addr_key *)key.server, ctx->local_ip4);
+	} else if (ctx->family == AF_INET6) {
+		__u32 *client = (__u32 *)key.client, *server = (__u32 *)key.server;
+
+		client[0] = ctx->remote_ip6[0];
+		client[1] = ctx->remote_ip6[1];
+		client[2] = ctx->remote_ip6[2];
+		client[3] = ctx->remote_ip6[3];
+		server[0] = ctx->local_ip6[0];
+		server[1] = ctx->local_ip6[1];
+		server[2] = ctx->local_ip6[2];
+		server[3] = ctx->local_ip6[3];
+	} else {
+		return SK_PASS;
+	}
+	key.client_port = ctx->remote_port;
+	key.server_port = bpf_htons((__u16)ctx->local_port);
+	recorded = bpf_map_lookup_elem(&weft_time_wait_syns, &key);
+	if (!recorded)
+		return SK_PASS;
+	port = *recorded;
+	bpf_map_delete_elem(&weft_time_wait_syns, &key);
+	sk = bpf_map_lookup_elem(&weft_listeners, &port);
+	if (!sk)
+		return SK_DROP;
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return err ? SK_DROP : SK_PASS;
 }
 
 // No GPL-only helper is used, so the workspace licence applies.
