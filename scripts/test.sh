@@ -76,6 +76,11 @@ CARGO_TARGET_DIR="$HOME/.cache/weft/target-release" \
 export WEFT_BIN_DIR="$HOME/.cache/weft/target-release/release"
 echo "== daemonset tests (chart, manifests, Containerfiles)"
 daemonset/tests/run.sh
+# The end-to-end tests run the workspace's binaries (tests/e2e_support): `cargo test` builds a
+# package's binaries only for that package's own integration tests, so the waypoint's (a package
+# without any) would be missing from a fresh target directory, or stale in a cached one.
+echo "== cargo build --workspace --bins (what the end-to-end tests run)"
+cargo build --locked --workspace --bins
 echo "== cargo nextest"
 cargo nextest run --locked --workspace --no-fail-fast
 # The capture's other attach mode (clsact qdisc + tc filters, what kernels 5.10-6.5 get; the run

@@ -52,7 +52,7 @@ pub fn bin_dir() -> PathBuf {
         assert!(
             dir.join(binary).exists(),
             "{} is missing: the end-to-end tests need every binary of the workspace; build them \
-             with `cargo build --workspace --bins` or run `cargo nextest run --workspace`",
+             with `cargo build --workspace --bins` (scripts/test.sh does) before the tests",
             dir.join(binary).display()
         );
     }
