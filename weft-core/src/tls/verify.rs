@@ -89,8 +89,13 @@ const VERIFIED_FOR: Duration = Duration::from_secs(300);
 pub(crate) struct ChainVerifier {
     anchors: Vec<TrustAnchor<'static>>,
     algorithms: WebPkiSupportedAlgorithms,
-    verified: Mutex<HashMap<Vec<u8>, Verified>>,
+    verified: Mutex<HashMap<ChainKey, Verified>>,
 }
+
+/// A chain's identity in memory: SHA-256 of the usage and the certificates, so what a peer
+/// sends (up to rustls' 64 KiB of certificates, junk intermediates included) costs 32 bytes
+/// to remember.
+type ChainKey = [u8; 32];
 
 /// A chain that verified: whose it is, and until when that stands.
 struct Verified {
@@ -100,16 +105,16 @@ struct Verified {
     at: Instant,
 }
 
-/// The cache key of a chain: the usage, then each certificate, length first.
-fn chain_key(usage: u8, end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(
-        1 + end_entity.len() + intermediates.iter().map(|c| c.len() + 4).sum::<usize>() + 4,
-    );
-    key.push(usage);
+/// The cache key of a chain: the digest of the usage, then each certificate, length first.
+fn chain_key(usage: u8, end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> ChainKey {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(&[usage]);
     for cert in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
-        key.extend_from_slice(&(cert.len() as u32).to_be_bytes());
-        key.extend_from_slice(cert);
+        digest.update(&(cert.len() as u64).to_be_bytes());
+        digest.update(cert);
     }
+    let mut key = [0; 32];
+    key.copy_from_slice(digest.finish().as_ref());
     key
 }
 
@@ -385,6 +390,22 @@ mod tests {
             chains.verify(forged.leaf(), &forged.chain()[1..], unix(now), false),
             Err(PeerError::UnknownRoot { .. })
         ));
+    }
+
+    #[test]
+    fn junk_intermediates_are_another_chain_and_cost_no_more_memory() {
+        let ca = CertificateAuthority::generate("cluster.local").unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let now = SystemTime::now();
+        let cert = ca.issue(&id, now - Duration::from_secs(60), now + Duration::from_secs(3600)).unwrap();
+        let chains = ChainVerifier::new(&ca.roots());
+        let mut padded = cert.chain()[1..].to_vec();
+        padded.push(CertificateDer::from(vec![0x30; 60 * 1024]));
+        let first = chains.verify(cert.leaf(), &padded, unix(now), false);
+        let second = chains.verify(cert.leaf(), &cert.chain()[1..], unix(now), false);
+        assert_eq!(second.unwrap(), id);
+        let verified = chains.verified.lock().unwrap();
+        assert_eq!(verified.len(), usize::from(first.is_ok()) + 1, "the padded chain is not the plain one");
     }
 
     #[test]
