@@ -624,23 +624,10 @@ fn weft_down_leaves_the_host_as_before_weft_up() {
     let client_ns = format!("{prefix}pod-shop-client");
     let reply = get_json(&client_ns, "http://10.10.2.2:8080/");
     assert_eq!(reply["pod"], "server");
-    let ours: BTreeSet<u64> = ["node-a", "node-b"]
-        .iter()
-        .flat_map(|node| {
-            let dir = cluster::node_bpf_pin_dir(&name, node);
-            ["prog_pod", "prog_uplink"].map(|p| dir.join(p))
-        })
-        .filter_map(|pin| {
-            let out =
-                Command::new("bpftool").args(["prog", "show", "pinned"]).arg(&pin).arg("-j").output().ok()?;
-            serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["id"].as_u64()
-        })
-        .collect();
-    assert!(
-        !ours.is_empty(),
-        "the ztunnels pinned no programs under {}",
-        cluster::bpf_pin_dir(&name).display()
-    );
+    // Each node's three tc programs and its listener lookup.
+    let ours: BTreeSet<u64> =
+        ebpf::pinned_program_ids(&cluster::bpf_pin_dir(&name)).into_iter().map(u64::from).collect();
+    assert_eq!(ours.len(), 8, "the ztunnels pinned {ours:?} under {}", cluster::bpf_pin_dir(&name).display());
 
     let out = Command::new(&weft).args(["down", "--name", &name]).output().unwrap();
     assert!(out.status.success(), "weft down: {}", String::from_utf8_lossy(&out.stderr));

@@ -37,6 +37,8 @@ const PIN_PROG_POD: &str = "prog_pod";
 const PIN_PROG_POD_OUT: &str = "prog_pod_out";
 const PIN_PROG_UPLINK: &str = "prog_uplink";
 const PIN_PROG_LOOKUP: &str = "prog_lookup";
+/// Every program pin of a capture.
+const PIN_PROGS: [&str; 4] = [PIN_PROG_POD, PIN_PROG_POD_OUT, PIN_PROG_UPLINK, PIN_PROG_LOOKUP];
 const PIN_MAP_ENROLLED: &str = "map_enrolled";
 const PIN_MAP_CONFIG: &str = "map_config";
 const PIN_MAP_LISTENERS: &str = "map_listeners";
@@ -195,16 +197,9 @@ impl Capture {
             replace_pinned(&cfg.pin_dir)?;
         }
         let dir = &cfg.pin_dir;
-        for entry in [
-            PIN_PROG_POD,
-            PIN_PROG_POD_OUT,
-            PIN_PROG_UPLINK,
-            PIN_PROG_LOOKUP,
-            PIN_MAP_ENROLLED,
-            PIN_MAP_CONFIG,
-            PIN_MAP_LISTENERS,
-            PIN_LINKS,
-        ] {
+        for entry in
+            PIN_PROGS.into_iter().chain([PIN_MAP_ENROLLED, PIN_MAP_CONFIG, PIN_MAP_LISTENERS, PIN_LINKS])
+        {
             if !dir.join(entry).exists() {
                 return Err(Error::IncompletePins { dir: dir.clone(), missing: entry.into() });
             }
@@ -392,6 +387,51 @@ pub fn remove(cfg: &CaptureConfig) -> Result<(), Error> {
         }
     }
     routing::remove(cfg.mark, cfg.table)
+}
+
+/// IDs of the capture programs pinned anywhere under `dir` (every capture of a cluster, say),
+/// read before [`remove`] so that [`wait_unloaded`] can tell when the kernel has let go of them.
+/// A `dir` that is not there has none.
+pub fn pinned_program_ids(dir: &Path) -> Vec<u32> {
+    let mut ids = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if PIN_PROGS.contains(&name) {
+                // Only by its name: the kernel reads a link's info as a program's too.
+                if let Ok(info) = aya::programs::ProgramInfo::from_pin(&path) {
+                    ids.push(info.id());
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// Waits until none of the programs `ids` is loaded, for at most `timeout`; `Err` names those
+/// still loaded then. The kernel frees a program only after its last holder is gone, and tc
+/// filters and the interfaces of a deleted network namespace go asynchronously, after an RCU
+/// grace period: a moment after [`remove`] or `ip netns del` returns, not at once.
+pub fn wait_unloaded(ids: &[u32], timeout: std::time::Duration) -> Result<(), Vec<u32>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let loaded: Vec<u32> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .map(|p| p.id())
+            .filter(|id| ids.contains(id))
+            .collect();
+        if loaded.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(loaded);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Loads the embedded object and pins its programs and maps into `dir`, atomically: everything

@@ -99,7 +99,8 @@ mod routing;
 
 pub use attach::{AttachMode, TC_HANDLE, TC_PRIORITY};
 pub use capture::{
-    pinned_current, remove, Capture, CaptureConfig, PROBE_SOURCE_V4, PROBE_SOURCE_V6, SOCKET_MARK,
+    pinned_current, pinned_program_ids, remove, wait_unloaded, Capture, CaptureConfig, PROBE_SOURCE_V4,
+    PROBE_SOURCE_V6, SOCKET_MARK,
 };
 pub use error::Error;
 

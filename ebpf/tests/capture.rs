@@ -799,13 +799,9 @@ fn remove_takes_everything_away(mode: AttachMode) {
     })
     .unwrap();
     capture.enroll(POD.into()).unwrap();
-    let mut ids = our_programs(&topo.pin_dir, "weft_pod_in");
-    ids.extend(our_programs(&topo.pin_dir, "weft_uplink_in"));
-    // The listener lookup, attached to the node's namespace.
-    let lookup = aya::programs::SkLookup::from_pin(topo.pin_dir.join("prog_lookup")).unwrap();
-    ids.push(lookup.info().unwrap().id());
-    drop(lookup);
-    assert_eq!(ids.len(), 3);
+    // The three tc programs and the listener lookup, attached to the node's namespace.
+    let ids = ebpf::pinned_program_ids(&topo.pin_dir);
+    assert_eq!(ids.len(), 4, "{ids:?}");
     let rules = sh(&["ip", "-n", &topo.node, "rule", "show"]);
     assert!(rules.contains("fwmark 0x539 lookup 133"), "{rules}");
     drop(capture);
@@ -814,20 +810,8 @@ fn remove_takes_everything_away(mode: AttachMode) {
     in_ns(&topo.node, || ebpf::remove(&cfg)).unwrap(); // idempotent
 
     assert!(!topo.pin_dir.exists());
-    // Links and programs are released asynchronously; poll.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let loaded: Vec<u32> = aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .map(|p| p.id())
-            .filter(|id| ids.contains(id))
-            .collect();
-        if loaded.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still loaded: {loaded:?}");
-        thread::sleep(Duration::from_millis(20));
-    }
+    // Links and programs are released asynchronously.
+    ebpf::wait_unloaded(&ids, Duration::from_secs(5)).unwrap_or_else(|left| panic!("still loaded: {left:?}"));
     for ifname in [POD_VETH, UPLINK] {
         assert_eq!(attached_programs(&topo.node, ifname, TcAttachType::Ingress), (vec![], vec![]));
         let net = sh(&["ip", "netns", "exec", &topo.node, "bpftool", "net", "show", "dev", ifname]);
