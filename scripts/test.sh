@@ -50,6 +50,8 @@ echo "== Kubernetes node binaries build (cached)"
 if ! scripts/kube-cluster/build.sh >/dev/null; then
   kube_apiserver_missing "scripts/kube-cluster/build.sh failed"
 fi
+claim_target_dir "$CARGO_TARGET_DIR"
+claim_target_dir "$HOME/.cache/weft/target-release"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
