@@ -130,7 +130,7 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
         Pair::new(mesh, MESH, &ztunnels)?,
         Pair::new(mesh, PLAIN, &ztunnels)?.through(HAPROXY, haproxy_pair),
     ];
-    // Throughput only: the same haproxy pair relaying without TLS, the kernel's share of the work.
+    // The same haproxy pair relaying without TLS: the kernel's share of the work, a floor.
     let relay = Pair::new(mesh, PLAIN, &ztunnels)?.through(HAPROXY_RELAY, relay_pair);
     let _iperf_servers: Vec<Server> =
         paths[..2].iter().map(|p| iperf_server(&p.server_netns)).collect::<anyhow::Result<_>>()?;
@@ -139,7 +139,7 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
     }
     // One request each way first: the mesh path's HBONE connection (TLS handshake, certificates)
     // is made before anything is timed.
-    for path in &paths {
+    for path in paths.iter().chain([&relay]) {
         let mut conn = Connection::open(&path.client_netns, path.http, &path.http.to_string())?;
         let (status, body) = conn.get(&format!("/bytes/{BODY_BYTES}"))?;
         ensure!(
@@ -152,7 +152,7 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
     let rss_idle = ztunnels.rss()?;
 
     let mut latency = Vec::new();
-    for path in &paths {
+    for path in paths.iter().chain([&relay]) {
         eprintln!(
             "latency {}: {RATE} requests/s over {CONNECTIONS} connections, {WARMUP:?} warm-up + {MEASURE:?}...",
             path.name
@@ -201,6 +201,7 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
     }
 
     let [plain_tput, mesh_tput, peer_tput, relay_tput] = throughput;
+    let relay_lat = latency.pop().unwrap();
     let peer_lat = latency.pop().unwrap();
     let mesh_lat = latency.pop().unwrap();
     let plain_lat = latency.pop().unwrap();
@@ -212,6 +213,7 @@ fn measure(mesh: &Mesh) -> anyhow::Result<Report> {
         plain_lat,
         mesh_lat,
         peer_lat,
+        relay_lat,
         rss_idle,
         rss_after_throughput,
         connects,
@@ -259,8 +261,9 @@ const HAPROXY_RELAY: &str = "haproxy, no TLS";
 /// plus 100 (TLS from node-a's).
 const HAPROXY_IPERF_PORT: u16 = 15101;
 const HAPROXY_HTTP_PORT: u16 = 15102;
-/// The same pair relaying iperf3 in plain TCP between the nodes.
+/// The same pair relaying iperf3 and HTTP in plain TCP between the nodes.
 const HAPROXY_RELAY_PORT: u16 = 15103;
+const HAPROXY_RELAY_HTTP_PORT: u16 = 15104;
 
 /// A proxy pair in the ztunnels' places: where the client calls it, and its processes.
 struct ProxyPair {
@@ -274,7 +277,7 @@ struct ProxyPair {
 /// and between the nodes they speak TLS 1.3 (AES-256-GCM, ECDSA P-256 certificates verified both
 /// ways, a full handshake per connection). The same hops as the mesh path; no HTTP/2 tunnel, no
 /// identity, no policy.
-/// The same processes also relay iperf3 without TLS: the second pair returned.
+/// The same processes also relay without TLS: the second pair returned.
 fn haproxy_pair(mesh: &Mesh, dir: &Path) -> anyhow::Result<(ProxyPair, ProxyPair, Vec<Server>)> {
     let c = mesh.cluster();
     let (node_a, node_b) = (mesh.node_ip(NODES[0])?, mesh.node_ip(NODES[1])?);
@@ -338,14 +341,10 @@ fn haproxy_pair(mesh: &Mesh, dir: &Path) -> anyhow::Result<(ProxyPair, ProxyPair
             port + 100
         );
     }
-    a += &format!(
-        "listen p{HAPROXY_RELAY_PORT}\n  bind {node_a}:{HAPROXY_RELAY_PORT}\n  server b {node_b}:{}\n",
-        HAPROXY_RELAY_PORT + 100
-    );
-    b += &format!(
-        "listen p{HAPROXY_RELAY_PORT}\n  bind {node_b}:{}\n  server s {server}:{IPERF_PORT}\n",
-        HAPROXY_RELAY_PORT + 100
-    );
+    for (port, target) in [(HAPROXY_RELAY_PORT, IPERF_PORT), (HAPROXY_RELAY_HTTP_PORT, HTTP_PORT)] {
+        a += &format!("listen p{port}\n  bind {node_a}:{port}\n  server b {node_b}:{}\n", port + 100);
+        b += &format!("listen p{port}\n  bind {node_b}:{}\n  server s {server}:{target}\n", port + 100);
+    }
     let mut servers = Vec::new();
     let mut pids = Vec::new();
     for (node, config, port) in [(NODES[0], a, HAPROXY_HTTP_PORT), (NODES[1], b, HAPROXY_HTTP_PORT + 100)] {
@@ -359,7 +358,11 @@ fn haproxy_pair(mesh: &Mesh, dir: &Path) -> anyhow::Result<(ProxyPair, ProxyPair
     let procs = Procs { pids };
     let http = SocketAddr::new(node_a, HAPROXY_HTTP_PORT);
     let tls = ProxyPair { iperf: SocketAddr::new(node_a, HAPROXY_IPERF_PORT), http, procs: procs.clone() };
-    let relay = ProxyPair { iperf: SocketAddr::new(node_a, HAPROXY_RELAY_PORT), http, procs };
+    let relay = ProxyPair {
+        iperf: SocketAddr::new(node_a, HAPROXY_RELAY_PORT),
+        http: SocketAddr::new(node_a, HAPROXY_RELAY_HTTP_PORT),
+        procs,
+    };
     Ok((tls, relay, servers))
 }
 
@@ -641,6 +644,8 @@ struct Report {
     /// The same haproxy pair relaying without TLS.
     relay_tput: Vec<Iperf>,
     peer_lat: LatencyRun,
+    /// The same haproxy pair relaying without TLS.
+    relay_lat: LatencyRun,
     rss_idle: Rss,
     rss_after_throughput: Rss,
     connects: Vec<ConnectRun>,
@@ -651,6 +656,7 @@ impl Report {
         self.plain_lat.errors
             + self.mesh_lat.errors
             + self.peer_lat.errors
+            + self.relay_lat.errors
             + self.connects.iter().map(|c| c.failed as usize).sum::<usize>()
     }
 
@@ -817,7 +823,10 @@ impl Report {
         );
         // The peer: the same client and server through a haproxy pair with TLS between the nodes.
         let (peer, peer_g) = (&self.peer_lat, Self::gbps(&self.peer_tput));
-        let peer_vcpu = |i: usize| peer.cpu.seconds[i] / peer.window.as_secs_f64() / (peer.rate() / 1000.0);
+        let relay = &self.relay_lat;
+        let run_vcpu = |run: &LatencyRun, i: usize| {
+            run.cpu.seconds[i] / run.window.as_secs_f64() / (run.rate() / 1000.0)
+        };
         println!();
         println!(
             "{:<50} {:>12} {:>12} {:>14}",
@@ -846,25 +855,31 @@ impl Report {
             Self::gbps(&self.relay_tput),
             relay_gb
         );
+        // The third column: the haproxy pair relaying without TLS, what two relays cost here.
+        println!("{:<50} {:>12} {:>12} {:>14}", "", "", "", "haproxy, no TLS");
         for (what, quant) in [("p50", 0.5), ("p99", 0.99)] {
             println!(
-                "{:<50} {:>+12.1} {:>+12.1}",
+                "{:<50} {:>+12.1} {:>+12.1} {:>+14.1}",
                 format!("1 KB GET at {RATE}/s, added {what} (us)"),
                 q(ml, quant) - q(pl, quant),
-                q(peer, quant) - q(pl, quant)
+                q(peer, quant) - q(pl, quant),
+                q(relay, quant) - q(pl, quant)
             );
         }
+        let vcpus = |run: &LatencyRun| format!("{:.4} / {:.4}", run_vcpu(run, 0), run_vcpu(run, 1));
         println!(
-            "{:<50} {:>12} {:>12}",
+            "{:<50} {:>12} {:>12} {:>14}",
             "vCPU per 1,000 requests/s, node-a / node-b",
-            format!("{:.4} / {:.4}", vcpu(0), vcpu(1)),
-            format!("{:.4} / {:.4}", peer_vcpu(0), peer_vcpu(1))
+            vcpus(ml),
+            vcpus(peer),
+            vcpus(relay)
         );
         println!(
-            "{:<50} {:>12} {:>12}",
+            "{:<50} {:>12} {:>12} {:>14}",
             "  requests measured / failed",
             format!("{} / {}", ml.requests(), ml.errors),
-            format!("{} / {}", peer.requests(), peer.errors)
+            format!("{} / {}", peer.requests(), peer.errors),
+            format!("{} / {}", relay.requests(), relay.errors)
         );
         println!();
         println!(
@@ -919,6 +934,12 @@ impl Report {
             ("throughput_haproxy_relay_median", Self::gbps(&self.relay_tput), "Gbit/s"),
             ("throughput_haproxy_relay_cpu_s_per_gb", Self::proxy_cpu_per_gb(&self.relay_tput), "CPU-s/GB"),
             ("latency_1k_haproxy_added_p99", q(&self.peer_lat, 0.99) - q(pl, 0.99), "us"),
+            ("latency_1k_haproxy_relay_added_p99", q(&self.relay_lat, 0.99) - q(pl, 0.99), "us"),
+            (
+                "haproxy_relay_vcpu_per_krps",
+                run_vcpu(&self.relay_lat, 0).max(run_vcpu(&self.relay_lat, 1)),
+                "vCPU",
+            ),
             ("new_hbone_per_core_node_b", self.new_hbone_per_core(), "1/s"),
             ("latency_1k_plain_p50", q(pl, 0.5), "us"),
             ("latency_1k_plain_p99", q(pl, 0.99), "us"),
