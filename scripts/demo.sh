@@ -4,6 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
-claim_target_dir "$CARGO_TARGET_DIR"
-cargo build --release --locked --workspace
+scripts/release.sh
 exec "$CARGO_TARGET_DIR/release/weft" demo --bin-dir "$CARGO_TARGET_DIR/release" "$@"

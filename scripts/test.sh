@@ -51,7 +51,6 @@ if ! scripts/kube-cluster/build.sh >/dev/null; then
   kube_apiserver_missing "scripts/kube-cluster/build.sh failed"
 fi
 claim_target_dir "$CARGO_TARGET_DIR"
-claim_target_dir "$HOME/.cache/weft/target-release"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
@@ -73,8 +72,7 @@ fi
 # The release binaries the images are built from (daemonset/tests, tests/kubernetes.rs), in the
 # release target directory the benchmarks use too.
 echo "== cargo build --release (the images' binaries)"
-CARGO_TARGET_DIR="$HOME/.cache/weft/target-release" \
-  cargo build --release --locked -p ztunnel -p controller -p waypoint -p weft --bins
+CARGO_TARGET_DIR="$HOME/.cache/weft/target-release" scripts/release.sh
 export WEFT_BIN_DIR="$HOME/.cache/weft/target-release/release"
 echo "== daemonset tests (chart, manifests, Containerfiles)"
 daemonset/tests/run.sh

@@ -188,7 +188,7 @@ def need_release_binaries() -> None:
     if missing_bins:
         missing(
             f"release binaries {', '.join(missing_bins)} not in {bin_dir()} (set WEFT_BIN_DIR or run"
-            " cargo build --release --locked -p ztunnel -p controller -p waypoint -p weft --bins)"
+            " scripts/release.sh)"
         )
 
 

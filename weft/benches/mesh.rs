@@ -92,7 +92,7 @@ fn main() -> anyhow::Result<()> {
             ("ztunnel", &["ztunnel", "weft-core", "ebpf"]),
             ("controller", &["controller", "weft-core", "weft-config"]),
         ],
-        "cargo build --release -p ztunnel -p controller",
+        "source scripts/env.sh && scripts/release.sh",
     )?;
     // One run at a time: a second run's `weft up` would remove the first one's cluster.
     let lock = std::fs::File::create(LOCK).with_context(|| format!("creating {LOCK}"))?;

@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)]
 //! The waypoint on the local two-node cluster, against the paths without it and against haproxy
 //! and nginx as plain reverse proxies. One command, as root: `cargo bench -p weft --bench
-//! waypoint` (after `cargo build --release -p ztunnel -p controller -p waypoint`).
+//! waypoint` (after `scripts/release.sh`, in the same `CARGO_TARGET_DIR`: `source scripts/env.sh`).
 //!
 //! One cluster (`weft::up` on `examples/bench-waypoint/`, name [`CLUSTER`]) holds the paths, all
 //! from a client pod on node-a to a weft-app server pod on node-b:
@@ -131,7 +131,7 @@ fn main() -> anyhow::Result<()> {
             ("controller", &["controller", "weft-core", "weft-config"]),
             ("waypoint", &["waypoint", "weft-core"]),
         ],
-        "cargo build --release -p ztunnel -p controller -p waypoint",
+        "source scripts/env.sh && scripts/release.sh",
     )?;
     let lock = std::fs::File::create(LOCK).with_context(|| format!("creating {LOCK}"))?;
     let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
