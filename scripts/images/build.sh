@@ -8,9 +8,10 @@
 #   scripts/images/build.sh [--bin-dir DIR] [--registry R] [--tag T] OUT_DIR [IMAGE...]
 #
 # IMAGE: controller ztunnel waypoint app (default: all). DIR: the release binaries (default:
-# $CARGO_TARGET_DIR/release, as scripts/env.sh sets it: scripts/release.sh builds them). Writes OUT_DIR/<image>.tar tagged
-# R/<image>:T (default localhost:5000/weft/<image>:0.1.0, the chart's), and prints one line per
-# image: path, tag, image id, size. Same inputs, same image id. Load one into a node with
+# $CARGO_TARGET_DIR/release, as scripts/env.sh sets it; scripts/release.sh builds them). Writes
+# OUT_DIR/<image>.tar tagged R/<image>:T (default localhost:5000/weft/<image>:0.1.0, the chart's),
+# and prints one line per image: path, tag, image id, size. Same inputs, same image id. Load one
+# into a node with
 #   ctr -n k8s.io images import OUT_DIR/ztunnel.tar      (or docker load / podman load -i)
 # Needs python3, ldd, and the Debian packages the Containerfiles install: iproute2 (ztunnel),
 # curl (app), ca-certificates.
