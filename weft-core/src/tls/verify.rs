@@ -363,12 +363,17 @@ mod tests {
         UnixTime::since_unix_epoch(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default())
     }
 
+    /// A certificate of `id` from `ca`, valid from a minute before `now` to an hour after.
+    fn issue(ca: &CertificateAuthority, id: &Identity, now: SystemTime) -> crate::tls::WorkloadCertificate {
+        ca.issue(id, now - Duration::from_secs(60), now + Duration::from_secs(3600)).unwrap()
+    }
+
     #[test]
     fn a_verified_chain_is_remembered_only_for_its_usage_and_within_its_validity() {
         let ca = CertificateAuthority::generate("cluster.local").unwrap();
         let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let now = SystemTime::now();
-        let cert = ca.issue(&id, now - Duration::from_secs(60), now + Duration::from_secs(3600)).unwrap();
+        let cert = issue(&ca, &id, now);
         let (leaf, intermediates) = (cert.leaf().clone(), &cert.chain()[1..]);
         let chains = ChainVerifier::new(&ca.roots());
 
@@ -384,8 +389,7 @@ mod tests {
         assert!(matches!(chains.verify(&leaf, intermediates, later, false), Err(PeerError::Expired { .. })));
         // Other bytes are another chain: one signed by another CA is refused.
         let other = CertificateAuthority::generate("cluster.local").unwrap();
-        let forged =
-            other.issue(&id, now - Duration::from_secs(60), now + Duration::from_secs(3600)).unwrap();
+        let forged = issue(&other, &id, now);
         assert!(matches!(
             chains.verify(forged.leaf(), &forged.chain()[1..], unix(now), false),
             Err(PeerError::UnknownRoot { .. })
@@ -397,7 +401,7 @@ mod tests {
         let ca = CertificateAuthority::generate("cluster.local").unwrap();
         let id: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let now = SystemTime::now();
-        let cert = ca.issue(&id, now - Duration::from_secs(60), now + Duration::from_secs(3600)).unwrap();
+        let cert = issue(&ca, &id, now);
         let chains = ChainVerifier::new(&ca.roots());
         let mut padded = cert.chain()[1..].to_vec();
         padded.push(CertificateDer::from(vec![0x30; 60 * 1024]));
@@ -415,7 +419,7 @@ mod tests {
         let now = SystemTime::now();
         for i in 0..VERIFIED_CHAINS + 3 {
             let id: Identity = format!("spiffe://cluster.local/ns/a/sa/s{i}").parse().unwrap();
-            let cert = ca.issue(&id, now - Duration::from_secs(60), now + Duration::from_secs(3600)).unwrap();
+            let cert = issue(&ca, &id, now);
             chains.verify(cert.leaf(), &cert.chain()[1..], unix(now), false).unwrap();
             assert!(chains.verified.lock().unwrap().len() <= VERIFIED_CHAINS);
         }

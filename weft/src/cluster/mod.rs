@@ -39,8 +39,7 @@ pub const STATE_ROOT: &str = "/run/weft";
 pub const BPF_PIN_ROOT: &str = "/sys/fs/bpf/weft";
 /// How long processes left in a namespace get between SIGTERM and SIGKILL on destroy.
 const STOP_GRACE: Duration = Duration::from_secs(2);
-/// How long [`destroy`] waits for the kernel to free the cluster's eBPF programs (the error
-/// [`ClusterError::ProgramsLoaded`] says it).
+/// How long [`destroy`] waits for the kernel to free the cluster's eBPF programs.
 const PROGRAMS_UNLOAD: Duration = Duration::from_secs(10);
 
 /// Why a cluster could not be built, found or removed.
@@ -76,8 +75,11 @@ pub enum ClusterError {
     NoSuchPod { cluster: String, namespace: String, name: String },
     #[error("the local cluster cannot run here: {0}")]
     Unavailable(String),
-    #[error("eBPF programs of the cluster still loaded 10 s after its namespaces and pins went (does a process hold them?): ids {0:?}")]
-    ProgramsLoaded(Vec<u32>),
+    #[error(
+        "eBPF programs of the cluster still loaded {} s after its namespaces and pins went (does a process hold them?): ids {ids:?}",
+        PROGRAMS_UNLOAD.as_secs()
+    )]
+    ProgramsLoaded { ids: Vec<u32> },
 }
 
 /// A cluster whose namespaces exist. Dropping it leaves them in place: call
@@ -248,7 +250,7 @@ pub fn destroy(cluster: &str) -> Result<(), ClusterError> {
     keep(remove_dir_if_present(&state_dir(cluster)));
     // The namespaces' interfaces, and the tc filters on them, are freed by the kernel after
     // `ip netns del` returns; `weft down` returns once nothing of the cluster is left.
-    keep(ebpf::wait_unloaded(&programs, PROGRAMS_UNLOAD).map_err(ClusterError::ProgramsLoaded));
+    keep(ebpf::wait_unloaded(&programs, PROGRAMS_UNLOAD).map_err(|ids| ClusterError::ProgramsLoaded { ids }));
     match first_error {
         None => {
             tracing::info!(cluster, "cluster destroyed");
