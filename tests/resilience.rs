@@ -406,7 +406,9 @@ fn a_connection_pool_limit_sheds_excess_requests_with_uo() {
     eprintln!("20 clients × 5: {n200} × 200, {n503} × 503 (slowest {slowest_503:.3} s); fastest 200 {fastest_200:.3} s");
     assert_eq!(n200 + n503, 100, "{:?}\n{}", codes(&got), waypoint_log(&t, NS));
     assert!(n503 >= 1 && n200 >= 1, "{:?}", codes(&got));
-    assert!(slowest_503 < 0.1, "a 503 took {slowest_503:.3} s: overflow should be answered at once");
+    // At once: before any backend answer (200 ms) could have freed a slot. (A bound of 0.1 s was
+    // missed by scheduling alone, 0.115 s, on a loaded 2-core CI machine.)
+    assert!(slowest_503 < 0.2, "a 503 took {slowest_503:.3} s: overflow should be answered at once");
     assert!(fastest_200 >= 0.2, "a 200 in {fastest_200:.3} s from a backend taking 200 ms");
     let overflowed = overflow(&after) - overflow(&before);
     assert_eq!(overflowed, n503 as f64, "pending overflow counted {overflowed}, {n503} × 503\n{after}");
