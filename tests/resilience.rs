@@ -365,8 +365,10 @@ fn mirroring_copies_requests_without_slowing_the_primary() {
         quantile(&on, 0.5)
     );
     assert!(hung >= 250, "the hanging v2 received only {hung} copies of 300");
+    // A primary held by its mirror would wait for v2's 10 s; 100 ms of slack is far below that and
+    // above what one scheduling hiccup costs a loaded 2-core machine (20 ms was missed by 2 ms).
     assert!(
-        p99_on <= (p99_off * 1.5).max(p99_off + 0.020),
+        p99_on <= (p99_off * 1.5).max(p99_off + 0.1),
         "p99 {p99_on:.4} s with the hanging mirror, {p99_off:.4} s without"
     );
 }
