@@ -22,7 +22,7 @@ claim_target_dir() {
   if [[ -d $1 && $last != "$repo" ]]; then
     echo "env: $1 was last built from ${last:-an unrecorded checkout}: rebuilding the workspace's crates for $repo" >&2
     local profile
-    for profile in dev release; do
+    for profile in dev release ztunnel; do
       CARGO_TARGET_DIR="$1" cargo clean --manifest-path "$repo/Cargo.toml" --profile "$profile" \
         -p weft-core -p weft-config -p ztunnel -p ebpf -p waypoint -p controller -p weft -p e2e
     done

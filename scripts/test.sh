@@ -33,7 +33,7 @@ kube_apiserver_missing() {
 free_gb=$(df -P --block-size=1G "$HOME" | awk 'NR == 2 { print $4 }')
 if ((free_gb < 40)); then
   echo "== pruning build outputs older than a day (${free_gb} GB free)"
-  for dir in "$HOME"/.cache/weft/target*/{debug,release}/{deps,build}; do
+  for dir in "$HOME"/.cache/weft/target*/{debug,release,ztunnel}/{deps,build}; do
     if [[ -d $dir ]]; then find "$dir" -mindepth 1 -maxdepth 1 -mmin +1440 -exec rm -rf {} +; fi
   done
 fi

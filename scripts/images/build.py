@@ -6,7 +6,9 @@ the runtime stage (the last FROM, which must be `FROM scratch`) of
 daemonset/images/<image>.Containerfile. Every COPY there names one file (or an empty directory),
 and this script copies the same file from this machine:
 
-  COPY --from=build /src/target/release/BIN DEST   the release binary BIN of --bin-dir
+  COPY --from=build /src/target/PROFILE/BIN DEST   the release binary BIN of --bin-dir (where
+                                                   scripts/release.sh puts each, whatever its
+                                                   cargo profile: ztunnel's is its own)
   COPY --from=STAGE /PATH DEST                     /PATH of this machine (Debian 12, the release
                                                    of the Containerfile's Debian stages); a
                                                    directory is made empty, with /PATH's mode
@@ -51,7 +53,7 @@ IMAGES = {
 }
 DEFAULT_REGISTRY = "localhost:5000/weft"
 DEFAULT_TAG = "0.1.0"  # the chart's image.tag (daemonset/tests/test_images.py checks it)
-BUILD_BIN_PREFIX = "/src/target/release/"
+BUILD_BIN = re.compile(r"/src/target/[a-z0-9-]+/([^/]+)")
 LOADER_LINE = re.compile(r"^\s*(/\S+) \(0x[0-9a-f]+\)$")
 LIB_LINE = re.compile(r"^\s*(\S+) => (\S+) \(0x[0-9a-f]+\)$")
 VDSO_LINE = re.compile(r"^\s*linux-vdso\.so\.\d+ \(0x[0-9a-f]+\)$")
@@ -108,9 +110,10 @@ def parse_spec(name: str, path: pathlib.Path, bin_dir: pathlib.Path) -> dict:
             elif stage not in stages:
                 raise BuildError(f"{where}: no stage {stage!r}")
             elif stage == "build":
-                if not source.startswith(BUILD_BIN_PREFIX) or "/" in source[len(BUILD_BIN_PREFIX) :]:
-                    raise BuildError(f"{where}: the build stage's files are {BUILD_BIN_PREFIX}BIN")
-                host = bin_dir / source[len(BUILD_BIN_PREFIX) :]
+                built = BUILD_BIN.fullmatch(source)
+                if not built:
+                    raise BuildError(f"{where}: the build stage's files are /src/target/PROFILE/BIN")
+                host = bin_dir / built.group(1)
             else:
                 if not source.startswith("/"):
                     raise BuildError(f"{where}: a Debian stage's path must be absolute")
