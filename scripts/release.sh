@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the release binaries into $CARGO_TARGET_DIR/release (scripts/env.sh's default, or the
-# caller's): ztunnel in a cargo build of its own, as its Containerfile builds it, then the rest.
-# ztunnel's is the `ztunnel` profile (built for size) and linked statically (Cargo.toml says why);
-# it is linked into release/ beside the others, where `weft up`, the benches and the images look.
+# caller's): the workspace's binaries but ztunnel, then ztunnel in a cargo build of its own, as its
+# Containerfile builds it: from the `ztunnel` profile (built for size), linked statically
+# (Cargo.toml says why), and hard-linked into release/ beside the others, where `weft up`, the
+# benches and the image build look.
 # Built in one invocation with the controller, ztunnel gets the features the controller's crates
 # turn on (regex's Unicode tables and engines, through tracing-subscriber's regex-automata): 1 MB
 # more code and 1.3 MB more RSS per node (BENCHMARKS.md, L4 efficiency).
